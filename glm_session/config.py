@@ -1,0 +1,31 @@
+"""Hydra glue: the config folder, composition for the command-line tools, and building objects from configs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+RESOURCES_DIR = Path(__file__).resolve().parent / "resources"
+
+if not OmegaConf.has_resolver("glm_session.resources"):
+    OmegaConf.register_new_resolver("glm_session.resources", lambda: str(RESOURCES_DIR))
+
+
+def compose_config(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """``conf/<config_name>.yaml`` with command-line style ``overrides`` (for tools and tests)."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+def build_datamodule(cfg: DictConfig):
+    """The DataModule of ``cfg``: its ``data`` group, with the ``tokenizer``, ``template`` and ``strategy`` groups."""
+    # A partial, so that the objects are passed as they are (instantiate would turn dataclasses into configs).
+    make = instantiate(cfg.data, _partial_=True)
+    return make(
+        tokenizer=instantiate(cfg.tokenizer), template=instantiate(cfg.template), strategy=instantiate(cfg.strategy)
+    )

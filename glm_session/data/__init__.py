@@ -1,0 +1,16 @@
+"""Dialogue data: readers, templates, sample strategies, packing, batching and the LightningDataModule."""
+
+from glm_session.data.datamodule import DialogueDataModule
+from glm_session.data.session import DataError, Session, Turn
+from glm_session.data.template import CHATGLM2, CHATGLM2_ARTICLE, Template, get_template
+
+__all__ = [
+    "CHATGLM2",
+    "CHATGLM2_ARTICLE",
+    "DataError",
+    "DialogueDataModule",
+    "Session",
+    "Template",
+    "Turn",
+    "get_template",
+]

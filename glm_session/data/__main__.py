@@ -1,0 +1,90 @@
+"""Inspect what the DataModule builds.
+
+Usage::
+
+    python -m glm_session.data stats  [overrides] [split=train|validation|test|all] [out=FILE.json]
+    python -m glm_session.data export [overrides] [split=...] out=FILE.jsonl
+
+Overrides are Hydra's (conf/data_tool.yaml), e.g. ``strategy=split template=chatglm2_article data.packing=true
+data.max_seq_len=1024 data.path=FILE data.limit=100 tokenizer.path=DIR``.
+
+``stats`` prints a table and writes it as JSON. ``export`` writes one JSON line per model row, exactly as fed to
+the model (padding included, epoch 0 order): input_ids, labels, position_ids and, per token, turn_ids,
+session_index and sample_index.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from glm_session.config import build_datamodule, compose_config
+from glm_session.data.session import DataError
+
+COMMANDS = ("stats", "export")
+
+
+def format_table(stats: dict) -> str:
+    width = max(len(k) for k in stats)
+    lines = []
+    for key, value in stats.items():
+        shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
+        shown = f"{value:.4f}" if isinstance(value, float) else shown
+        lines.append(f"{key:<{width}}  {shown}")
+    return "\n".join(lines)
+
+
+def stats(datamodule, split: str, out: str | None) -> dict:
+    start = time.perf_counter()
+    result = datamodule.statistics(split)
+    result["seconds"] = round(time.perf_counter() - start, 3)
+    print(format_table(result))
+    for message in datamodule.describe_skips():
+        print(f"skipped: {message}", file=sys.stderr)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {out}")
+    return result
+
+
+def export(datamodule, split: str, out: str | None) -> int:
+    if not out:
+        raise ValueError("export needs out=FILE.jsonl")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    rows = 0
+    with open(out, "w") as f:
+        for batch in datamodule.dataloader(split):
+            for b in range(batch["input_ids"].shape[0]):
+                f.write(json.dumps({name: tensor[b].tolist() for name, tensor in batch.items()}) + "\n")
+                rows += 1
+    print(f"wrote {rows} rows to {out}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__, file=sys.stderr)
+        return 2
+    command, overrides = argv[0], argv[1:]
+    try:
+        cfg = compose_config("data_tool", overrides)
+        datamodule = build_datamodule(cfg)
+        if command == "stats":
+            stats(datamodule, cfg.split, cfg.out)
+        else:
+            export(datamodule, cfg.split, cfg.out)
+    except (DataError, ValueError, FileNotFoundError, HydraException, OmegaConfBaseException) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

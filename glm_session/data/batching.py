@@ -1,0 +1,91 @@
+"""Batches of rows: a fixed number of rows, or a token budget; the same on every run and every rank."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+
+
+class RowBatchSampler:
+    """Batches of row indices for one split, deterministic in (seed, epoch).
+
+    Args:
+        lengths: tokens of every row.
+        batch_size: rows per batch; or
+        batch_tokens: a budget of padded tokens per batch (rows x widest row). Rows are then grouped by length
+            within chunks of the shuffled order, so that batches pad little, and the batches are shuffled.
+        shuffle: a new order every epoch (``set_epoch``), else the rows' order.
+        seed: the shuffling seed.
+        num_replicas, rank: this process's share of the batches (``batches[rank::num_replicas]``); with
+            ``drop_last`` every rank gets the same number of batches.
+        fixed_width: the width every batch is padded to (``pad_to=max_seq_len``), for the token budget.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int | None = None,
+        batch_tokens: int | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        drop_last: bool = False,
+        fixed_width: int | None = None,
+    ) -> None:
+        if (batch_size is None) == (batch_tokens is None):
+            raise ValueError("give exactly one of batch_size (rows) and batch_tokens")
+        if batch_tokens is not None and lengths and max(lengths) > batch_tokens:
+            raise ValueError(f"batch_tokens={batch_tokens} is less than the longest row ({max(lengths)} tokens)")
+        self.lengths = list(lengths)
+        self.batch_size, self.batch_tokens = batch_size, batch_tokens
+        self.shuffle, self.seed = shuffle, seed
+        self.num_replicas, self.rank, self.drop_last = num_replicas, rank, drop_last
+        self.fixed_width = fixed_width
+        self.epoch = 0
+        self.skip = 0  # batches of the current epoch to leave out (set when resuming mid-epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def all_batches(self, epoch: int | None = None) -> list[list[int]]:
+        """Every rank's batches of ``epoch``, in order."""
+        epoch = self.epoch if epoch is None else epoch
+        order = list(range(len(self.lengths)))
+        rng = random.Random(f"{self.seed}-{epoch}")
+        if self.shuffle:
+            rng.shuffle(order)
+        if self.batch_size is not None:
+            batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        else:
+            batches = self._token_batches(order)
+            if self.shuffle:
+                rng.shuffle(batches)
+        if self.drop_last:
+            batches = batches[: len(batches) - len(batches) % self.num_replicas]
+        return batches
+
+    def _token_batches(self, order: list[int]) -> list[list[int]]:
+        width_of = (lambda i: self.fixed_width) if self.fixed_width else (lambda i: self.lengths[i])
+        chunk = max(1, 64 * self.batch_tokens // max(1, max(self.lengths, default=1)))
+        batches: list[list[int]] = []
+        for start in range(0, len(order), chunk):
+            rows = sorted(order[start : start + chunk], key=lambda i: -self.lengths[i])
+            batch: list[int] = []
+            for i in rows:  # longest first, so a batch is as wide as its first row
+                width = width_of(batch[0] if batch else i)
+                if batch and (len(batch) + 1) * width > self.batch_tokens:
+                    batches.append(batch)
+                    batch = []
+                batch.append(i)
+            if batch:
+                batches.append(batch)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        mine = self.all_batches()[self.rank :: self.num_replicas]
+        skip, self.skip = self.skip, 0
+        yield from mine[skip:]
+
+    def __len__(self) -> int:
+        return len(self.all_batches()[self.rank :: self.num_replicas]) - self.skip

@@ -1,0 +1,111 @@
+"""Sessions: what every reader produces and every template renders.
+
+A session is an optional system text and turns (q_k, a_k), k = 1..T. ``session_from_messages`` turns a list
+of (role, text) messages into one, and raises ``DataError`` (file, record, reason) for every input that is
+not such a session: a role that is not system/user/assistant, two user or two assistant messages in a row,
+an answer without a question, an empty text, a session that ends with a user message, a misplaced system
+message. Nothing is fixed silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """Bad input data: names the file, the record and the reason.
+
+    Args:
+        path: the file.
+        record: where in the file: a 1-based record number, or ``"line N"`` for line-based files.
+        reason: what is wrong, in words.
+    """
+
+    def __init__(self, path: str, record: str | int | None, reason: str) -> None:
+        self.path, self.record, self.reason = str(path), record, reason
+        if record is None:
+            where = f"{path}"
+        elif isinstance(record, int):
+            where = f"{path}, record {record}"
+        else:
+            where = f"{path}, {record}"
+        super().__init__(f"{where}: {reason}")
+
+
+@dataclass(frozen=True)
+class Turn:
+    question: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class Session:
+    """One dialogue. ``id`` is unique within its file (the record number when the file has no ids)."""
+
+    id: str
+    turns: tuple[Turn, ...]
+    system: str | None = None
+    dropped_trailing_question: bool = field(default=False, compare=False)
+
+    def to_record(self) -> dict:
+        """Columns for a ``datasets.Dataset``."""
+        return {
+            "id": self.id,
+            "system": self.system or "",
+            "questions": [t.question for t in self.turns],
+            "answers": [t.answer for t in self.turns],
+        }
+
+    @classmethod
+    def from_record(cls, record: dict) -> Session:
+        turns = tuple(Turn(q, a) for q, a in zip(record["questions"], record["answers"], strict=True))
+        return cls(id=record["id"], turns=turns, system=record["system"] or None)
+
+
+def session_from_messages(
+    messages: Iterable[tuple[str, str]],
+    session_id: str,
+    path: str,
+    record: str | int,
+    drop_trailing_question: bool = False,
+) -> Session:
+    """Build a session from (role, text) pairs whose roles are already mapped to system/user/assistant.
+
+    ``drop_trailing_question``: a final unanswered user message is dropped (and the session says so) instead
+    of being an error.
+    """
+    system: str | None = None
+    turns: list[Turn] = []
+    question: str | None = None
+    number = 0
+    for number, (role, text) in enumerate(messages, start=1):
+        if role == "user" and question is None and text.strip():
+            question = text
+        elif role == "assistant" and question is not None and text.strip():
+            turns.append(Turn(question, text))
+            question = None
+        elif role == "system" and number == 1 and text.strip():
+            system = text
+        else:
+            raise DataError(path, record, f"message {number}: {_problem(role, text)}")
+    if question is not None and not drop_trailing_question:
+        raise DataError(path, record, f"message {number}: the session ends with a user message (no answer)")
+    if not turns:
+        raise DataError(path, record, "no answered user message")
+    return Session(session_id, tuple(turns), system, dropped_trailing_question=question is not None)
+
+
+def _problem(role: str, text: str) -> str:
+    """Why a message cannot come where it stands."""
+    if role not in ROLES:
+        return f"role {role!r} is not system, user or assistant"
+    if not text.strip():
+        return f"empty {role} text"
+    if role == "system":
+        return "a system message may only come first"
+    if role == "user":
+        return "two user messages in a row"
+    return "assistant message without a user message before it"

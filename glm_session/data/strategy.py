@@ -1,0 +1,91 @@
+"""Sample construction strategies: which turns of a session go into which sample.
+
+- ``split``: one sample per answer turn: turns 1..k, trained on turn k only (ChatGLM2's official p-tuning).
+- ``session``: one sample per session: turns 1..T, trained on every answer (the article's construction).
+
+Both keep every sample within ``max_seq_len`` without a silent drop and without cutting a question:
+
+- split drops the oldest history turns of sample k until it fits;
+- session cuts the session at turn boundaries into windows; each window starts with as much history (untrained
+  turns before its first trained turn) as fits with that turn, then takes as many trained turns as fit;
+- a turn that does not fit even alone is truncated at its answer's tail (no stop is taught then); if not even its
+  question fits, the turn is skipped. Everything dropped, cut, truncated or skipped is counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from glm_session.data.samples import SessionLayout, View
+
+
+@dataclass
+class Plan:
+    views: list[View] = field(default_factory=list)
+    skipped_turns: int = 0  # turns whose question alone does not fit
+
+
+def _alone(layout: SessionLayout, turn: int, max_seq_len: int, plan: Plan) -> bool:
+    """Handle ``turn`` when it does not fit in a sample of its own; True if it did not fit."""
+    # With all its history it fits, so alone too: the common case, without rendering a shorter history.
+    if layout.length(0, turn + 1) <= max_seq_len or layout.length(turn, turn + 1) <= max_seq_len:
+        return False
+    room = max_seq_len - layout.question_length(turn)
+    if room > 0:
+        plan.views.append(View(turn, turn, turn + 1, answer_limit=room))
+    else:
+        plan.skipped_turns += 1
+    return True
+
+
+def _history_start(layout: SessionLayout, turn: int, max_seq_len: int) -> int:
+    """The earliest start such that turns ``[start, turn]`` fit (``turn`` itself is known to fit)."""
+    start = 0
+    while layout.length(start, turn + 1) > max_seq_len:
+        start += 1
+    return start
+
+
+@dataclass(frozen=True)
+class SplitStrategy:
+    """One sample per answer turn, trained on that turn, with as much history as fits."""
+
+    name: str = "split"
+
+    def plan(self, layout: SessionLayout, max_seq_len: int) -> Plan:
+        plan = Plan()
+        for turn in range(layout.num_turns):
+            if not _alone(layout, turn, max_seq_len, plan):
+                plan.views.append(View(_history_start(layout, turn, max_seq_len), turn, turn + 1))
+        return plan
+
+
+@dataclass(frozen=True)
+class SessionStrategy:
+    """One sample per session, trained on every answer; cut into windows when it is too long."""
+
+    name: str = "session"
+
+    def plan(self, layout: SessionLayout, max_seq_len: int) -> Plan:
+        plan = Plan()
+        turn = 0
+        while turn < layout.num_turns:
+            if _alone(layout, turn, max_seq_len, plan):
+                turn += 1
+                continue
+            start = _history_start(layout, turn, max_seq_len)
+            end = turn + 1
+            while end < layout.num_turns and layout.length(start, end + 1) <= max_seq_len:
+                end += 1
+            plan.views.append(View(start, turn, end))
+            turn = end
+        return plan
+
+
+STRATEGIES = {"split": SplitStrategy, "session": SessionStrategy}
+
+
+def get_strategy(name: str) -> SplitStrategy | SessionStrategy:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}: choose one of {', '.join(STRATEGIES)}")
+    return STRATEGIES[name]()
