@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -22,10 +22,16 @@ def compose_config(config_name: str, overrides: Sequence[str] = ()) -> DictConfi
         return compose(config_name=config_name, overrides=list(overrides))
 
 
-def build_datamodule(cfg: DictConfig):
-    """The DataModule of ``cfg``: its ``data`` group, with the ``tokenizer``, ``template`` and ``strategy`` groups."""
-    # A partial, so that the objects are passed as they are (instantiate would turn dataclasses into configs).
-    make = instantiate(cfg.data, _partial_=True)
-    return make(
-        tokenizer=instantiate(cfg.tokenizer), template=instantiate(cfg.template), strategy=instantiate(cfg.strategy)
-    )
+def build_datamodule(cfg: DictConfig, lightning: bool = True):
+    """The DataModule of ``cfg``: its ``data`` group, with the ``tokenizer``, ``template`` and ``strategy`` groups.
+
+    ``lightning=False``: the same pipeline without Lightning (``DialogueData``), for the command-line tools.
+    """
+    kwargs = OmegaConf.to_container(cfg.data, resolve=True)
+    target = kwargs.pop("_target_")
+    if lightning:
+        cls = get_class(target)
+    else:
+        from glm_session.data.pipeline import DialogueData as cls
+    parts = {name: instantiate(cfg[name]) for name in ("tokenizer", "template", "strategy")}
+    return cls(**parts, **kwargs)

@@ -44,7 +44,7 @@ def stats(datamodule, split: str, out: str | None) -> dict:
     result = datamodule.statistics(split)
     result["seconds"] = round(time.perf_counter() - start, 3)
     print(format_table(result))
-    for message in datamodule.describe_skips():
+    for message in datamodule.describe_skips(split):
         print(f"skipped: {message}", file=sys.stderr)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     command, overrides = argv[0], argv[1:]
     try:
         cfg = compose_config("data_tool", overrides)
-        datamodule = build_datamodule(cfg)
+        datamodule = build_datamodule(cfg, lightning=False)
         if command == "stats":
             stats(datamodule, cfg.split, cfg.out)
         else:

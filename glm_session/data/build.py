@@ -1,8 +1,9 @@
 """Sessions -> samples through ``datasets.map``, cached on disk: a second run does not tokenize again.
 
 One row per sample: ``input_ids``, ``labels``, ``turn_ids``, the session's index and its counters. The cache key
-is the content of the sessions, the tokenizer model, the template, the strategy, ``max_seq_len`` and the source
-of this package's data code, so that a change to any of them builds anew.
+(``samples_fingerprint``) covers the sessions (their content, or the files they come from), the tokenizer model,
+the template, the strategy, ``max_seq_len`` and the source of this package's data code, so that a change to any
+of them builds anew.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from pathlib import Path
 import datasets
 
 from glm_session.constants import IGNORE_INDEX
-from glm_session.data.samples import SegmentEncoder, SessionLayout, build_sample
+from glm_session.data.samples import Sample, SegmentEncoder, SessionLayout, build_sample
 from glm_session.data.session import Session
-from glm_session.data.strategy import SessionStrategy, SplitStrategy
+from glm_session.data.strategy import Plan, SessionStrategy, SplitStrategy
 from glm_session.data.template import Template
 from glm_session.tokenizer import ChatGLM2Tokenizer
 
@@ -49,7 +50,9 @@ def sessions_fingerprint(sessions: list[Session]) -> str:
     """Hash of the sessions' content (ids, system texts, turns), in order."""
     digest = hashlib.sha256()
     for session in sessions:
-        texts = [session.id, session.system or ""] + [t for turn in session.turns for t in (turn.question, turn.answer)]
+        texts = [session.id, session.system or ""] + [
+            t for turn in session.turns for t in (turn.question, turn.answer)
+        ]
         digest.update(json.dumps(texts, ensure_ascii=False).encode())
     return digest.hexdigest()
 
@@ -62,6 +65,29 @@ def _code_fingerprint() -> str:
     return digest.hexdigest()
 
 
+def samples_fingerprint(
+    sessions_key: str,
+    tokenizer: ChatGLM2Tokenizer,
+    template: Template,
+    strategy: SplitStrategy | SessionStrategy,
+    max_seq_len: int,
+) -> str:
+    """The cache key of the samples of the sessions identified by ``sessions_key``."""
+    key = {
+        "sessions": sessions_key,
+        "tokenizer": tokenizer.fingerprint,
+        "template": asdict(template),
+        "strategy": strategy.name,
+        "max_seq_len": max_seq_len,
+        "code": _code_fingerprint(),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def cache_file(fingerprint: str, cache_dir: str | Path | None = None) -> Path:
+    return Path(cache_dir or DEFAULT_CACHE_DIR) / f"samples-{fingerprint}.arrow"
+
+
 def build_samples(
     sessions: list[Session],
     tokenizer: ChatGLM2Tokenizer,
@@ -70,22 +96,21 @@ def build_samples(
     max_seq_len: int,
     cache_dir: str | Path | None = None,
     num_proc: int | None = None,
+    fingerprint: str | None = None,
 ) -> datasets.Dataset:
-    """The samples of ``sessions`` (a ``datasets.Dataset``, memory-mapped from the cache)."""
-    key = {
-        "sessions": sessions_fingerprint(sessions),
-        "tokenizer": tokenizer.fingerprint,
-        "template": asdict(template),
-        "strategy": strategy.name,
-        "max_seq_len": max_seq_len,
-        "code": _code_fingerprint(),
-    }
-    fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-    cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    cache_file = cache_dir / f"samples-{fingerprint}.arrow"
-    if cache_file.exists():  # what map would load, without building its input first
-        return datasets.Dataset.from_file(str(cache_file))
+    """The samples of ``sessions`` (a ``datasets.Dataset``, memory-mapped from the cache).
+
+    ``fingerprint``: the cache key, when the caller knows one (``samples_fingerprint`` of the files the sessions
+    come from); by default it is computed from the sessions' content.
+    """
+    if fingerprint is None:
+        fingerprint = samples_fingerprint(
+            sessions_fingerprint(sessions), tokenizer, template, strategy, max_seq_len
+        )
+    path = cache_file(fingerprint, cache_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():  # what map would load, without building its input first
+        return datasets.Dataset.from_file(str(path))
     columns: dict[str, list] = {name: [] for name in SESSION_FEATURES}
     for session in sessions:
         for name, value in session.to_record().items():
@@ -98,12 +123,30 @@ def build_samples(
         with_indices=True,
         remove_columns=records.column_names,
         features=FEATURES,
-        fn_kwargs={"tokenizer": tokenizer, "template": template, "strategy": strategy, "max_seq_len": max_seq_len},
-        cache_file_name=str(cache_file),
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "template": template,
+            "strategy": strategy,
+            "max_seq_len": max_seq_len,
+        },
+        cache_file_name=str(path),
         new_fingerprint=fingerprint,
         num_proc=num_proc,
         desc=f"Building {strategy.name} samples",
     )
+
+
+def session_samples(
+    session: Session,
+    tokenizer: ChatGLM2Tokenizer,
+    template: Template,
+    strategy: SplitStrategy | SessionStrategy,
+    max_seq_len: int,
+) -> tuple[list[Sample], Plan]:
+    """The samples ``strategy`` makes of one session, and its plan (views and counts)."""
+    layout = SessionLayout(session, template, SegmentEncoder(tokenizer))
+    plan = strategy.plan(layout, max_seq_len)
+    return [build_sample(layout, view) for view in plan.views], plan
 
 
 def _build_batch(
@@ -117,11 +160,9 @@ def _build_batch(
     out: dict[str, list] = {name: [] for name in FEATURES}
     for row, session_index in enumerate(indices):
         session = Session.from_record({key: values[row] for key, values in batch.items()})
-        layout = SessionLayout(session, template, SegmentEncoder(tokenizer))
-        plan = strategy.plan(layout, max_seq_len)
+        samples, plan = session_samples(session, tokenizer, template, strategy, max_seq_len)
         windows = len(plan.views) if strategy.name == "session" and len(plan.views) > 1 else 0
-        for number, view in enumerate(plan.views):
-            sample = build_sample(layout, view)
+        for number, (view, sample) in enumerate(zip(plan.views, samples, strict=True)):
             out["input_ids"].append(sample.input_ids)
             out["labels"].append(sample.labels)
             out["turn_ids"].append(sample.turn_ids)

@@ -108,7 +108,9 @@ def parse_record(
     except KeyError:
         number, role = next((n, r) for n, (r, _) in enumerate(messages, 1) if r.lower() not in roles)
         known = ", ".join(sorted(roles))
-        raise DataError(path, record_number, f"message {number}: unknown role {role!r} (role map: {known})") from None
+        raise DataError(
+            path, record_number, f"message {number}: unknown role {role!r} (role map: {known})"
+        ) from None
     return session_from_messages(mapped, session_id, path, record_number, drop_trailing_question)
 
 
@@ -225,7 +227,14 @@ def _jsonl_records(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as err:
-            yield where, DataError(str(path), where, f"not valid UTF-8 (byte 0x{line[err.start]:02x} at column {err.start + 1})")
+            yield (
+                where,
+                DataError(
+                    str(path),
+                    where,
+                    f"not valid UTF-8 (byte 0x{line[err.start]:02x} at column {err.start + 1})",
+                ),
+            )
             continue
         try:
             yield where, json.loads(text)
@@ -238,11 +247,15 @@ def _json_records(path: Path, data: bytes) -> Iterator[tuple[int, Any]]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
-        raise DataError(str(path), None, f"not valid UTF-8 (byte 0x{data[err.start]:02x} on line {line})") from None
+        raise DataError(
+            str(path), None, f"not valid UTF-8 (byte 0x{data[err.start]:02x} on line {line})"
+        ) from None
     try:
         parsed = json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataError(str(path), None, f"invalid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+        raise DataError(
+            str(path), None, f"invalid JSON: {err.msg} at line {err.lineno} column {err.colno}"
+        ) from None
     if isinstance(parsed, dict):
         parsed = [parsed]
     if not isinstance(parsed, list):

@@ -9,6 +9,7 @@ neighbours, so a turn has the same ids in every sample that contains it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from glm_session.constants import IGNORE_INDEX
 from glm_session.data.session import Session
 from glm_session.data.template import EOS, Segment, Template

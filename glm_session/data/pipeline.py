@@ -1,0 +1,285 @@
+"""The data pipeline: dialogue files -> sessions -> samples -> rows -> batches.
+
+``DialogueData`` holds it without Lightning (the command-line tools use it, and start fast);
+``DialogueDataModule`` (datamodule.py) adds Lightning's hooks. It never imports the model: what leaves it is a
+dict of tensors (``input_ids``, ``labels``, ``position_ids`` and, per token, ``turn_ids``, ``session_index`` and
+``sample_index``).
+
+A second run reads nothing but the cache: the samples (``datasets``' Arrow file) and a summary of the read
+(sessions, turns, skipped records), both keyed by the hash of the input files and the settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import datasets
+import numpy as np
+
+from glm_session.data.batching import RowBatchSampler
+from glm_session.data.build import COUNTERS, DEFAULT_CACHE_DIR, build_samples, cache_file, samples_fingerprint
+from glm_session.data.packing import pack_first_fit_decreasing
+from glm_session.data.readers import Format, OnError, ReadResult, read_sessions
+from glm_session.data.strategy import SessionStrategy, SplitStrategy, get_strategy
+from glm_session.data.template import Template, get_template
+from glm_session.tokenizer import ChatGLM2Tokenizer
+
+if TYPE_CHECKING:
+    import torch
+
+    from glm_session.data.collator import Collator
+
+SPLITS = ("train", "validation", "test")
+SKIPS_KEPT = 20  # skipped records whose messages the summary keeps
+
+
+@dataclass
+class PreparedSplit:
+    """One split, ready to batch. ``summary``: sessions, turns, skipped records, dropped trailing questions."""
+
+    summary: dict[str, Any]
+    samples: datasets.Dataset
+    rows: list[list[int]]  # sample indices per row
+    row_lengths: list[int]
+
+
+class DialogueData:
+    """Split or session samples of dialogue files, padded or packed, for ChatGLM2 (no Lightning).
+
+    Args:
+        tokenizer: a ``ChatGLM2Tokenizer``.
+        template: a ``Template`` or its name (``chatglm2``, ``chatglm2_article``).
+        strategy: a strategy or its name (``split``, ``session``).
+        train_path, validation_path, test_path: one file per split.
+        path: one file whose sessions are all used, in file order, for training (the split files are then not
+            used); ``holdout`` moves a deterministic share of them (by a hash of the session id) to
+            validation and test, e.g. ``{"validation": 0.05, "test": 0.05}``.
+        format, role_map, on_error, drop_trailing_question: how files are read (``readers.read_sessions``).
+        limit: use the first ``limit`` sessions of each file.
+        max_seq_len: the most tokens in a sample (and in a packed row).
+        packing: first-fit-decreasing packing of samples into rows of ``max_seq_len``.
+        batch_size: rows per batch; or ``batch_tokens``: padded tokens per batch.
+        pad_to: ``longest`` (row of the batch) or ``max_seq_len`` (every row, as the article's code does).
+        shuffle, seed: training order, new every epoch, the same on every run.
+        num_workers: dataloader worker processes.
+        cache_dir: where ``datasets`` caches the samples (default ``~/.cache/glm_session``).
+        num_proc: processes for building samples.
+    """
+
+    def __init__(
+        self,
+        tokenizer: ChatGLM2Tokenizer,
+        template: Template | str = "chatglm2",
+        strategy: SplitStrategy | SessionStrategy | str = "session",
+        train_path: str | None = None,
+        validation_path: str | None = None,
+        test_path: str | None = None,
+        path: str | None = None,
+        holdout: Mapping[str, float] | None = None,
+        format: Format = "auto",
+        role_map: Mapping[str, str] | None = None,
+        on_error: OnError = "raise",
+        drop_trailing_question: bool = False,
+        limit: int | None = None,
+        max_seq_len: int = 2048,
+        packing: bool = False,
+        batch_size: int | None = 8,
+        batch_tokens: int | None = None,
+        pad_to: Literal["longest", "max_seq_len"] = "longest",
+        shuffle: bool = True,
+        seed: int = 0,
+        num_workers: int = 0,
+        cache_dir: str | None = None,
+        num_proc: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.world_size, self.rank = 1, 0  # this process's share of the training batches
+        self.tokenizer = tokenizer
+        self.template = get_template(template) if isinstance(template, str) else template
+        self.strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
+        self.files = {"train": train_path, "validation": validation_path, "test": test_path}
+        self.path, self.holdout = path, dict(holdout or {})
+        if set(self.holdout) - {"validation", "test"} or sum(self.holdout.values()) >= 1:
+            raise ValueError(f"holdout takes validation and test fractions summing below 1, got {self.holdout}")
+        self.read_options = {
+            "format": format,
+            "role_map": dict(role_map or {}),
+            "on_error": on_error,
+            "limit": limit,
+            "drop_trailing_question": drop_trailing_question,
+        }
+        self.max_seq_len, self.packing = max_seq_len, packing
+        if batch_tokens is not None:
+            batch_size = None
+        self.batch_size, self.batch_tokens = batch_size, batch_tokens
+        if pad_to not in ("longest", "max_seq_len"):
+            raise ValueError(f"pad_to must be 'longest' or 'max_seq_len', got {pad_to!r}")
+        self.pad_to = pad_to
+        self.shuffle, self.seed, self.num_workers = shuffle, seed, num_workers
+        self.cache_dir, self.num_proc = cache_dir, num_proc
+        self._splits: dict[str, PreparedSplit] = {}
+        self._reads: dict[str, ReadResult] = {}
+
+    # sessions -> samples -> rows -------------------------------------------------------------------
+
+    def read(self, split: str) -> ReadResult:
+        """The sessions of ``split`` (``train``, ``validation``, ``test``, or ``all`` of them, batched as train)."""
+        if split == "all":
+            parts = [self.read(s) for s in SPLITS]
+            return ReadResult([x for p in parts for x in p.sessions], [x for p in parts for x in p.skipped])
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)} or all")
+        if split not in self._reads:
+            if self.path is not None:
+                self._reads.update(self._holdout(read_sessions(self.path, **self.read_options)))
+            else:
+                path = self.files[split]
+                self._reads[split] = read_sessions(path, **self.read_options) if path else ReadResult()
+        return self._reads[split]
+
+    def _holdout(self, result: ReadResult) -> dict[str, ReadResult]:
+        splits = {name: ReadResult() for name in SPLITS}
+        splits["train"].skipped = result.skipped
+        validation, test = self.holdout.get("validation", 0.0), self.holdout.get("test", 0.0)
+        for session in result.sessions:
+            u = int(hashlib.sha256(session.id.encode()).hexdigest()[:8], 16) / 2**32
+            name = "validation" if u < validation else "test" if u < validation + test else "train"
+            splits[name].sessions.append(session)
+        return splits
+
+    def source_key(self) -> str:
+        """Hash of the input files' bytes and of how they are read and split."""
+        digest = hashlib.sha256()
+        paths = [self.path] if self.path is not None else [p for p in self.files.values() if p]
+        for path in paths:
+            file = Path(path)
+            digest.update(str(file.resolve()).encode())
+            digest.update(hashlib.sha256(file.read_bytes()).digest() if file.is_file() else b"missing")
+        settings = {
+            "files": self.files,
+            "path": self.path,
+            "holdout": self.holdout,
+            "read": self.read_options,
+        }
+        digest.update(json.dumps(settings, sort_keys=True).encode())
+        return digest.hexdigest()[:32]
+
+    def summary(self, split: str) -> dict[str, Any]:
+        """What reading ``split`` found (from the cache when the same files were read before)."""
+        path = Path(self.cache_dir or DEFAULT_CACHE_DIR) / f"read-{self.source_key()}-{split}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        read = self.read(split)
+        summary = {
+            "sessions": len(read.sessions),
+            "turns": sum(len(s.turns) for s in read.sessions),
+            "skipped_records": len(read.skipped),
+            "skipped": [str(e) for e in read.skipped[:SKIPS_KEPT]],
+            "dropped_trailing_questions": read.dropped_trailing_questions,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, ensure_ascii=False, indent=1))
+        return summary
+
+    def prepared(self, split: str) -> PreparedSplit:
+        """Samples and rows of ``split``, built once (from the ``datasets`` cache when it has them)."""
+        if split not in self._splits:
+            fingerprint = samples_fingerprint(
+                f"{self.source_key()}-{split}", self.tokenizer, self.template, self.strategy, self.max_seq_len
+            )
+            cached = cache_file(fingerprint, self.cache_dir).exists()
+            samples = build_samples(
+                [] if cached else self.read(split).sessions, self.tokenizer, self.template, self.strategy,
+                self.max_seq_len, cache_dir=self.cache_dir, num_proc=self.num_proc, fingerprint=fingerprint,
+            )  # fmt: skip
+            lengths = samples.data.column("length").to_numpy()
+            nonempty = np.flatnonzero(lengths > 0)
+            if self.packing:
+                packed = pack_first_fit_decreasing(lengths[nonempty].tolist(), self.max_seq_len)
+                rows = [[int(nonempty[j]) for j in row] for row in packed]
+            else:
+                rows = [[i] for i in nonempty.tolist()]
+            all_lengths = lengths.tolist()
+            row_lengths = [sum(all_lengths[i] for i in row) for row in rows]
+            self._splits[split] = PreparedSplit(self.summary(split), samples, rows, row_lengths)
+        return self._splits[split]
+
+    # batches -------------------------------------------------------------------------------------
+
+    def batch_sampler(self, split: str) -> RowBatchSampler:
+        train = split in ("train", "all")
+        return RowBatchSampler(
+            self.prepared(split).row_lengths,
+            batch_size=self.batch_size,
+            batch_tokens=self.batch_tokens,
+            shuffle=self.shuffle and train,
+            seed=self.seed,
+            num_replicas=self.world_size if train else 1,
+            rank=self.rank if train else 0,
+            drop_last=train,
+            fixed_width=self.max_seq_len if self.pad_to == "max_seq_len" else None,
+        )
+
+    def collator(self) -> Collator:
+        from glm_session.data.collator import Collator
+
+        width = self.max_seq_len if self.pad_to == "max_seq_len" else None
+        return Collator(pad_id=self.tokenizer.pad_token_id, width=width)
+
+    def dataloader(self, split: str, batch_sampler: RowBatchSampler | None = None) -> torch.utils.data.DataLoader:
+        import torch
+
+        from glm_session.data.collator import RowDataset
+
+        prepared = self.prepared(split)
+        return torch.utils.data.DataLoader(
+            RowDataset(prepared.samples, prepared.rows),
+            batch_sampler=batch_sampler or self.batch_sampler(split),
+            collate_fn=self.collator(),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    # statistics ----------------------------------------------------------------------------------
+
+    def statistics(self, split: str = "train") -> dict[str, Any]:
+        """What ``split`` costs: tokens, samples, rows, padding as batched (epoch 0), and every count of
+        what was dropped, cut, truncated or skipped."""
+        prepared = self.prepared(split)
+        table = prepared.samples.data
+        columns = {name: table.column(name).to_numpy() for name in ("length", "supervised_tokens", *COUNTERS)}
+        sampler = self.batch_sampler(split)
+        sampler.num_replicas, sampler.rank = 1, 0
+        batches = sampler.all_batches(epoch=0)
+        width = self.max_seq_len if self.pad_to == "max_seq_len" else None
+        padded = sum(len(b) * (width or max(prepared.row_lengths[i] for i in b)) for b in batches)
+        rows_tokens = sum(prepared.row_lengths[i] for b in batches for i in b)
+        return {
+            "split": split,
+            "template": self.template.name,
+            "strategy": self.strategy.name,
+            "packing": self.packing,
+            "max_seq_len": self.max_seq_len,
+            "sessions": prepared.summary["sessions"],
+            "turns": prepared.summary["turns"],
+            "samples": int((columns["length"] > 0).sum()),
+            "rows": len(prepared.rows),
+            "batches": len(batches),
+            "input_tokens": int(columns["length"].sum()),
+            "supervised_tokens": int(columns["supervised_tokens"].sum()),
+            "padding_tokens": padded - rows_tokens,
+            "padding_fraction": (padded - rows_tokens) / padded if padded else 0.0,
+            **{name: int(columns[name].sum()) for name in COUNTERS if name != "trained_turns"},
+            "cut_sessions": int((columns["windows"] > 0).sum()),
+            "skipped_records": prepared.summary["skipped_records"],
+            "dropped_trailing_questions": prepared.summary["dropped_trailing_questions"],
+        }
+
+    def describe_skips(self, split: str, limit: int = 5) -> list[str]:
+        """The first ``limit`` skipped records of ``split``, as messages."""
+        return self.summary(split)["skipped"][:limit]

@@ -1,0 +1,90 @@
+"""Packing, rows, collation and batch order, on hand-made inputs."""
+
+import pytest
+import torch
+
+from glm_session.data.batching import RowBatchSampler
+from glm_session.data.collator import Collator
+from glm_session.data.packing import pack_first_fit_decreasing
+
+
+def test_first_fit_decreasing_by_hand():
+    # Sorted: 5(#0) 4(#1) 3(#2) 3(#3) 2(#4) 1(#5). 5 -> row 0; 4 -> row 1; 3 -> row 0 (full); 3 -> row 1;
+    # 2 -> row 2 (row 1 has 1 left); 1 -> row 1.
+    assert pack_first_fit_decreasing([5, 4, 3, 3, 2, 1], capacity=8) == [[0, 2], [1, 3, 5], [4]]
+    assert pack_first_fit_decreasing([], capacity=8) == []
+    with pytest.raises(ValueError, match="a sample of 9 tokens does not fit in rows of 8"):
+        pack_first_fit_decreasing([9], capacity=8)
+
+
+def test_packing_is_a_partition_within_capacity():
+    lengths = [(i * 37) % 500 + 1 for i in range(2000)]
+    rows = pack_first_fit_decreasing(lengths, capacity=1024)
+    assert sorted(i for row in rows for i in row) == list(range(2000))
+    assert all(sum(lengths[i] for i in row) <= 1024 for row in rows)
+    assert sum(lengths) / (1024 * len(rows)) > 0.99
+
+
+def test_collator_pads_at_the_end_and_continues_positions():
+    rows = [
+        {  # two packed samples: 3 + 2 tokens
+            "input_ids": [7, 8, 9, 10, 11], "labels": [-100, 8, 9, -100, 11], "turn_ids": [0, 1, 1, 0, 2],
+            "position_ids": [0, 1, 2, 0, 1], "session_index": [4, 4, 4, 5, 5], "sample_index": [0, 0, 0, 3, 3],
+        },
+        {
+            "input_ids": [7, 8, 9], "labels": [-100, -100, 9], "turn_ids": [0, 1, 1],
+            "position_ids": [0, 1, 2], "session_index": [6, 6, 6], "sample_index": [1, 1, 1],
+        },
+    ]  # fmt: skip
+    batch = Collator(pad_id=0)(rows)
+    assert batch["input_ids"].tolist() == [[7, 8, 9, 10, 11], [7, 8, 9, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 8, 9, -100, 11], [-100, -100, 9, -100, -100]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]
+    assert batch["turn_ids"].tolist() == [[0, 1, 1, 0, 2], [0, 1, 1, 0, 0]]
+    assert batch["session_index"].tolist() == [[4, 4, 4, 5, 5], [6, 6, 6, -1, -1]]
+    assert batch["sample_index"].tolist() == [[0, 0, 0, 3, 3], [1, 1, 1, -1, -1]]
+    assert all(t.dtype == torch.long for t in batch.values())
+    assert Collator(pad_id=0, width=8)(rows)["input_ids"].shape == (2, 8)
+    assert Collator(pad_id=0, pad_to_multiple_of=4)(rows)["input_ids"].shape == (2, 8)
+
+
+def test_batch_order_is_deterministic_and_new_every_epoch():
+    lengths = list(range(1, 101))
+    sampler = RowBatchSampler(lengths, batch_size=8, shuffle=True, seed=3)
+    first = list(sampler)
+    assert first == list(RowBatchSampler(lengths, batch_size=8, shuffle=True, seed=3))
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    assert sorted(i for b in first for i in b) == list(range(100))
+    assert list(RowBatchSampler(lengths, batch_size=8))[0] == list(range(8))  # no shuffle: file order
+
+
+def test_ranks_share_the_batches():
+    lengths = [5] * 50
+    shards = [
+        list(RowBatchSampler(lengths, batch_size=4, shuffle=True, num_replicas=3, rank=r, drop_last=True))
+        for r in range(3)
+    ]
+    assert len({len(s) for s in shards}) == 1
+    seen = [i for s in shards for b in s for i in b]
+    assert len(seen) == len(set(seen))
+
+
+def test_token_budget():
+    lengths = [(i * 53) % 300 + 20 for i in range(500)]
+    batches = list(RowBatchSampler(lengths, batch_tokens=1024, shuffle=True, seed=0))
+    assert sorted(i for b in batches for i in b) == list(range(500))
+    assert all(len(b) * max(lengths[i] for i in b) <= 1024 for b in batches)
+    fixed = list(RowBatchSampler(lengths, batch_tokens=1024, fixed_width=320))
+    assert all(len(b) * 320 <= 1024 for b in fixed)
+    with pytest.raises(ValueError, match="less than the longest row"):
+        RowBatchSampler(lengths, batch_tokens=100)
+
+
+def test_resume_skips_batches_already_trained():
+    sampler = RowBatchSampler(list(range(1, 41)), batch_size=4, shuffle=True)
+    full = list(sampler)
+    sampler.skip = 3
+    assert len(sampler) == len(full) - 3
+    assert list(sampler) == full[3:]
+    assert list(sampler) == full  # the skip is for one pass only

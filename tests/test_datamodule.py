@@ -1,0 +1,131 @@
+"""The DataModule on the bundled KdConv: statistics, the datasets cache, holdout, and the two commands."""
+
+import gzip
+import json
+
+import pytest
+
+import glm_session.data.build as build
+from glm_session.config import RESOURCES_DIR
+from glm_session.data import DialogueDataModule
+from glm_session.data.__main__ import main as data_main
+
+KDCONV = {split: str(RESOURCES_DIR / f"kdconv/{split}.jsonl") for split in ("train", "validation", "test")}
+
+
+def kdconv(tokenizer, cache_dir, **kwargs) -> DialogueDataModule:
+    paths = {f"{split}_path": path for split, path in KDCONV.items()}
+    return DialogueDataModule(tokenizer, cache_dir=cache_dir, **paths, **kwargs)
+
+
+@pytest.mark.slow
+def test_kdconv_targets(tokenizer, cache_dir):
+    """DESIGN §4 data targets on all 900 sessions, template chatglm2, max_seq_len 2048."""
+    stats = {
+        (strategy, packing): kdconv(
+            tokenizer, cache_dir, strategy=strategy, packing=packing, batch_tokens=16384
+        ).statistics("all")
+        for strategy in ("split", "session")
+        for packing in (False, True)
+    }
+    split, session = stats["split", False], stats["session", False]
+    assert split["sessions"] == session["sessions"] == 900
+    assert split["samples"] == split["turns"] == session["turns"]
+    assert session["samples"] == 900
+    assert split["supervised_tokens"] == session["supervised_tokens"]
+    assert split["input_tokens"] >= 4 * session["input_tokens"]
+    assert stats["session", True]["padding_fraction"] < 0.02
+    assert all(
+        s["truncated_turns"] == s["skipped_turns"] == s["dropped_history_turns"] == 0 for s in stats.values()
+    )
+
+
+def test_second_build_reads_the_cache(tokenizer, tmp_path, monkeypatch):
+    first = kdconv(tokenizer, str(tmp_path), strategy="session", limit=20).prepared("train")
+
+    def tokenize_again(*args, **kwargs):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(build, "_build_batch", tokenize_again)
+    second = kdconv(tokenizer, str(tmp_path), strategy="session", limit=20).prepared("train")
+    assert second.samples["input_ids"] == first.samples["input_ids"]
+    with pytest.raises(AssertionError, match="tokenized again"):  # a different input does build
+        kdconv(tokenizer, str(tmp_path), strategy="session", limit=21).prepared("train")
+
+
+def test_holdout_is_deterministic_by_session(tokenizer, tmp_path):
+    path = tmp_path / "one.jsonl.gz"
+    lines = [
+        json.dumps(
+            {
+                "id": f"s{i}",
+                "messages": [
+                    {"role": "user", "content": f"问{i}"},
+                    {"role": "assistant", "content": f"答{i}"},
+                ],
+            }
+        )
+        for i in range(200)
+    ]
+    path.write_bytes(gzip.compress("\n".join(lines).encode()))
+    datamodule = DialogueDataModule(
+        tokenizer, path=str(path), holdout={"validation": 0.1, "test": 0.1}, cache_dir=str(tmp_path)
+    )
+    ids = {split: [s.id for s in datamodule.read(split).sessions] for split in ("train", "validation", "test")}
+    assert sum(map(len, ids.values())) == 200 and 10 <= len(ids["validation"]) <= 30
+    assert ids["train"] == sorted(ids["train"], key=lambda s: int(s[1:]))  # file order within a split
+    again = DialogueDataModule(tokenizer, path=str(path), holdout={"validation": 0.1, "test": 0.1})
+    assert [s.id for s in again.read("validation").sessions] == ids["validation"]
+    everything = DialogueDataModule(tokenizer, path=str(path))  # no holdout: all sessions train, in order
+    assert [s.id for s in everything.read("train").sessions] == [f"s{i}" for i in range(200)]
+
+
+def test_stats_command(tmp_path, capsys):
+    out = tmp_path / "stats.json"
+    code = data_main(
+        [
+            "stats",
+            "strategy=split",
+            "data.packing=true",
+            "data.limit=10",
+            f"data.cache_dir={tmp_path}",
+            f"out={out}",
+        ]
+    )
+    assert code == 0
+    stats = json.loads(out.read_text())
+    for key in ("strategy", "packing", "sessions", "turns", "samples", "rows", "input_tokens", "supervised_tokens",
+                "padding_tokens", "truncated_turns", "dropped_history_turns", "windows", "skipped_records"):  # fmt: skip
+        assert key in stats
+    assert (stats["strategy"], stats["packing"], stats["sessions"]) == ("split", True, 10)
+    assert "input_tokens" in capsys.readouterr().out
+
+
+def test_export_command_writes_rows_as_fed(tmp_path, tokenizer):
+    out = tmp_path / "rows.jsonl"
+    assert (
+        data_main(["export", "data.packing=true", "data.limit=5", f"data.cache_dir={tmp_path}", f"out={out}"]) == 0
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    datamodule = kdconv(tokenizer, str(tmp_path), strategy="session", packing=True, limit=5, batch_tokens=16384)
+    expected = [
+        {name: tensor[b].tolist() for name, tensor in batch.items()}
+        for batch in datamodule.dataloader("train")
+        for b in range(len(batch["input_ids"]))
+    ]
+    assert rows == expected
+    packed = next(r for r in rows if r["position_ids"].count(0) > 1)  # a row with two samples restarts at 0
+    starts = [i for i, p in enumerate(packed["position_ids"]) if p == 0]
+    assert packed["input_ids"][starts[1] : starts[1] + 2] == tokenizer.prefix_ids
+
+
+def test_commands_report_bad_data_without_a_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "q"}]}\n')
+    assert data_main(["stats", f"data.path={bad}", f"data.cache_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {bad}, line 1: message 1: the session ends with a user message" in err
+    assert "Traceback" not in err
+    assert data_main(["stats", "strategy=sliding"]) == 2
+    assert "strategy" in capsys.readouterr().err
+    assert data_main(["export", "data.limit=1", f"data.cache_dir={tmp_path}"]) == 2  # no out=

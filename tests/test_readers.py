@@ -1,0 +1,178 @@
+"""Readers: three record shapes in .json/.jsonl/.jsonl.gz round-trip; every bad input names file, record, reason."""
+
+import gzip
+import json
+
+import pytest
+
+from glm_session.data import DataError, Session, Turn
+from glm_session.data.readers import read_sessions
+
+SESSIONS = [
+    Session("a", (Turn("你好", "你好！"), Turn("你知道", "知道呀"))),
+    Session("b", (Turn("谢谢", "不客气"),), system="你是一个乐于助人的助手。"),
+]
+
+
+def sharegpt(s: Session) -> dict:
+    conversations = [
+        m for t in s.turns for m in ({"from": "human", "value": t.question}, {"from": "gpt", "value": t.answer})
+    ]
+    return {"id": s.id, "conversations": conversations, **({"system": s.system} if s.system else {})}
+
+
+def openai(s: Session) -> dict:
+    messages = [{"role": "system", "content": s.system}] if s.system else []
+    messages += [
+        m
+        for t in s.turns
+        for m in ({"role": "user", "content": t.question}, {"role": "assistant", "content": t.answer})
+    ]
+    return {"id": s.id, "messages": messages}
+
+
+def chatglm(s: Session) -> dict:
+    *history, last = s.turns
+    record = {
+        "id": s.id,
+        "prompt": last.question,
+        "response": last.answer,
+        "history": [[t.question, t.answer] for t in history],
+    }
+    return {**record, **({"system": s.system} if s.system else {})}
+
+
+def write(path, records, kind):
+    if kind == "json":
+        path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+        return
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+    path.write_bytes(gzip.compress(text) if kind == "jsonl.gz" else text)
+
+
+@pytest.mark.parametrize("shape", [sharegpt, openai, chatglm])
+@pytest.mark.parametrize("kind", ["json", "jsonl", "jsonl.gz"])
+def test_round_trip(tmp_path, shape, kind):
+    path = tmp_path / f"data.{kind}"
+    write(path, [shape(s) for s in SESSIONS], kind)
+    assert read_sessions(path).sessions == SESSIONS
+    forced = {sharegpt: "sharegpt", openai: "openai", chatglm: "chatglm"}[shape]
+    assert read_sessions(path, format=forced).sessions == SESSIONS
+
+
+def test_role_map_and_limit(tmp_path):
+    path = tmp_path / "smile.jsonl"
+    record = {"messages": [{"role": "client", "content": "我很焦虑"}, {"role": "counselor", "content": "我在听"}]}
+    write(path, [record, record, record], "jsonl")
+    result = read_sessions(path, role_map={"client": "user", "counselor": "assistant"}, limit=2)
+    assert [s.turns for s in result.sessions] == [(Turn("我很焦虑", "我在听"),)] * 2
+    assert [s.id for s in result.sessions] == ["smile.jsonl:line 1", "smile.jsonl:line 2"]
+
+
+def test_trailing_question_is_an_error_or_a_counted_drop(tmp_path):
+    path = tmp_path / "d.jsonl"
+    messages = [
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q2"},
+    ]
+    write(path, [{"messages": messages}], "jsonl")
+    with pytest.raises(DataError, match=r"d.jsonl, line 1: message 3: the session ends with a user message"):
+        read_sessions(path)
+    result = read_sessions(path, drop_trailing_question=True)
+    assert result.sessions[0].turns == (Turn("q1", "a1"),) and result.dropped_trailing_questions == 1
+
+
+def msgs(*pairs):
+    return {"messages": [{"role": r, "content": c} for r, c in pairs]}
+
+
+BAD_RECORDS = [
+    (msgs(("user", "q"), ("tool", "x")), "message 2: unknown role 'tool'"),
+    (msgs(("user", "q1"), ("user", "q2"), ("assistant", "a")), "message 2: two user messages in a row"),
+    (
+        msgs(("user", "q"), ("assistant", "a1"), ("assistant", "a2")),
+        "message 3: assistant message without a user",
+    ),
+    (msgs(("assistant", "a"), ("user", "q")), "message 1: assistant message without a user message"),
+    (msgs(("user", "q"), ("assistant", "  ")), "message 2: empty assistant text"),
+    (
+        msgs(("user", "q"), ("assistant", "a"), ("system", "s")),
+        "message 3: a system message may only come first",
+    ),
+    (msgs(("user", "q")), "message 1: the session ends with a user message"),
+    (msgs(), "no answered user message"),
+    ({"messages": [{"role": "user"}]}, "message 1: missing field 'content'"),
+    ({"messages": [{"role": "user", "content": 3}]}, "message 1: 'content' must be str, got int"),
+    ({"messages": "hi"}, "'messages' must be list, got string"),
+    ({"messages": ["hi"]}, "message 1 must be an object, got string"),
+    ({"conversations": [{"from": "human", "value": None}]}, "message 1: 'value' must be str, got null"),
+    ({"prompt": "q"}, "missing field 'response'"),
+    (
+        {"prompt": "q", "response": "a", "history": [["q0"]]},
+        "history item 1 must be [question, answer] strings",
+    ),
+    ({"text": "q"}, "missing field: expected 'conversations', 'messages' or 'prompt'/'response'"),
+    (["q", "a"], "a record must be a JSON object, got list"),
+]
+
+
+@pytest.mark.parametrize("record,reason", BAD_RECORDS)
+def test_bad_record_names_file_record_and_reason(tmp_path, record, reason):
+    path = tmp_path / "bad.jsonl"
+    good = msgs(("user", "q"), ("assistant", "a"))
+    write(path, [good, record], "jsonl")
+    with pytest.raises(DataError) as err:
+        read_sessions(path)
+    assert str(err.value).startswith(f"{path}, line 2: ")
+    assert reason in str(err.value)
+    result = read_sessions(path, on_error="skip")
+    assert len(result.sessions) == 1 and len(result.skipped) == 1
+
+
+def test_bad_json_record_is_counted_as_record_number(tmp_path):
+    path = tmp_path / "bad.json"
+    write(path, [msgs(("user", "q"), ("assistant", "a")), msgs(("user", "q"))], "json")
+    with pytest.raises(DataError, match=r"bad.json, record 2: message 1: the session ends with a user message"):
+        read_sessions(path)
+
+
+def test_not_utf8(tmp_path):
+    path = tmp_path / "latin.jsonl"
+    good = json.dumps(msgs(("user", "q"), ("assistant", "a"))).encode()
+    path.write_bytes(good + b"\n" + good.replace(b'"q"', b'"caf\xe9"') + b"\n")
+    with pytest.raises(DataError, match=r"latin.jsonl, line 2: not valid UTF-8 \(byte 0xe9 at column"):
+        read_sessions(path)
+    assert len(read_sessions(path, on_error="skip").skipped) == 1
+    whole = tmp_path / "latin.json"
+    whole.write_bytes(b'[{"messages": "caf\xe9"}]')
+    with pytest.raises(DataError, match=r"latin.json: not valid UTF-8 \(byte 0xe9 on line 1\)"):
+        read_sessions(whole, on_error="skip")  # a whole-file problem cannot be skipped
+
+
+def test_truncated_json(tmp_path):
+    path = tmp_path / "cut.jsonl"
+    good = json.dumps(msgs(("user", "q"), ("assistant", "a")))
+    path.write_text(good + "\n" + good[:20] + "\n")
+    with pytest.raises(DataError, match=r"cut.jsonl, line 2: invalid JSON: Unterminated string"):
+        read_sessions(path)
+    whole = tmp_path / "cut.json"
+    whole.write_text("[" + good + ", " + good[:20])
+    with pytest.raises(DataError, match=r"cut.json: invalid JSON: .* at line 1 column"):
+        read_sessions(whole)
+
+
+def test_truncated_gzip(tmp_path):
+    path = tmp_path / "cut.jsonl.gz"
+    data = gzip.compress(("\n".join([json.dumps(msgs(("user", "q"), ("assistant", "a")))] * 100)).encode())
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cut.jsonl.gz: not a complete gzip file"):
+        read_sessions(path)
+
+
+def test_missing_file_and_unknown_extension(tmp_path):
+    with pytest.raises(DataError, match=r"nope.jsonl: no such file"):
+        read_sessions(tmp_path / "nope.jsonl")
+    (tmp_path / "data.csv").write_text("q,a\n")
+    with pytest.raises(DataError, match=r"data.csv: unknown file type"):
+        read_sessions(tmp_path / "data.csv")
