@@ -129,3 +129,21 @@ def test_commands_report_bad_data_without_a_traceback(tmp_path, capsys):
     assert data_main(["stats", "strategy=sliding"]) == 2
     assert "strategy" in capsys.readouterr().err
     assert data_main(["export", "data.limit=1", f"data.cache_dir={tmp_path}"]) == 2  # no out=
+
+
+def test_tokenizer_path_and_smile_config(tmp_path, tokenizer):
+    """``tokenizer.path=DIR`` loads a saved tokenizer; ``data=smile`` reads client/counselor sessions, drops and
+    counts trailing questions, skips and counts records that are not dialogues."""
+    tokenizer.save_pretrained(tmp_path / "tok")
+    smile = tmp_path / "smile.jsonl.gz"
+    records = [
+        {"id": "smile-0", "messages": [{"role": "client", "content": "我很焦虑"}, {"role": "counselor", "content": "我在听"}, {"role": "client", "content": "谢谢"}]},
+        {"id": "smile-1", "messages": [{"role": "client", "content": "只有问题"}]},
+        {"id": "smile-2", "messages": [{"role": "client", "content": "你好"}, {"role": "counselor", "content": "你好"}]},
+    ]  # fmt: skip
+    smile.write_bytes(gzip.compress("\n".join(json.dumps(r, ensure_ascii=False) for r in records).encode()))
+    out = tmp_path / "stats.json"
+    args = ["stats", "data=smile", f"data.path={smile}", "data.holdout=null", f"tokenizer.path={tmp_path / 'tok'}"]
+    assert data_main([*args, f"data.cache_dir={tmp_path}", f"out={out}"]) == 0
+    stats = json.loads(out.read_text())
+    assert (stats["sessions"], stats["skipped_records"], stats["dropped_trailing_questions"]) == (2, 1, 1)
