@@ -12,8 +12,17 @@ from omegaconf import DictConfig, OmegaConf
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 RESOURCES_DIR = Path(__file__).resolve().parent / "resources"
 
+
+def _precision() -> str:
+    """bf16 mixed precision where the hardware has it, else fp32."""
+    import torch
+
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
 if not OmegaConf.has_resolver("glm_session.resources"):
     OmegaConf.register_new_resolver("glm_session.resources", lambda: str(RESOURCES_DIR))
+    OmegaConf.register_new_resolver("glm_session.precision", _precision)
 
 
 def compose_config(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:

@@ -43,7 +43,7 @@ class RowBatchSampler:
         self.num_replicas, self.rank, self.drop_last = num_replicas, rank, drop_last
         self.fixed_width = fixed_width
         self.epoch = 0
-        self.skip = 0  # batches of the current epoch to leave out (set when resuming mid-epoch)
+        self.resume_at: tuple[int, int] | None = None  # (epoch, batches of it already trained), when resuming
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -82,10 +82,16 @@ class RowBatchSampler:
                 batches.append(batch)
         return batches
 
+    @property
+    def skip(self) -> int:
+        """Batches of this epoch that were trained before the run was resumed."""
+        return self.resume_at[1] if self.resume_at and self.resume_at[0] == self.epoch else 0
+
     def __iter__(self) -> Iterator[list[int]]:
         mine = self.all_batches()[self.rank :: self.num_replicas]
-        skip, self.skip = self.skip, 0
+        skip, self.resume_at = self.skip, None
         yield from mine[skip:]
 
     def __len__(self) -> int:
-        return len(self.all_batches()[self.rank :: self.num_replicas]) - self.skip
+        """Batches of a whole epoch on this rank (resuming or not)."""
+        return len(self.all_batches()[self.rank :: self.num_replicas])

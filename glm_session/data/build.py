@@ -103,6 +103,8 @@ def build_samples(
     ``fingerprint``: the cache key, when the caller knows one (``samples_fingerprint`` of the files the sessions
     come from); by default it is computed from the sessions' content.
     """
+    if not sessions and not (fingerprint and cache_file(fingerprint, cache_dir).exists()):
+        return datasets.Dataset.from_dict({name: [] for name in FEATURES}, features=FEATURES)
     if fingerprint is None:
         fingerprint = samples_fingerprint(
             sessions_fingerprint(sessions), tokenizer, template, strategy, max_seq_len

@@ -16,6 +16,8 @@ class DialogueDataModule(DialogueData, L.LightningDataModule):
     of every epoch's batches (Lightning's distributed sampler is not used: set ``use_distributed_sampler=False``).
     """
 
+    _resume_state: dict[str, int] | None = None
+
     def prepare_data(self) -> None:
         for split in SPLITS:
             self.prepared(split)
@@ -27,7 +29,25 @@ class DialogueDataModule(DialogueData, L.LightningDataModule):
             self.prepared(split)
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return self.dataloader("train")
+        self._train_loader = self.dataloader("train")
+        if self._resume_state is not None:
+            self._train_loader.load_state_dict(self._resume_state)
+        return self._train_loader
+
+    # Lightning restores a stateful train loader itself only if it has not built it before the checkpoint is
+    # loaded, and it has when the LR schedule asks for ``estimated_stepping_batches``; the DataModule's own state
+    # covers both orders. The loader starts reading lazily, so setting its state before the first batch works.
+    def state_dict(self) -> dict[str, int]:
+        loader = getattr(self, "_train_loader", None)
+        return loader.state_dict() if loader is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if not state_dict:
+            return
+        self._resume_state = dict(state_dict)
+        loader = getattr(self, "_train_loader", None)
+        if loader is not None:
+            loader.load_state_dict(self._resume_state)
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:
         return self.dataloader("validation")

@@ -235,9 +235,11 @@ class DialogueData:
         import torch
 
         from glm_session.data.collator import RowDataset
+        from glm_session.data.loader import ResumableDataLoader
 
         prepared = self.prepared(split)
-        return torch.utils.data.DataLoader(
+        loader = ResumableDataLoader if split == "train" else torch.utils.data.DataLoader
+        return loader(
             RowDataset(prepared.samples, prepared.rows),
             batch_sampler=batch_sampler or self.batch_sampler(split),
             collate_fn=self.collator(),

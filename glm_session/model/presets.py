@@ -45,8 +45,8 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def padded_vocab_size(tokenizer_size: int, multiple: int = 64) -> int:
-    """The tokenizer's size rounded up, as ChatGLM2 pads 64,794 to 65,024."""
+def padded_vocab_size(tokenizer_size: int, multiple: int = 256) -> int:
+    """The tokenizer's size rounded up to a multiple of 256, as ChatGLM2 pads 64,794 to 65,024."""
     return -(-tokenizer_size // multiple) * multiple
 
 

@@ -1,0 +1,90 @@
+"""Train: ``python -m glm_session.train [overrides]`` (or ``glm-session-train``); Hydra config ``conf/train.yaml``.
+
+``train(cfg)`` does the work and returns ``(metrics, objects)``; ``main`` only hands it Hydra's config. Everything
+a run produces lands in its folder (``output_dir``): the resolved config (``.hydra/``, ``config.yaml``), the data
+statistics (``data_stats.json``), ``metrics.json``, CSV (and TensorBoard) logs, and ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from glm_session.config import CONFIG_DIR, build_datamodule
+from glm_session.data.session import DataError
+from glm_session.training.checkpoint_io import AtomicCheckpointIO
+from glm_session.training.run_metrics import RunMetrics
+
+log = logging.getLogger(__name__)
+
+
+def _loggers(cfg: DictConfig) -> list:
+    loggers = []
+    for name, logger_cfg in (cfg.get("logger") or {}).items():
+        try:
+            loggers.append(instantiate(logger_cfg))
+        except Exception as err:  # e.g. TensorBoard not installed
+            if not isinstance(err, ImportError) and not isinstance(getattr(err, "__cause__", None), ImportError):
+                raise
+            log.info("logger %s not used: %s", name, err)
+    return loggers
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fit the model of ``cfg`` on its data; return the run's metrics and the objects that produced them."""
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = build_datamodule(cfg)
+    stats = {split: datamodule.statistics(split) for split in ("train", "validation")}
+    (output_dir / "data_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+
+    module = instantiate(cfg.model, _partial_=True)(
+        tokenizer_size=len(datamodule.tokenizer),
+        optimizer=instantiate(cfg.optimizer),
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        reduction=cfg.loss.reduction,
+    )
+    run_metrics = RunMetrics(
+        path=str(output_dir / "metrics.json"),
+        extra={
+            "strategy": datamodule.strategy.name,
+            "reduction": cfg.loss.reduction,
+            "template": datamodule.template.name,
+            "packing": datamodule.packing,
+            "model": cfg.model.preset,
+            "seed": cfg.seed,
+            "data": stats["train"],
+        },
+    )
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [run_metrics]
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=_loggers(cfg), plugins=[AtomicCheckpointIO()]
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    return run_metrics.metrics, {"trainer": trainer, "module": module, "datamodule": datamodule, "cfg": cfg}
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics, _ = train(cfg)
+    except (DataError, FileNotFoundError) as err:
+        log.error("%s", err)
+        sys.exit(2)
+    losses = metrics.get("val_loss_by_epoch") or [None]
+    return losses[-1]  # for sweepers that optimise
+
+
+if __name__ == "__main__":
+    main()

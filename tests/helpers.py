@@ -1,0 +1,34 @@
+"""Test helpers that runs load by import path (``+callbacks.kill._target_=helpers.KillAtStep``)."""
+
+import json
+import os
+import signal
+
+import lightning as L
+
+
+class KillAtStep(L.Callback):
+    """SIGKILL this process once the given optimizer step is done (before that step's checkpoint is written)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class RecordBatches(L.Callback):
+    """Append (step, first sample index, learning rate, weight checksum) of every training batch to a file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        checksum = sum(float(p.double().sum()) for p in pl_module.parameters())
+        with open(self.path, "a") as f:
+            f.write(
+                json.dumps([trainer.global_step, batch_idx, batch["sample_index"][:, 0].tolist(), lr, checksum])
+                + "\n"
+            )

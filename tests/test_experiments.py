@@ -1,0 +1,36 @@
+"""Every experiment config composes and trains one fast step (tiny model, a few sessions)."""
+
+from pathlib import Path
+
+import pytest
+
+from glm_session.config import CONFIG_DIR, compose_config
+from glm_session.train import train
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+RUNS = ["default", *EXPERIMENTS]  # "default": conf/train.yaml as it is, the default job
+FAST = [
+    "model=chatglm2-tiny",
+    "data.limit=3",
+    "trainer.max_steps=1",
+    "trainer.limit_train_batches=1",
+    "trainer.limit_val_batches=1",
+    "trainer.enable_progress_bar=false",
+]
+
+
+def test_there_are_experiments():
+    assert "kdconv_cpu" in EXPERIMENTS
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_runs_one_step(experiment, tmp_path, cache_dir):
+    cfg = compose_config(
+        "train", [f"experiment={experiment}", *FAST, f"output_dir={tmp_path}", f"data.cache_dir={cache_dir}"]
+    )
+    metrics, objects = train(cfg)
+    assert objects["trainer"].global_step == 1
+    assert metrics["strategy"] == cfg.strategy._target_.split(".")[-1].removesuffix("Strategy").lower()
+    assert len(metrics["val_loss_by_epoch"]) == 1 and metrics["val_loss_by_turn"]
+    for name in ("metrics.json", "data_stats.json", "config.yaml"):
+        assert (Path(tmp_path) / name).is_file()

@@ -1,0 +1,82 @@
+"""DESIGN Invariant 2: the same sessions in one optimizer step (2 gradient-accumulation micro-batches, the real
+Lightning loop) give the same gradient for split+token and session+token, and for split+sample and session+turn.
+
+The optimizer is SGD with lr 1 and nothing else, so a parameter's change in that one step is minus its gradient.
+"""
+
+import functools
+
+import lightning as L
+import pytest
+import torch
+
+from glm_session.config import RESOURCES_DIR
+from glm_session.data import DialogueDataModule
+from glm_session.model import ChatGLM2Module
+
+VALIDATION = str(RESOURCES_DIR / "kdconv/validation.jsonl")
+SESSIONS = 4
+
+
+def one_step_gradient(tokenizer, cache_dir, strategy: str, reduction: str, packing: bool = False) -> torch.Tensor:
+    datamodule = DialogueDataModule(
+        tokenizer, "chatglm2", strategy, train_path=VALIDATION, limit=SESSIONS, max_seq_len=2048, packing=packing,
+        batch_size=1, cache_dir=cache_dir,
+    )  # fmt: skip
+    rows = len(datamodule.prepared("train").rows)
+    datamodule.batch_size = -(-rows // 2)  # two micro-batches hold every sample of the 4 sessions
+    module = ChatGLM2Module.from_preset(
+        "chatglm2-tiny", len(tokenizer), optimizer=functools.partial(torch.optim.SGD, lr=1.0), reduction=reduction
+    )
+    torch.manual_seed(0)
+    module.configure_model()
+    before = torch.cat([p.detach().flatten().clone() for p in module.parameters()])
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, precision="32-true", max_steps=1, accumulate_grad_batches=2,
+        limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, use_distributed_sampler=False,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 1 and trainer.fit_loop.epoch_loop.batch_progress.total.completed == 2
+    after = torch.cat([p.detach().flatten() for p in module.parameters()])
+    return before - after  # the gradient
+
+
+@pytest.fixture(scope="module")
+def gradients(tokenizer, cache_dir):
+    runs = [
+        ("split", "token"),
+        ("session", "token"),
+        ("split", "sample"),
+        ("session", "turn"),
+        ("session", "sample"),
+    ]
+    results = {run: one_step_gradient(tokenizer, cache_dir, *run) for run in runs}
+    results["session", "token", "packed"] = one_step_gradient(
+        tokenizer, cache_dir, "session", "token", packing=True
+    )
+    results["split", "sample", "packed"] = one_step_gradient(tokenizer, cache_dir, "split", "sample", packing=True)
+    return results
+
+
+def max_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def test_split_token_equals_session_token(gradients):
+    reference = gradients["split", "token"]
+    assert reference.abs().max().item() > 1e-3  # a real gradient
+    assert max_difference(gradients["session", "token"], reference) < 1e-5
+    assert max_difference(gradients["session", "token", "packed"], reference) < 1e-5
+
+
+def test_split_sample_equals_session_turn(gradients):
+    reference = gradients["split", "sample"]
+    assert max_difference(gradients["session", "turn"], reference) < 1e-5
+    assert max_difference(gradients["split", "sample", "packed"], reference) < 1e-5
+
+
+def test_reductions_do_differ(gradients):
+    """The weighting is a property of the reduction: other pairs give other gradients."""
+    assert max_difference(gradients["split", "token"], gradients["split", "sample"]) > 1e-4
+    assert max_difference(gradients["session", "sample"], gradients["session", "turn"]) > 1e-4

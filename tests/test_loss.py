@@ -1,0 +1,77 @@
+"""Loss reductions against hand-computed values, and global normalisation over micro-batches."""
+
+import math
+
+import pytest
+import torch
+
+from glm_session.model.loss import loss_terms, reduce_loss
+
+X = -100
+
+
+def logits_for(targets: list[int], strengths: list[float], vocab: int = 3) -> torch.Tensor:
+    """Logits whose position t puts ``strengths[t]`` on the token ``targets[t + 1]`` (0 elsewhere)."""
+    logits = torch.zeros(len(targets), vocab)
+    for t, (target, a) in enumerate(zip(targets[1:], strengths, strict=False)):
+        if target != X:
+            logits[t, target] = a
+    return logits
+
+
+def ce(a: float, vocab: int = 3) -> float:
+    """-log softmax of a logit a against vocab - 1 zeros."""
+    return math.log(math.exp(a) + vocab - 1) - a
+
+
+# Row 0: sample 7 holds turn 1 (2 supervised tokens, strengths 1 and 2) and turn 2 (1 token, strength 3).
+# Row 1: sample 8 holds turn 1 (1 token, strength 4).
+LABELS = torch.tensor([[X, 1, 2, X, 0], [X, X, 2, X, X]])
+TURNS = torch.tensor([[0, 1, 1, 2, 2], [0, 1, 1, 1, 1]])
+SAMPLES = torch.tensor([[7, 7, 7, 7, 7], [8, 8, 8, 8, 8]])
+STRENGTHS = [[1.0, 2.0, 0.0, 3.0], [0.0, 4.0, 0.0, 0.0]]
+L1, L2, L3, L4 = ce(1.0), ce(2.0), ce(3.0), ce(4.0)
+
+
+def toy_logits() -> torch.Tensor:
+    return torch.stack([logits_for(LABELS[b].tolist(), STRENGTHS[b]) for b in range(2)])  # (2, 5, 3)
+
+
+@pytest.mark.parametrize(
+    "reduction,expected",
+    [
+        ("token", (L1 + L2 + L3 + L4) / 4),
+        ("sample", ((L1 + L2 + L3) / 3 + L4) / 2),
+        ("turn", ((L1 + L2) / 2 + L3 + L4) / 3),
+        ("sum", L1 + L2 + L3 + L4),
+    ],
+)
+def test_reduction_by_hand(reduction, expected):
+    terms = loss_terms(toy_logits(), LABELS, TURNS, SAMPLES, reduction)
+    assert terms.counts.tolist() == [4, 2, 3]
+    assert reduce_loss([terms], reduction).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["token", "sample", "turn", "sum"])
+def test_global_count_over_micro_batches(reduction):
+    """Two micro-batches give the loss of their union, not the mean of their means."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 9, 11)
+    labels = torch.randint(0, 11, (4, 9))
+    labels[:, :3] = X
+    labels[0, 5:] = X  # rows of different lengths
+    turns = torch.tensor([[0, 1, 1, 1, 1, 2, 2, 2, 2]] * 4)
+    samples = torch.arange(4).unsqueeze(1).expand(4, 9)
+    whole = reduce_loss([loss_terms(logits, labels, turns, samples, reduction)], reduction)
+    parts = [
+        loss_terms(logits[a:b], labels[a:b], turns[a:b], samples[a:b], reduction) for a, b in ((0, 1), (1, 4))
+    ]
+    assert reduce_loss(parts, reduction).item() == pytest.approx(whole.item(), rel=1e-6)
+    if reduction != "sum":
+        mean_of_means = sum(reduce_loss([p], reduction) for p in parts) / 2
+        assert mean_of_means.item() != pytest.approx(whole.item(), rel=1e-4)
+
+
+def test_unknown_reduction():
+    with pytest.raises(ValueError, match="unknown loss reduction 'mean'"):
+        loss_terms(toy_logits(), LABELS, TURNS, SAMPLES, "mean")

@@ -1,0 +1,85 @@
+"""Resume: a run killed mid-epoch (SIGKILL) and resumed from its last checkpoint ends exactly like a run that was
+never interrupted; a kill while a checkpoint is written leaves the previous checkpoint, never a partial one."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from glm_session.config import compose_config
+from glm_session.train import train
+
+TESTS = Path(__file__).parent
+OVERRIDES = [
+    "model=chatglm2-tiny",
+    "data.limit=24",
+    "data.max_seq_len=1024",
+    "data.batch_tokens=1024",
+    "trainer.max_epochs=2",
+    "trainer.accelerator=cpu",
+    "trainer.precision=32-true",
+    "trainer.enable_progress_bar=false",
+    "callbacks.last_checkpoint.every_n_train_steps=3",
+]
+
+
+def run(output_dir: Path, *extra: str) -> dict:
+    cfg = compose_config("train", [*OVERRIDES, f"output_dir={output_dir}", *extra])
+    metrics, _ = train(cfg)
+    return metrics
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, cache_dir):
+    cache = f"data.cache_dir={cache_dir}"
+    uninterrupted = run(tmp_path / "whole", cache)
+    steps_per_epoch = uninterrupted["global_steps"] // 2
+    assert steps_per_epoch > 7  # the kill below is in the middle of the first epoch
+
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "glm_session.train", *OVERRIDES, cache, f"hydra.run.dir={killed}",
+               "+callbacks.kill._target_=helpers.KillAtStep", "+callbacks.kill.step=7"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert result.returncode == -9, result.stderr[-2000:]
+    last = killed / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 6  # saved after step 6, killed after step 7
+
+    resumed = run(killed, cache, f"ckpt_path={last}")
+    assert resumed["global_steps"] == uninterrupted["global_steps"]
+    assert len(resumed["val_loss_by_epoch"]) == 2
+    for a, b in zip(resumed["val_loss_by_epoch"], uninterrupted["val_loss_by_epoch"], strict=True):
+        assert abs(a - b) < 1e-4
+    assert resumed["input_tokens"] == uninterrupted["input_tokens"]  # the same batches, each once
+    assert json.loads((killed / "metrics.json").read_text())["val_loss_by_epoch"] == resumed["val_loss_by_epoch"]
+
+
+KILL_WHILE_SAVING = """
+import os, signal, sys, torch
+from glm_session.training.checkpoint_io import AtomicCheckpointIO
+io = AtomicCheckpointIO()
+path = sys.argv[1]
+io.save_checkpoint({"step": 1, "weights": torch.ones(1000)}, path)
+
+def dying_save(obj, f, *args, **kwargs):
+    f.write(b"PK\\x03\\x04 half a checkpoint")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+torch.save = dying_save
+io.save_checkpoint({"step": 2, "weights": torch.zeros(1000)}, path)
+"""
+
+
+def test_kill_while_saving_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "last.ckpt"
+    result = subprocess.run([sys.executable, "-c", KILL_WHILE_SAVING, str(path)], capture_output=True)
+    assert result.returncode == -9, result.stderr
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["step"] == 1 and torch.equal(checkpoint["weights"], torch.ones(1000))
+    assert [p.name for p in tmp_path.glob("*.ckpt")] == ["last.ckpt"]  # the partial file is no checkpoint
+    assert not any("last" in p.name for p in tmp_path.iterdir() if p.name != "last.ckpt")
