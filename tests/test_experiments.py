@@ -1,4 +1,4 @@
-"""Every experiment config composes and trains one fast step (tiny model, a few sessions)."""
+"""Every experiment config (and the default job) composes and trains one fast step: tiny model, a few sessions."""
 
 from pathlib import Path
 
@@ -20,17 +20,16 @@ FAST = [
 
 
 def test_there_are_experiments():
-    assert "kdconv_cpu" in EXPERIMENTS
+    assert {"kdconv_session_packed", "kdconv_split_padded"} <= set(EXPERIMENTS)
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("experiment", RUNS)
 def test_experiment_runs_one_step(experiment, tmp_path, cache_dir):
-    cfg = compose_config(
-        "train", [f"experiment={experiment}", *FAST, f"output_dir={tmp_path}", f"data.cache_dir={cache_dir}"]
-    )
+    chosen = [] if experiment == "default" else [f"experiment={experiment}"]
+    cfg = compose_config("train", [*chosen, *FAST, f"output_dir={tmp_path}", f"data.cache_dir={cache_dir}"])
     metrics, objects = train(cfg)
     assert objects["trainer"].global_step == 1
-    assert metrics["strategy"] == cfg.strategy._target_.split(".")[-1].removesuffix("Strategy").lower()
+    assert metrics["strategy"] == objects["datamodule"].strategy.name
     assert len(metrics["val_loss_by_epoch"]) == 1 and metrics["val_loss_by_turn"]
     for name in ("metrics.json", "data_stats.json", "config.yaml"):
         assert (Path(tmp_path) / name).is_file()
