@@ -65,7 +65,10 @@ def weights_by_turn_index(turns: Sequence[TrainedTurn], reduction: str) -> dict[
 
 
 def trained_turns(
-    labels: Iterable[Sequence[int]], turn_ids: Iterable[Sequence[int]], session_index: Iterable[int], sample_ids: Iterable[Hashable]
+    labels: Iterable[Sequence[int]],
+    turn_ids: Iterable[Sequence[int]],
+    session_index: Iterable[int],
+    sample_ids: Iterable[Hashable],
 ) -> list[TrainedTurn]:
     """The trained turns of samples (label and turn id rows, as the DataModule builds them).
 

@@ -60,6 +60,12 @@ class RunMetrics(L.Callback):
         self._since = now
         self.counters["input_tokens"] += int((batch["sample_index"] >= 0).sum())
         self.counters["supervised_tokens"] += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        if self.counters["train_seconds"] > 0:  # this device's running throughput
+            seconds = self.counters["train_seconds"]
+            pl_module.log("train/tokens_per_second", self.counters["input_tokens"] / seconds, on_step=True)
+            pl_module.log(
+                "train/supervised_tokens_per_second", self.counters["supervised_tokens"] / seconds, on_step=True
+            )
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         strategy = trainer.strategy
