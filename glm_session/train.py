@@ -55,6 +55,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         reduction=cfg.loss.reduction,
     )
+    module.run_info = {
+        "template": datamodule.template.name,
+        "strategy": datamodule.strategy.name,
+        "reduction": cfg.loss.reduction,
+        "tokenizer_fingerprint": datamodule.tokenizer.fingerprint,
+        "max_seq_len": datamodule.max_seq_len,
+    }
     run_metrics = RunMetrics(
         path=str(output_dir / "metrics.json"),
         extra={
@@ -72,7 +79,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         cfg.trainer, callbacks=callbacks, logger=_loggers(cfg), plugins=[AtomicCheckpointIO()]
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
-    return run_metrics.metrics, {"trainer": trainer, "module": module, "datamodule": datamodule, "cfg": cfg}
+    metrics = dict(run_metrics.metrics)
+    if cfg.get("evaluate") and cfg.evaluate.enabled and trainer.is_global_zero:
+        from glm_session.evaluate import evaluate_model
+
+        metrics["evaluation"] = evaluate_model(
+            module.model, datamodule, cfg.evaluate.split, output_dir / "evaluation", cfg.generation, cfg.evaluate.limit
+        )
+    return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule, "cfg": cfg}
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")

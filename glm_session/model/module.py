@@ -68,6 +68,8 @@ class ChatGLM2Module(L.LightningModule):
             )
         # One entry per epoch and split: {"epoch", "step", "split", "loss", "loss_by_turn", "tokens"}.
         self.history: list[dict[str, Any]] = []
+        # What a checkpoint must say to be evaluated as it was trained (template, tokenizer, ...): set by train().
+        self.run_info: dict[str, Any] = {}
 
     @classmethod
     def from_preset(
@@ -185,6 +187,7 @@ class ChatGLM2Module(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["loss_history"] = self.history
+        checkpoint["glm_session"] = {"model_config": self.config.to_dict(), **self.run_info}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.history = list(checkpoint.get("loss_history", []))

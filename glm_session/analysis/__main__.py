@@ -1,0 +1,113 @@
+"""Per-turn gradient weights.
+
+Usage::
+
+    python -m glm_session.analysis article-toy          # the article's numbers, from its attribution model
+    python -m glm_session.analysis exact-toy            # token-level weights of the same toy batch
+    python -m glm_session.analysis report  [overrides] [out_dir=DIR]   # a dataset: JSON, table, bar chart
+    python -m glm_session.analysis measure [overrides] [out_dir=DIR]   # exact vs autograd on a real batch
+
+Overrides are Hydra's (conf/analysis.yaml), e.g. ``data=smile data.limit=2000 data.batch_tokens=16384
+accumulate=4 measure.sessions=4``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from hydra.errors import HydraException
+from omegaconf import DictConfig, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from glm_session.analysis.article import article_toy
+from glm_session.analysis.toy import exact_toy
+from glm_session.config import build_datamodule, compose_config
+from glm_session.data.session import DataError
+
+
+def data_for(cfg: DictConfig, strategy: str, **data_overrides):
+    with open_dict(cfg):
+        cfg.strategy = {"_target_": f"glm_session.data.strategy.{strategy.capitalize()}Strategy"}
+        for key, value in data_overrides.items():
+            cfg.data[key] = value
+    return build_datamodule(cfg, lightning=False)
+
+
+def report(cfg: DictConfig) -> dict:
+    from glm_session.analysis.report import weight_report, write_report
+
+    datas = {strategy: data_for(cfg, strategy) for strategy in ("split", "session")}
+    result = weight_report(datas, cfg.accumulate, cfg.split)
+    title = f"{Path(str(cfg.data.train_path or cfg.data.path)).parent.name} {cfg.split}, template {cfg.template.name}"
+    write_report(result, cfg.out_dir, title)
+    print((Path(cfg.out_dir) / "weights.md").read_text())
+    print(f"wrote {cfg.out_dir}/weights.json, weights.md, weights.png")
+    return result
+
+
+def measure(cfg: DictConfig) -> dict:
+    import torch
+    from transformers import GlmForCausalLM
+
+    from glm_session.analysis.measured import measured_weights
+    from glm_session.analysis.weights import exact_weights, trained_turns
+    from glm_session.model import chatglm2_config, padded_vocab_size
+
+    results = {}
+    for strategy in ("split", "session"):
+        data = data_for(cfg, strategy, limit=cfg.measure.sessions, packing=False, batch_tokens=None, batch_size=10**6)
+        if cfg.measure.ckpt_path:
+            from glm_session.evaluate import load_checkpoint
+
+            model, _ = load_checkpoint(cfg.measure.ckpt_path)
+        else:
+            torch.manual_seed(cfg.seed)
+            model = GlmForCausalLM(chatglm2_config(cfg.measure.model, vocab_size=padded_vocab_size(len(data.tokenizer))))
+        model.float().eval()
+        batch = next(iter(data.dataloader(cfg.split)))
+        rows = range(batch["labels"].shape[0])
+        turns = trained_turns(
+            batch["labels"].tolist(), batch["turn_ids"].tolist(),
+            [batch["session_index"][r, 0].item() for r in rows], [batch["sample_index"][r, 0].item() for r in rows],
+        )  # fmt: skip
+        for reduction in ("token", "sample", "turn"):
+            exact = {k: float(v) for k, v in exact_weights(turns, reduction).items()}
+            measured, residual = measured_weights(model, batch, reduction)
+            error = max(abs(measured[k] - exact[k]) for k in exact)
+            results[f"{strategy}+{reduction}"] = {
+                "turns": len(exact), "max_abs_error": error, "relative_residual": residual,
+                "exact": {f"{s}:{t}": v for (s, t), v in exact.items()},
+                "measured": {f"{s}:{t}": v for (s, t), v in measured.items()},
+            }  # fmt: skip
+            print(f"{strategy}+{reduction}: {len(exact)} turns, max |measured - exact| = {error:.2e}")
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out_dir) / "measured.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {cfg.out_dir}/measured.json")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv else ""
+    if command == "article-toy":
+        print(json.dumps(article_toy()))
+        return 0
+    if command == "exact-toy":
+        print(json.dumps({name: {k: str(v) for k, v in w.items()} for name, w in exact_toy().items()}, indent=1))
+        return 0
+    if command not in ("report", "measure"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    try:
+        cfg = compose_config("analysis", argv[1:])
+        (report if command == "report" else measure)(cfg)
+    except (DataError, ValueError, FileNotFoundError, HydraException, OmegaConfBaseException) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

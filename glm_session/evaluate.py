@@ -1,0 +1,145 @@
+"""Evaluate: ``python -m glm_session.evaluate ckpt_path=... [overrides]``; Hydra config ``conf/evaluate.yaml``.
+
+For every session of the split and every turn k, the answer a_k is generated from the gold history through the
+training template's inference prompt and scored with Chinese ROUGE; the teacher-forced loss of every answer
+token gives the loss and perplexity by turn. The run folder gets ``predictions.jsonl`` and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, open_dict
+from transformers import GlmConfig, GlmForCausalLM
+
+from glm_session.config import CONFIG_DIR, build_datamodule
+from glm_session.constants import IGNORE_INDEX
+from glm_session.data.pipeline import DialogueData
+from glm_session.data.session import DataError
+from glm_session.evaluation.generation import build_prompts, generate_answers
+from glm_session.evaluation.rouge import RougeByTurn
+from glm_session.model.loss import token_losses
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def teacher_forced_by_turn(
+    model: torch.nn.Module, data: DialogueData, split: str, limit: int | None = None
+) -> dict[str, Any]:
+    """Token-mean loss and perplexity of the answers (of the first ``limit`` sessions), overall and by turn."""
+    device = next(model.parameters()).device
+    sums: dict[int, float] = {}
+    counts: dict[int, int] = {}
+    for batch in data.dataloader(split):
+        logits = model(
+            input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device), use_cache=False
+        ).logits
+        losses = token_losses(logits, batch["labels"].to(device)).cpu()  # (B, T-1)
+        mask = batch["labels"][:, 1:] != IGNORE_INDEX
+        if limit is not None:
+            mask &= batch["session_index"][:, 1:] < limit
+        for loss, turn in zip(losses[mask].tolist(), batch["turn_ids"][:, 1:][mask].tolist(), strict=True):
+            sums[turn] = sums.get(turn, 0.0) + loss
+            counts[turn] = counts.get(turn, 0) + 1
+    by_turn = {turn: sums[turn] / counts[turn] for turn in sorted(sums)}
+    overall = sum(sums.values()) / max(1, sum(counts.values()))
+    return {
+        "loss": overall,
+        "perplexity": math.exp(overall),
+        "loss_by_turn": by_turn,
+        "perplexity_by_turn": {turn: math.exp(loss) for turn, loss in by_turn.items()},
+        "tokens": sum(counts.values()),
+    }
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    data: DialogueData,
+    split: str,
+    output_dir: str | Path,
+    generation: DictConfig | dict,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Generate, score and write ``predictions.jsonl`` and ``metrics.json`` into ``output_dir``."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    generation = dict(generation)
+    was_training = model.training
+    model.eval()
+    sessions = data.read(split).sessions[:limit]
+    max_prompt_tokens = data.max_seq_len - generation["max_new_tokens"]
+    prompts = build_prompts(sessions, data.template, data.tokenizer, max_prompt_tokens)
+    answers = generate_answers(model, prompts, data.tokenizer, **generation)
+    with open(output_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for prompt, answer in zip(prompts, answers, strict=True):
+            record = {"session_id": prompt.session_id, "turn": prompt.turn, "prompt": prompt.text,
+                      "reference": prompt.reference, "prediction": answer}  # fmt: skip
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    rouge = RougeByTurn()
+    rouge.update(answers, [p.reference for p in prompts], [p.turn for p in prompts])
+    scores = rouge.compute()
+    metrics = {
+        "split": split,
+        "sessions": len(sessions),
+        "prompts": len(prompts),
+        "prompts_with_dropped_history": sum(p.dropped_history_turns > 0 for p in prompts),
+        "template": data.template.name,
+        "generation": generation,
+        "rouge": scores["overall"],
+        "rouge_by_turn": scores["by_turn"],
+        "empty_predictions": sum(not a for a in answers),
+        "teacher_forced": teacher_forced_by_turn(model, data, split, limit),
+    }
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    model.train(was_training)
+    return metrics
+
+
+def load_checkpoint(path: str | Path) -> tuple[GlmForCausalLM, dict[str, Any]]:
+    """The model of a training checkpoint (``weights_only`` load) and what the run recorded about it."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    info = checkpoint.get("glm_session")
+    if info is None:
+        raise ValueError(f"{path}: not a glm_session training checkpoint (no 'glm_session' entry)")
+    config = GlmConfig.from_dict(info["model_config"])
+    model = GlmForCausalLM(config)
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
+    model.load_state_dict(state)
+    return model, info
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.ckpt_path`` on ``cfg.split``."""
+    model, info = load_checkpoint(cfg.ckpt_path)
+    with open_dict(cfg):  # the checkpoint's template; session samples for the teacher-forced loss
+        cfg.template = {"_target_": "glm_session.data.template.get_template", "name": info["template"]}
+        cfg.strategy = {"_target_": "glm_session.data.strategy.SessionStrategy"}
+    data = build_datamodule(cfg, lightning=False)
+    if data.tokenizer.fingerprint != info["tokenizer_fingerprint"]:
+        raise ValueError(f"{cfg.ckpt_path}: trained with another tokenizer than tokenizer.path={cfg.tokenizer.path}")
+    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
+    model.to(device)
+    log.info("evaluating %s (template %s) on %s", cfg.ckpt_path, info["template"], cfg.split)
+    return evaluate_model(model, data, cfg.split, cfg.output_dir, cfg.generation, cfg.limit)
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        metrics = evaluate(cfg)
+    except (DataError, FileNotFoundError, ValueError) as err:
+        log.error("%s", err)
+        sys.exit(2)
+    log.info("ROUGE-1/2/L %.2f / %.2f / %.2f", *metrics["rouge"].values())
+
+
+if __name__ == "__main__":
+    main()

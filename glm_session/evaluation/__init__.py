@@ -1,0 +1,1 @@
+"""Evaluation: generation turn by turn from the gold history, Chinese ROUGE per turn, teacher-forced loss."""

@@ -1,0 +1,105 @@
+"""Per-turn gradient weights: the article's numbers from its model, exact token-level weights, and the exact
+weights checked against gradients measured with autograd on a real model."""
+
+import json
+from fractions import Fraction
+
+import pytest
+import torch
+from transformers import GlmForCausalLM
+
+from glm_session.analysis.__main__ import main as analysis_main
+from glm_session.analysis.article import ARTICLE_TOY, attribution_weights
+from glm_session.analysis.measured import measured_weights
+from glm_session.analysis.toy import exact_toy
+from glm_session.analysis.weights import exact_weights, trained_turns
+from glm_session.data import DialogueData
+from glm_session.model import chatglm2_config, padded_vocab_size
+
+F = Fraction
+
+
+def test_article_model_gives_the_article_numbers():
+    assert attribution_weights(ARTICLE_TOY, "session") == {"a": F(2, 3), "b": F(1, 6), "c": F(1, 6)}
+    assert attribution_weights(ARTICLE_TOY, "split") == {"a": F(17, 24), "b": F(5, 24), "c": F(1, 12)}
+
+
+def test_article_toy_command(capsys):
+    assert analysis_main(["article-toy"]) == 0
+    assert capsys.readouterr().out == (
+        '{"session": {"a": "2/3", "b": "1/6", "c": "1/6"}, "split": {"a": "17/24", "b": "5/24", "c": "1/12"}}\n'
+    )
+
+
+def test_exact_token_weights_of_the_toy():
+    half_quarter = {"a": F(1, 2), "b": F(1, 4), "c": F(1, 4)}
+    weights = exact_toy()
+    assert weights["session+sample"] == {"a": F(2, 3), "b": F(1, 6), "c": F(1, 6)}
+    assert weights["split+sample"] == weights["session+turn"] == half_quarter
+    assert weights["split+token"] == weights["session+token"] == half_quarter
+
+
+def test_exact_weights_follow_lengths():
+    """Unequal answers: token weighs by length, turn does not."""
+    turns = trained_turns([[-100, 5, 5, 5], [-100, -100, 7, -100]], [[0, 1, 1, 2], [0, 1, 1, 1]], [0, 1], [0, 1])
+    assert exact_weights(turns, "token") == {(0, 1): F(1, 2), (0, 2): F(1, 4), (1, 1): F(1, 4)}
+    assert exact_weights(turns, "turn") == {(0, 1): F(1, 3), (0, 2): F(1, 3), (1, 1): F(1, 3)}
+    assert exact_weights(turns, "sample") == {(0, 1): F(1, 3), (0, 2): F(1, 6), (1, 1): F(1, 2)}
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    config = chatglm2_config("chatglm2-tiny", vocab_size=padded_vocab_size(len(tokenizer)))
+    return GlmForCausalLM(config).eval()
+
+
+def toy_batch(tokenizer, strategy, tmp_path):
+    """The toy as real dialogues: every answer is one token (+ its stop), a is the same turn in both."""
+    a, b, c = ("你好", "你好"), ("你知道", "知道呀"), ("谢谢", "不客气")
+    path = tmp_path / f"toy-{strategy}.jsonl"
+    lines = []
+    for session in ([a], [a, b, c]):
+        messages = [m for q, ans in session for m in ({"role": "user", "content": q}, {"role": "assistant", "content": ans})]
+        lines.append(json.dumps({"messages": messages}, ensure_ascii=False))
+    path.write_text("\n".join(lines))
+    data = DialogueData(tokenizer, "chatglm2", strategy, train_path=str(path), batch_size=100, shuffle=False, cache_dir=str(tmp_path))
+    batch = next(iter(data.dataloader("train")))
+    content = {(0, 1): 0, (1, 1): 0, (1, 2): 1, (1, 3): 2}  # a, a, b, c
+    keys = torch.tensor([[content.get((s, t), -1) for s, t in zip(srow, trow, strict=True)]
+                         for srow, trow in zip(batch["session_index"].tolist(), batch["turn_ids"].tolist(), strict=True)])  # fmt: skip
+    return batch, keys
+
+
+@pytest.mark.parametrize("strategy,reduction", [("split", "sample"), ("session", "turn"), ("session", "sample"),
+                                                ("split", "token"), ("session", "token")])  # fmt: skip
+def test_measured_weights_of_the_toy(model, tokenizer, tmp_path, strategy, reduction):
+    batch, keys = toy_batch(tokenizer, strategy, tmp_path)
+    measured, residual = measured_weights(model, batch, reduction, keys=keys)
+    exact = exact_toy(tokens=2)[f"{strategy}+{reduction}"]  # each answer: its token and its stop
+    assert residual < 1e-4
+    for key, name in enumerate("abc"):
+        assert measured[key] == pytest.approx(float(exact[name]), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_measure_command_on_kdconv(tmp_path, cache_dir, capsys):
+    """Exact vs measured on a real KdConv dialogue, every strategy and reduction."""
+    code = analysis_main(["measure", "measure.sessions=1", "split=validation", f"data.cache_dir={cache_dir}", f"out_dir={tmp_path}"])
+    assert code == 0
+    results = json.loads((tmp_path / "measured.json").read_text())
+    assert len(results) == 6
+    for name, result in results.items():
+        assert result["turns"] >= 8, name
+        assert result["max_abs_error"] < 1e-4, name
+
+
+def test_report_command(tmp_path, cache_dir):
+    assert analysis_main(["report", "data.limit=30", f"data.cache_dir={cache_dir}", f"out_dir={tmp_path}"]) == 0
+    report = json.loads((tmp_path / "weights.json").read_text())
+    full = report["full_batch"]
+    assert sum(full["split+token"].values()) == pytest.approx(1.0)
+    assert full["split+token"] == full["session+token"]  # the invariant, on a whole dataset
+    assert full["split+sample"] == full["session+turn"]
+    assert full["split+token"] != full["session+sample"]
+    assert (tmp_path / "weights.png").stat().st_size > 10_000 and "| split+token |" in (tmp_path / "weights.md").read_text()
