@@ -124,8 +124,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         cfg.strategy = {"_target_": "glm_session.data.strategy.SessionStrategy"}
     data = build_datamodule(cfg, lightning=False)
     if data.tokenizer.fingerprint != info["tokenizer_fingerprint"]:
-        raise ValueError(f"{cfg.ckpt_path}: trained with another tokenizer than tokenizer.path={cfg.tokenizer.path}")
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device)
+        raise ValueError(
+            f"{cfg.ckpt_path}: trained with another tokenizer than tokenizer.path={cfg.tokenizer.path}"
+        )
+    device = (
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
     model.to(device)
     log.info("evaluating %s (template %s) on %s", cfg.ckpt_path, info["template"], cfg.split)
     return evaluate_model(model, data, cfg.split, cfg.output_dir, cfg.generation, cfg.limit)

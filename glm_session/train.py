@@ -84,7 +84,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         from glm_session.evaluate import evaluate_model
 
         metrics["evaluation"] = evaluate_model(
-            module.model, datamodule, cfg.evaluate.split, output_dir / "evaluation", cfg.generation, cfg.evaluate.limit
+            module.model,
+            datamodule,
+            cfg.evaluate.split,
+            output_dir / "evaluation",
+            cfg.generation,
+            cfg.evaluate.limit,
         )
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule, "cfg": cfg}
 

@@ -60,10 +60,22 @@ def toy_batch(tokenizer, strategy, tmp_path):
     path = tmp_path / f"toy-{strategy}.jsonl"
     lines = []
     for session in ([a], [a, b, c]):
-        messages = [m for q, ans in session for m in ({"role": "user", "content": q}, {"role": "assistant", "content": ans})]
+        messages = [
+            m
+            for q, ans in session
+            for m in ({"role": "user", "content": q}, {"role": "assistant", "content": ans})
+        ]
         lines.append(json.dumps({"messages": messages}, ensure_ascii=False))
     path.write_text("\n".join(lines))
-    data = DialogueData(tokenizer, "chatglm2", strategy, train_path=str(path), batch_size=100, shuffle=False, cache_dir=str(tmp_path))
+    data = DialogueData(
+        tokenizer,
+        "chatglm2",
+        strategy,
+        train_path=str(path),
+        batch_size=100,
+        shuffle=False,
+        cache_dir=str(tmp_path),
+    )
     batch = next(iter(data.dataloader("train")))
     content = {(0, 1): 0, (1, 1): 0, (1, 2): 1, (1, 3): 2}  # a, a, b, c
     keys = torch.tensor([[content.get((s, t), -1) for s, t in zip(srow, trow, strict=True)]
@@ -85,7 +97,9 @@ def test_measured_weights_of_the_toy(model, tokenizer, tmp_path, strategy, reduc
 @pytest.mark.slow
 def test_measure_command_on_kdconv(tmp_path, cache_dir, capsys):
     """Exact vs measured on a real KdConv dialogue, every strategy and reduction."""
-    code = analysis_main(["measure", "measure.sessions=1", "split=validation", f"data.cache_dir={cache_dir}", f"out_dir={tmp_path}"])
+    code = analysis_main(
+        ["measure", "measure.sessions=1", "split=validation", f"data.cache_dir={cache_dir}", f"out_dir={tmp_path}"]
+    )
     assert code == 0
     results = json.loads((tmp_path / "measured.json").read_text())
     assert len(results) == 6
@@ -102,4 +116,6 @@ def test_report_command(tmp_path, cache_dir):
     assert full["split+token"] == full["session+token"]  # the invariant, on a whole dataset
     assert full["split+sample"] == full["session+turn"]
     assert full["split+token"] != full["session+sample"]
-    assert (tmp_path / "weights.png").stat().st_size > 10_000 and "| split+token |" in (tmp_path / "weights.md").read_text()
+    assert (tmp_path / "weights.png").stat().st_size > 10_000 and "| split+token |" in (
+        tmp_path / "weights.md"
+    ).read_text()

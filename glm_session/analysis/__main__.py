@@ -40,7 +40,9 @@ def report(cfg: DictConfig) -> dict:
 
     datas = {strategy: data_for(cfg, strategy) for strategy in ("split", "session")}
     result = weight_report(datas, cfg.accumulate, cfg.split)
-    title = f"{Path(str(cfg.data.train_path or cfg.data.path)).parent.name} {cfg.split}, template {cfg.template.name}"
+    title = (
+        f"{Path(str(cfg.data.train_path or cfg.data.path)).parent.name} {cfg.split}, template {cfg.template.name}"
+    )
     write_report(result, cfg.out_dir, title)
     print((Path(cfg.out_dir) / "weights.md").read_text())
     print(f"wrote {cfg.out_dir}/weights.json, weights.md, weights.png")
@@ -57,14 +59,18 @@ def measure(cfg: DictConfig) -> dict:
 
     results = {}
     for strategy in ("split", "session"):
-        data = data_for(cfg, strategy, limit=cfg.measure.sessions, packing=False, batch_tokens=None, batch_size=10**6)
+        data = data_for(
+            cfg, strategy, limit=cfg.measure.sessions, packing=False, batch_tokens=None, batch_size=10**6
+        )
         if cfg.measure.ckpt_path:
             from glm_session.evaluate import load_checkpoint
 
             model, _ = load_checkpoint(cfg.measure.ckpt_path)
         else:
             torch.manual_seed(cfg.seed)
-            model = GlmForCausalLM(chatglm2_config(cfg.measure.model, vocab_size=padded_vocab_size(len(data.tokenizer))))
+            model = GlmForCausalLM(
+                chatglm2_config(cfg.measure.model, vocab_size=padded_vocab_size(len(data.tokenizer)))
+            )
         model.float().eval()
         batch = next(iter(data.dataloader(cfg.split)))
         rows = range(batch["labels"].shape[0])

@@ -18,7 +18,9 @@ from glm_session.model.loss import loss_terms, reduce_loss, token_losses
 
 def _flat_grad(loss: torch.Tensor, parameters: Sequence[torch.nn.Parameter]) -> torch.Tensor:
     grads = torch.autograd.grad(loss, parameters, retain_graph=True, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, parameters, strict=True)])
+    return torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, parameters, strict=True)]
+    )
 
 
 def measured_weights(
@@ -52,7 +54,9 @@ def measured_weights(
         key_of = {}
         for s, t in zip(session[mask].tolist(), turn[mask].tolist(), strict=True):
             key_of.setdefault((s, t), len(key_of))
-        token_keys = torch.tensor([key_of[(s, t)] for s, t in zip(session[mask].tolist(), turn[mask].tolist(), strict=True)])
+        token_keys = torch.tensor(
+            [key_of[(s, t)] for s, t in zip(session[mask].tolist(), turn[mask].tolist(), strict=True)]
+        )
         names = list(key_of)
     else:
         token_keys = keys[:, 1:][mask]

@@ -52,7 +52,9 @@ def per_step_weights(
 
 def article_model_by_turn(data: DialogueData, strategy: str, split: str = "train") -> dict[int, float]:
     """The article's attribution model on the dialogues of ``split``, by turn index."""
-    sessions = [[(index, k) for k in range(1, len(s.turns) + 1)] for index, s in enumerate(data.read(split).sessions)]
+    sessions = [
+        [(index, k) for k in range(1, len(s.turns) + 1)] for index, s in enumerate(data.read(split).sessions)
+    ]
     by_turn: dict[int, Fraction] = defaultdict(Fraction)
     for (_, turn), weight in attribution_weights(sessions, strategy).items():
         by_turn[turn] += weight
@@ -113,6 +115,11 @@ def write_report(report: dict, out_dir: str | Path, title: str) -> None:
     sections = [f"# {title}", ""]
     for view in ("full_batch", "per_step"):
         sections += [f"## {view} (% of the gradient by turn index)", "", markdown_table(report[view]), ""]
-    sections += ["## the article's attribution model (% by turn index)", "", markdown_table(report["article_model"]), ""]
+    sections += [
+        "## the article's attribution model (% by turn index)",
+        "",
+        markdown_table(report["article_model"]),
+        "",
+    ]
     (out_dir / "weights.md").write_text("\n".join(sections))
     bar_chart(report["full_batch"], out_dir / "weights.png", f"{title}: exact weights, all samples in one step")
