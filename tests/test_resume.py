@@ -20,6 +20,7 @@ OVERRIDES = [
     "data.max_seq_len=1024",
     "data.batch_tokens=1024",
     "trainer.max_epochs=2",
+    "trainer.limit_train_batches=1.0",
     "trainer.accelerator=cpu",
     "trainer.precision=32-true",
     "trainer.enable_progress_bar=false",
