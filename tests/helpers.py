@@ -19,7 +19,8 @@ class KillAtStep(L.Callback):
 
 
 class RecordBatches(L.Callback):
-    """Append (step, first sample index, learning rate, weight checksum) of every training batch to a file."""
+    """Append (step, epoch, first sample index of each row, learning rate, weight checksum) of every training batch
+    to a file."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -29,6 +30,6 @@ class RecordBatches(L.Callback):
         checksum = sum(float(p.double().sum()) for p in pl_module.parameters())
         with open(self.path, "a") as f:
             f.write(
-                json.dumps([trainer.global_step, batch_idx, batch["sample_index"][:, 0].tolist(), lr, checksum])
+                json.dumps([trainer.global_step, trainer.current_epoch, batch["sample_index"][:, 0].tolist(), lr, checksum])
                 + "\n"
             )

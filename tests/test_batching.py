@@ -70,6 +70,27 @@ def test_ranks_share_the_batches():
     assert len(seen) == len(set(seen))
 
 
+def test_evaluation_batches_are_even_across_ranks():
+    """Without drop_last, ranks short of a batch get a ghost batch (rows -1 - i), so every rank runs as many
+    forward passes."""
+    lengths = [5] * 10
+    shards = [list(RowBatchSampler(lengths, batch_size=4, num_replicas=2, rank=r)) for r in range(2)]
+    assert shards == [[[0, 1, 2, 3], [8, 9]], [[4, 5, 6, 7], [-9, -10]]]
+
+
+def test_ghost_rows_train_nothing():
+    import datasets
+
+    from glm_session.data.build import FEATURES
+    from glm_session.data.collator import RowDataset
+
+    sample = {"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "turn_ids": [0, 1, 1], "session_index": 0, "length": 3}
+    samples = datasets.Dataset.from_list([{**{k: 0 for k in FEATURES}, **sample}], features=FEATURES)
+    rows = RowDataset(samples, [[0]])
+    assert rows[-1]["input_ids"] == rows[0]["input_ids"]
+    assert rows[-1]["labels"] == [-100] * 3 and rows[-1]["sample_index"] == [-1] * 3
+
+
 def test_token_budget():
     lengths = [(i * 53) % 300 + 20 for i in range(500)]
     batches = list(RowBatchSampler(lengths, batch_tokens=1024, shuffle=True, seed=0))

@@ -37,9 +37,15 @@ def run(output_dir: Path, *extra: str) -> dict:
 @pytest.mark.slow
 def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, cache_dir):
     cache = f"data.cache_dir={cache_dir}"
-    uninterrupted = run(tmp_path / "whole", cache)
+    record = tmp_path / "batches.jsonl"
+    uninterrupted = run(tmp_path / "whole", cache, "+callbacks.record._target_=helpers.RecordBatches",
+                        f"+callbacks.record.path={record}")  # fmt: skip
     steps_per_epoch = uninterrupted["global_steps"] // 2
     assert steps_per_epoch > 7  # the kill below is in the middle of the first epoch
+    # Lightning starts every epoch with set_epoch: each epoch trains every sample once, in a new order.
+    batches = [json.loads(line) for line in record.read_text().splitlines()]
+    epochs = [[s for b in batches if b[1] == e for s in b[2]] for e in (0, 1)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) and epochs[0] != epochs[1]
 
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "glm_session.train", *OVERRIDES, cache, f"hydra.run.dir={killed}",

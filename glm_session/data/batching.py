@@ -16,8 +16,8 @@ class RowBatchSampler:
             within chunks of the shuffled order, so that batches pad little, and the batches are shuffled.
         shuffle: a new order every epoch (``set_epoch``), else the rows' order.
         seed: the shuffling seed.
-        num_replicas, rank: this process's share of the batches (``batches[rank::num_replicas]``); with
-            ``drop_last`` every rank gets the same number of batches.
+        num_replicas, rank: this process's share of the batches (``batches[rank::num_replicas]``); every rank
+            gets as many batches: with ``drop_last`` the last few are left out, else ghost batches fill up.
         fixed_width: the width every batch is padded to (``pad_to=max_seq_len``), for the token budget.
     """
 
@@ -48,6 +48,11 @@ class RowBatchSampler:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def sampler(self) -> RowBatchSampler:
+        """Lightning calls ``set_epoch`` on ``loader.batch_sampler.sampler`` at the start of every epoch: this."""
+        return self
+
     def all_batches(self, epoch: int | None = None) -> list[list[int]]:
         """Every rank's batches of ``epoch``, in order."""
         epoch = self.epoch if epoch is None else epoch
@@ -63,6 +68,11 @@ class RowBatchSampler:
                 rng.shuffle(batches)
         if self.drop_last:
             batches = batches[: len(batches) - len(batches) % self.num_replicas]
+        elif len(batches) % self.num_replicas:
+            # Every rank must run as many forward passes (sharded models gather parameters in each one): the
+            # ranks short of a batch get a ghost of the last one, its row indices as -1 - row (nothing trained).
+            ghost = [-1 - i for i in batches[-1]]
+            batches += [ghost] * (self.num_replicas - len(batches) % self.num_replicas)
         return batches
 
     def _token_batches(self, order: list[int]) -> list[list[int]]:

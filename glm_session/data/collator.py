@@ -28,6 +28,10 @@ class RowDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
+        if index < 0:  # a ghost of row -1 - index: the same tokens, nothing trained or counted
+            row = self[-1 - index]
+            n = len(row["input_ids"])
+            return {**row, "labels": [IGNORE_INDEX] * n, "sample_index": [-1] * n, "session_index": [-1] * n}
         indices = list(self.rows[index])
         batch = self.samples[indices]
         row: dict[str, list[int]] = {name: [] for name in ("input_ids", "labels", "turn_ids")}

@@ -219,8 +219,8 @@ class DialogueData:
             batch_tokens=self.batch_tokens,
             shuffle=self.shuffle and train,
             seed=self.seed,
-            num_replicas=self.world_size if train else 1,
-            rank=self.rank if train else 0,
+            num_replicas=self.world_size,  # evaluation batches are shared out too; losses are summed over ranks
+            rank=self.rank,
             drop_last=train,
             fixed_width=self.max_seq_len if self.pad_to == "max_seq_len" else None,
         )

@@ -92,10 +92,23 @@ class ChatGLM2Module(L.LightningModule):
         """Create the model here, so that a sharding strategy creates it sharded (never whole on one device)."""
         if self.model is not None:
             return
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is not None:  # FSDP2: on the meta device, sharded per decoder layer, then materialised
+            from glm_session.training.fsdp import load_full_weights, shard_model
+
+            strategy = self.trainer.strategy
+            with torch.device("meta"):
+                model = GlmForCausalLM(self.config)
+            self.model = shard_model(
+                model, mesh, strategy.root_device, strategy.param_dtype, strategy.activation_checkpointing
+            )
+            if self.init_from:
+                load_full_weights(self.model, self.init_from)
+            return
         if self.init_from:
             self.model = GlmForCausalLM.from_pretrained(
-                self.init_from, config=self.config, attn_implementation=self.config._attn_implementation
-            )
+                self.init_from, config=self.config, dtype=torch.float32, attn_implementation=self.config._attn_implementation
+            ).train()  # from_pretrained returns the model in eval mode
         else:
             self.model = GlmForCausalLM(self.config)
 
@@ -123,7 +136,7 @@ class ChatGLM2Module(L.LightningModule):
         for parameter in self.parameters():
             if parameter.grad is not None:
                 parameter.grad.mul_(scale)
-        self.log("train/loss", (numerator / d).float(), on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/loss", (numerator / d).float(), on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("train/supervised_tokens", counts[0].float(), on_step=True, on_epoch=False, reduce_fx="sum")
         self._step_numerator.zero_()
         self._step_counts.zero_()
@@ -165,9 +178,9 @@ class ChatGLM2Module(L.LightningModule):
                  "loss_by_turn": by_turn, "tokens": int(counts.sum().item())}
             )  # fmt: skip
         if split == "val":  # the training loss per step is logged by on_before_optimizer_step
-            self.log("val/loss", mean, prog_bar=True)
+            self.log("val/loss", mean, prog_bar=True, sync_dist=True)
         for turn, value in by_turn.items():
-            self.log(f"{split}/loss_turn_{turn}", value)
+            self.log(f"{split}/loss_turn_{turn}", value, sync_dist=True)  # already global: syncing keeps it
 
     # optimizer -----------------------------------------------------------------------------------
 

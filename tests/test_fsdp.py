@@ -1,0 +1,73 @@
+"""trainer=fsdp (FSDP2 through Lightning) on 2 CPU processes (gloo, fp32): the same training as one process
+accumulating 2 micro-batches, and a run killed after a sharded checkpoint resumes to the same end."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GlmForCausalLM
+
+from glm_session.config import compose_config
+from glm_session.model import chatglm2_config, padded_vocab_size
+from glm_session.train import train
+
+TESTS = Path(__file__).parent
+COMMON = [
+    "model=chatglm2-tiny",
+    "data.limit=24",  # 8 batches an epoch: 4 optimizer steps both ways
+    "trainer.limit_train_batches=1.0",
+    "trainer.max_epochs=2",
+    "trainer.enable_progress_bar=false",
+    "callbacks.last_checkpoint.every_n_train_steps=2",
+]
+FSDP = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy.param_dtype=float32"]
+
+
+def torchrun(output_dir: Path, *extra: str, cache: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "glm_session.train",
+               *COMMON, *FSDP, f"data.cache_dir={cache}", f"hydra.run.dir={output_dir}", *extra]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def metrics(output_dir: Path) -> dict:
+    return json.loads((output_dir / "metrics.json").read_text())
+
+
+@pytest.fixture
+def initial_weights(tmp_path, tokenizer) -> str:
+    """One set of initial weights for every run (a sharded init draws other random numbers)."""
+    torch.manual_seed(0)
+    model = GlmForCausalLM(chatglm2_config("chatglm2-tiny", vocab_size=padded_vocab_size(len(tokenizer))))
+    model.save_pretrained(tmp_path / "init")
+    return f"model.init_from={tmp_path / 'init'}"
+
+
+@pytest.mark.slow
+def test_fsdp_equals_one_process_and_resumes(tmp_path, cache_dir, initial_weights):
+    COMMON.append(initial_weights)
+    result = torchrun(tmp_path / "fsdp", cache=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sharded = metrics(tmp_path / "fsdp")
+    assert (tmp_path / "fsdp/checkpoints/last.ckpt").is_dir()  # a sharded checkpoint: one file per rank
+
+    single, _ = train(compose_config("train", [*COMMON, "trainer.accumulate_grad_batches=2", f"data.cache_dir={cache_dir}",
+                                              f"output_dir={tmp_path / 'single'}"]))  # fmt: skip
+    assert sharded["global_steps"] == single["global_steps"] == 8
+    assert sharded["input_tokens"] == single["input_tokens"]
+    for a, b in zip(sharded["val_loss_by_epoch"], single["val_loss_by_epoch"], strict=True):
+        assert abs(a - b) < 1e-4
+
+    killed = tmp_path / "killed"
+    result = torchrun(killed, "+callbacks.kill._target_=helpers.KillAtStep", "+callbacks.kill.step=5", cache=cache_dir)
+    assert result.returncode != 0
+    result = torchrun(killed, f"ckpt_path={killed / 'checkpoints/last.ckpt'}", cache=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = metrics(killed)
+    assert resumed["global_steps"] == 8
+    for a, b in zip(resumed["val_loss_by_epoch"], sharded["val_loss_by_epoch"], strict=True):
+        assert abs(a - b) < 1e-5
