@@ -64,6 +64,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     }
     run_metrics = RunMetrics(
         path=str(output_dir / "metrics.json"),
+        warmup_batches=cfg.metrics.warmup_batches,
         extra={
             "strategy": datamodule.strategy.name,
             "reduction": cfg.loss.reduction,

@@ -22,6 +22,17 @@ CHATGLM2_6B = {
 }
 PRESETS: dict[str, dict] = {
     "chatglm2-6b": CHATGLM2_6B,
+    # ChatGLM2's shape, narrower and shallower: 1,502,771,200 parameters with ChatGLM2's 65,024-token vocabulary
+    # (1,261,598,720 with the bundled tokenizer's 6,144), for single-GPU benchmarks.
+    "chatglm2-1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 6848,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 2,
+        "head_dim": 128,
+        "max_position_embeddings": 32768,
+    },
     # About 29M parameters with the bundled tokenizer: CPU and single-GPU experiments.
     "chatglm2-small": {
         "hidden_size": 512,

@@ -11,24 +11,40 @@ import lightning as L
 import torch
 
 from glm_session.constants import IGNORE_INDEX
+from glm_session.model.flops import H100_BF16_PEAK_FLOPS, training_flops
 
 
 class RunMetrics(L.Callback):
-    """Losses per epoch (overall and by turn, from the module's ``history``), tokens trained and throughput.
+    """Losses per epoch (overall and by turn, from the module's ``history``), tokens trained and throughput, and on
+    a GPU its peak memory and model FLOPs utilisation (``glm_session.model.flops``, over ``peak_flops`` per GPU).
 
     Training time counts every training batch from the end of the previous one (or the start of the epoch, or
     the end of a validation): data loading included, validation excluded. Token counts are summed over devices.
-    The counters are saved in checkpoints, so a resumed run reports the whole run.
+    The counters are saved in checkpoints, so a resumed run reports the whole run. Throughput and MFU leave out the
+    first ``warmup_batches`` training batches of a fit (allocator warm-up, kernel selection): their time, tokens
+    and FLOPs are not in the rates, their tokens are in the totals.
 
     Args:
         path: where to write the JSON (rank 0 only) at the end of ``fit``; ``None``: only ``self.metrics``.
         extra: more keys for the JSON (e.g. strategy, reduction).
+        peak_flops: one accelerator's peak (dense bf16 of an H100 by default), for MFU.
+        warmup_batches: training batches at the start of each fit left out of throughput and MFU.
     """
 
-    def __init__(self, path: str | None = None, extra: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | None = None,
+        extra: dict[str, Any] | None = None,
+        peak_flops: float = H100_BF16_PEAK_FLOPS,
+        warmup_batches: int = 0,
+    ) -> None:
         self.path = path
         self.extra = dict(extra or {})
-        self.counters = {"train_seconds": 0.0, "input_tokens": 0, "supervised_tokens": 0, "wall_seconds": 0.0}
+        self.peak_flops, self.warmup_batches = peak_flops, warmup_batches
+        self.counters = {"input_tokens": 0, "supervised_tokens": 0, "wall_seconds": 0.0,
+                         # the timed batches (after the warm-up):
+                         "train_seconds": 0.0, "timed_input_tokens": 0, "timed_supervised_tokens": 0, "flops": 0.0}  # fmt: skip
+        self._batches_this_fit = 0
         self.metrics: dict[str, Any] = {}
         self._since: float | None = None
         self._fit_start = 0.0
@@ -43,6 +59,7 @@ class RunMetrics(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_start = time.perf_counter()
+        self._parameter_count = self._parameters(pl_module)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._since = time.perf_counter()
@@ -56,24 +73,38 @@ class RunMetrics(L.Callback):
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         now = time.perf_counter()
-        self.counters["train_seconds"] += now - (self._since or now)
-        self._since = now
-        self.counters["input_tokens"] += int((batch["sample_index"] >= 0).sum())
-        self.counters["supervised_tokens"] += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        input_tokens = int((batch["sample_index"] >= 0).sum())
+        supervised_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        self.counters["input_tokens"] += input_tokens
+        self.counters["supervised_tokens"] += supervised_tokens
+        self._batches_this_fit += 1
+        if self._batches_this_fit > self.warmup_batches:
+            self.counters["train_seconds"] += now - (self._since or now)
+            self.counters["timed_input_tokens"] += input_tokens
+            self.counters["timed_supervised_tokens"] += supervised_tokens
+            sample_index = batch["sample_index"].cpu()
+            self.counters["flops"] += training_flops(pl_module.config, self._parameter_count, sample_index)
         if self.counters["train_seconds"] > 0:  # this device's running throughput
             seconds = self.counters["train_seconds"]
-            pl_module.log("train/tokens_per_second", self.counters["input_tokens"] / seconds, on_step=True)
+            pl_module.log("train/tokens_per_second", self.counters["timed_input_tokens"] / seconds, on_step=True)
             pl_module.log(
-                "train/supervised_tokens_per_second", self.counters["supervised_tokens"] / seconds, on_step=True
+                "train/supervised_tokens_per_second",
+                self.counters["timed_supervised_tokens"] / seconds,
+                on_step=True,
             )
+        self._since = time.perf_counter()  # this bookkeeping is not training time
+
+    @staticmethod
+    def _parameters(pl_module: L.LightningModule) -> int:
+        """The model's parameter count (whole, also when sharded: a DTensor's numel is its global size)."""
+        return sum(p.numel() for p in pl_module.model.parameters())
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         strategy = trainer.strategy
-        local = [self.counters["input_tokens"], self.counters["supervised_tokens"]]
-        totals = strategy.reduce(
-            torch.tensor(local, dtype=torch.float64, device=pl_module.device), reduce_op="sum"
-        )
-        input_tokens, supervised_tokens = (int(x) for x in totals.tolist())
+        names = ("input_tokens", "supervised_tokens", "timed_input_tokens", "timed_supervised_tokens", "flops")
+        local = torch.tensor([self.counters[n] for n in names], dtype=torch.float64, device=pl_module.device)
+        totals = dict(zip(names, strategy.reduce(local, reduce_op="sum").tolist(), strict=True))
+        input_tokens, supervised_tokens, flops = int(totals["input_tokens"]), int(totals["supervised_tokens"]), totals["flops"]
         seconds = torch.tensor(self.counters["train_seconds"], dtype=torch.float64, device=pl_module.device)
         train_seconds = float(strategy.reduce(seconds, reduce_op="max"))
         history = pl_module.history
@@ -91,9 +122,18 @@ class RunMetrics(L.Callback):
             "supervised_tokens": supervised_tokens,
             "train_seconds": train_seconds,
             "wall_seconds": self.counters["wall_seconds"] + time.perf_counter() - self._fit_start,
-            "tokens_per_second": input_tokens / train_seconds if train_seconds else None,
-            "supervised_tokens_per_second": supervised_tokens / train_seconds if train_seconds else None,
+            "warmup_batches": self.warmup_batches,
+            "tokens_per_second": totals["timed_input_tokens"] / train_seconds if train_seconds else None,
+            "supervised_tokens_per_second": totals["timed_supervised_tokens"] / train_seconds if train_seconds else None,
+            "parameters": self._parameter_count,
+            "devices": trainer.world_size,
+            "train_flops": flops,
         }
+        if pl_module.device.type == "cuda":  # MFU of the devices' bf16 peak; memory of this (rank 0's) device
+            self.metrics["accelerator"] = torch.cuda.get_device_name(pl_module.device)
+            self.metrics["mfu"] = flops / train_seconds / (self.peak_flops * trainer.world_size) if train_seconds else None
+            self.metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+            self.metrics["peak_reserved_gib"] = torch.cuda.max_memory_reserved(pl_module.device) / 2**30
         if self.path and trainer.is_global_zero:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             Path(self.path).write_text(json.dumps(self.metrics, indent=2) + "\n")
