@@ -133,7 +133,9 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _split_qkv(name: str, tensor: torch.Tensor, layer: str, kind: str, config: GlmConfig) -> dict:
+def _split_qkv(
+    name: str, tensor: torch.Tensor, layer: str, kind: str, config: GlmConfig
+) -> dict[str, torch.Tensor]:
     """q, k and v of a fused ``query_key_value`` weight (rows) or bias."""
     q_rows = config.num_attention_heads * config.head_dim
     kv_rows = config.num_key_value_heads * config.head_dim

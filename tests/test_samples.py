@@ -5,7 +5,7 @@ The expected ids are built from named pieces of the bundled tokenizer, checked i
 
 from glm_session.data import CHATGLM2, CHATGLM2_ARTICLE
 from glm_session.data.build import session_samples
-from glm_session.data.strategy import SessionStrategy, SplitStrategy
+from glm_session.data.strategy import LanguageModelStrategy, SessionStrategy, SplitStrategy
 
 X = -100
 GMASK, SOP, EOS = 6001, 6003, 2
@@ -54,6 +54,17 @@ def test_chatglm2_session(tokenizer, three_turns):
     )  # fmt: skip
     assert sample.turn_ids == [0, 0] + [1] * 18 + [2] * 17 + [3] * 16
     assert plan.skipped_turns == 0
+
+
+def test_chatglm2_lm_trains_every_token_after_the_prefix(tokenizer, three_turns):
+    (sample,), _ = session_samples(three_turns, tokenizer, CHATGLM2, LanguageModelStrategy(), 2048)
+    session, _ = session_samples(three_turns, tokenizer, CHATGLM2, SessionStrategy(), 2048)
+    assert sample.input_ids == session[0].input_ids
+    assert sample.labels == (
+        ignored(PREFIX) + user(1, Q1) + A1 + [EOS, X]
+        + user(2, Q2) + A2 + [EOS, X]
+        + user(3, Q3) + A3 + [EOS]
+    )  # fmt: skip
 
 
 def test_chatglm2_split(tokenizer, three_turns):

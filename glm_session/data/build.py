@@ -18,7 +18,7 @@ import datasets
 from glm_session.constants import IGNORE_INDEX
 from glm_session.data.samples import Sample, SegmentEncoder, SessionLayout, build_sample
 from glm_session.data.session import Session
-from glm_session.data.strategy import Plan, SessionStrategy, SplitStrategy
+from glm_session.data.strategy import Plan, Strategy
 from glm_session.data.template import Template
 from glm_session.tokenizer import ChatGLM2Tokenizer
 
@@ -69,7 +69,7 @@ def samples_fingerprint(
     sessions_key: str,
     tokenizer: ChatGLM2Tokenizer,
     template: Template,
-    strategy: SplitStrategy | SessionStrategy,
+    strategy: Strategy,
     max_seq_len: int,
 ) -> str:
     """The cache key of the samples of the sessions identified by ``sessions_key``."""
@@ -92,7 +92,7 @@ def build_samples(
     sessions: list[Session],
     tokenizer: ChatGLM2Tokenizer,
     template: Template,
-    strategy: SplitStrategy | SessionStrategy,
+    strategy: Strategy,
     max_seq_len: int,
     cache_dir: str | Path | None = None,
     num_proc: int | None = None,
@@ -142,7 +142,7 @@ def session_samples(
     session: Session,
     tokenizer: ChatGLM2Tokenizer,
     template: Template,
-    strategy: SplitStrategy | SessionStrategy,
+    strategy: Strategy,
     max_seq_len: int,
 ) -> tuple[list[Sample], Plan]:
     """The samples ``strategy`` makes of one session, and its plan (views and counts)."""
@@ -156,14 +156,14 @@ def _build_batch(
     indices: list[int],
     tokenizer: ChatGLM2Tokenizer,
     template: Template,
-    strategy: SplitStrategy | SessionStrategy,
+    strategy: Strategy,
     max_seq_len: int,
 ) -> dict[str, list]:
     out: dict[str, list] = {name: [] for name in FEATURES}
     for row, session_index in enumerate(indices):
         session = Session.from_record({key: values[row] for key, values in batch.items()})
         samples, plan = session_samples(session, tokenizer, template, strategy, max_seq_len)
-        windows = len(plan.views) if strategy.name == "session" and len(plan.views) > 1 else 0
+        windows = len(plan.views) if strategy.name != "split" and len(plan.views) > 1 else 0
         for number, (view, sample) in enumerate(zip(plan.views, samples, strict=True)):
             out["input_ids"].append(sample.input_ids)
             out["labels"].append(sample.labels)

@@ -25,7 +25,7 @@ from glm_session.data.batching import RowBatchSampler
 from glm_session.data.build import COUNTERS, DEFAULT_CACHE_DIR, build_samples, cache_file, samples_fingerprint
 from glm_session.data.packing import pack_first_fit_decreasing
 from glm_session.data.readers import Format, OnError, ReadResult, read_sessions
-from glm_session.data.strategy import SessionStrategy, SplitStrategy, get_strategy
+from glm_session.data.strategy import Strategy, get_strategy
 from glm_session.data.template import Template, get_template
 from glm_session.tokenizer import ChatGLM2Tokenizer
 
@@ -75,7 +75,7 @@ class DialogueData:
         self,
         tokenizer: ChatGLM2Tokenizer,
         template: Template | str = "chatglm2",
-        strategy: SplitStrategy | SessionStrategy | str = "session",
+        strategy: Strategy | str = "session",
         train_path: str | None = None,
         validation_path: str | None = None,
         test_path: str | None = None,

@@ -22,12 +22,15 @@ class View:
 
     ``answer_limit``: keep only this many answer tokens of the last turn and no stop (a turn too long for
     ``max_seq_len`` is truncated at its answer's tail).
+    ``every_token``: train the trained turns' questions and role markers too, not only their answers (plain
+    language modelling).
     """
 
     start: int
     trained_start: int
     end: int
     answer_limit: int | None = None
+    every_token: bool = False
 
 
 @dataclass
@@ -91,7 +94,7 @@ class SessionLayout:
 
 
 def build_sample(layout: SessionLayout, view: View) -> Sample:
-    """The sample of ``view``: labels on the answers (and stops) of its trained turns."""
+    """The sample of ``view``: labels on the answers (and stops) of its trained turns, or on all their tokens."""
     session, template, encode = layout.session, layout.template, layout.encode
     segments = template.render_turns(session.turns[view.start : view.end], session.system, view.start + 1)
     input_ids: list[int] = []
@@ -104,10 +107,10 @@ def build_sample(layout: SessionLayout, view: View) -> Sample:
                 continue
             if segment.role == "assistant":
                 ids = ids[: view.answer_limit]
-        trained = segment.turn > view.trained_start and segment.label != "none"
+        trained = segment.turn > view.trained_start and (segment.label != "none" or view.every_token)
         if not trained:
             labels += [IGNORE_INDEX] * len(ids)
-        elif segment.label == "self":
+        elif segment.label in ("self", "none"):
             labels += ids
         else:  # eos_first
             labels += [encode.eos_id] + [IGNORE_INDEX] * (len(ids) - 1)

@@ -2,6 +2,7 @@
 
 - ``split``: one sample per answer turn: turns 1..k, trained on turn k only (ChatGLM2's official p-tuning).
 - ``session``: one sample per session: turns 1..T, trained on every answer (the article's construction).
+- ``lm``: the session's samples trained on every token (questions too): plain-text pretraining.
 
 Both keep every sample within ``max_seq_len`` without a silent drop and without cutting a question:
 
@@ -14,7 +15,7 @@ Both keep every sample within ``max_seq_len`` without a silent drop and without 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from glm_session.data.samples import SessionLayout, View
 
@@ -82,10 +83,26 @@ class SessionStrategy:
         return plan
 
 
-STRATEGIES = {"split": SplitStrategy, "session": SessionStrategy}
+@dataclass(frozen=True)
+class LanguageModelStrategy:
+    """The session strategy's samples, trained on every token of their trained turns (questions, role markers,
+    answers): language modelling of the dialogues' plain text, e.g. to pretrain one shared starting point."""
+
+    name: str = "lm"
+
+    def plan(self, layout: SessionLayout, max_seq_len: int) -> Plan:
+        plan = SessionStrategy().plan(layout, max_seq_len)
+        plan.views = [replace(view, every_token=True) for view in plan.views]
+        return plan
 
 
-def get_strategy(name: str) -> SplitStrategy | SessionStrategy:
+STRATEGIES = {"split": SplitStrategy, "session": SessionStrategy, "lm": LanguageModelStrategy}
+
+
+Strategy = SplitStrategy | SessionStrategy | LanguageModelStrategy
+
+
+def get_strategy(name: str) -> Strategy:
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}: choose one of {', '.join(STRATEGIES)}")
     return STRATEGIES[name]()

@@ -1,0 +1,208 @@
+"""Export a training checkpoint as a Hugging Face folder: ``python -m glm_session.export CHECKPOINT DST``.
+
+``CHECKPOINT`` is a run's single-file Lightning checkpoint (``<run>/checkpoints/last.ckpt`` or ``best-*.ckpt``; a
+sharded ``trainer=fsdp`` checkpoint folder is made one file by ``python -m
+lightning.fabric.utilities.consolidate_checkpoint FOLDER``, which writes ``FOLDER.consolidated``).
+``DST`` gets what plain transformers loads, with no glm_session and no ``trust_remote_code``:
+
+- ``config.json``, ``model.safetensors`` and ``generation_config.json`` (eos 2, pad 0) of ``GlmForCausalLM``;
+- ``tokenizer.json`` and ``tokenizer_config.json``: a fast tokenizer (``AutoTokenizer``) whose ids are
+  ``ChatGLM2Tokenizer.encode``'s: ``[gMASK] sop`` in front (a ``TemplateProcessing`` post-processor), the
+  SentencePiece ids of the text, the five special tokens after the SentencePiece vocabulary. Special-token strings
+  inside a text stay plain text (``split_special_tokens``), as SentencePiece encodes them;
+- ``tokenizer.model``, so that ``ChatGLM2Tokenizer.from_pretrained(DST)`` loads too;
+- ``glm_session.json``: what the run recorded (template, strategy, reduction, tokenizer fingerprint, ...), so the
+  model is prompted in the format it was trained on.
+
+The fast tokenizer is built from the SentencePiece model's own settings (transformers'
+``SpmConverter.build_tokenizer_from_spm_proto``; reading the model needs ``protobuf``) and checked against
+``ChatGLM2Tokenizer`` on ``PROBE_TEXTS`` before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from transformers import GenerationConfig, GlmForCausalLM, PreTrainedTokenizerFast
+
+from glm_session.data.session import Turn
+from glm_session.data.template import TEMPLATES, prompt_text
+from glm_session.evaluate import load_checkpoint
+from glm_session.tokenizer import PREFIX_TOKENS, SPECIAL_TOKENS, VOCAB_FILE, ChatGLM2Tokenizer
+
+INFO_FILE = "glm_session.json"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Texts the exported tokenizer must encode exactly as ChatGLM2Tokenizer does: Chinese, English, digits, spaces,
+# newlines and tabs, byte fallback, special-token strings, and both templates' prompts with their role markers.
+PROBE_TEXTS = [
+    "你好",
+    "Hello, world! 2023年7月1日，气温35.5°C。",
+    "  two leading spaces, two  inner,\ttab and trailing  ",
+    "line one\nline two\n\n\nafter blank lines\r\n",
+    "emoji 😀, accents é ü, full width ＡＢＣ１２３",
+    "[gMASK]sop</s><s><unk>[MASK] eop",
+    *(
+        prompt_text(template.render_prompt("谁导演的？", [Turn("你知道《泰坦尼克号》吗？", "知道，1997年上映。")]))
+        for template in TEMPLATES.values()
+    ),
+]
+
+
+class ExportError(Exception):
+    """A checkpoint or tokenizer that cannot be exported; the message names the file and the reason."""
+
+
+def fast_tokenizer(tokenizer: ChatGLM2Tokenizer) -> PreTrainedTokenizerFast:
+    """A ``PreTrainedTokenizerFast`` whose ids are ``tokenizer``'s, built from its SentencePiece model."""
+    from tokenizers import AddedToken, processors
+    from transformers.convert_slow_tokenizer import SentencePieceExtractor, SpmConverter
+
+    try:
+        proto = SentencePieceExtractor(str(tokenizer.vocab_file)).proto
+    except ImportError:  # transformers reads the SentencePiece model with protobuf
+        raise ExportError(f"{tokenizer.vocab_file}: converting it needs protobuf (pip install protobuf)") from None
+    if proto.trainer_spec.model_type == 2:  # BPE: a vocabulary; merges come from the piece scores
+        vocab: Any = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    else:  # unigram: pieces and scores
+        vocab = [(piece.piece, piece.score) for piece in proto.pieces]
+    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab)
+    if backend is None:
+        raise ExportError(f"{tokenizer.vocab_file}: a SentencePiece model type that transformers cannot convert")
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS])
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+    if any(backend.token_to_id(token) != i for token, i in ids.items()):
+        raise ExportError(f"{tokenizer.vocab_file}: the special tokens do not get ids {list(ids.values())}")
+    eos = tokenizer.convert_ids_to_tokens(tokenizer.eos_token_id)
+    prefix = " ".join(PREFIX_TOKENS)
+    backend.post_processor = processors.TemplateProcessing(  # as ChatGLM2's build_inputs_with_special_tokens
+        single=f"{prefix} $A",
+        pair=f"{prefix} $A $B {eos}",
+        special_tokens=[*((token, ids[token]) for token in PREFIX_TOKENS), (eos, tokenizer.eos_token_id)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=eos,
+        pad_token=tokenizer.convert_ids_to_tokens(tokenizer.pad_token_id),
+        unk_token=tokenizer.convert_ids_to_tokens(tokenizer.sp.unk_id()),
+        additional_special_tokens=list(SPECIAL_TOKENS),
+        split_special_tokens=True,  # "[gMASK]" typed in a text is text, as for SentencePiece
+        padding_side="left",  # for batched generation
+    )
+
+
+def check_tokenizer(fast: PreTrainedTokenizerFast, tokenizer: ChatGLM2Tokenizer, texts: list[str]) -> None:
+    """Raise ``ExportError`` on the first text that ``fast`` and ``tokenizer`` encode differently."""
+    for text in texts:
+        expected, got = tokenizer.encode(text), fast(text)["input_ids"]
+        if got != expected:
+            raise ExportError(
+                f"{tokenizer.vocab_file}: the converted tokenizer encodes {text!r} as {got}, "
+                f"ChatGLM2Tokenizer as {expected}"
+            )
+
+
+def run_tokenizer(checkpoint: Path) -> ChatGLM2Tokenizer:
+    """The tokenizer of the run that wrote ``checkpoint``: ``tokenizer.path`` of ``<run>/config.yaml``, else the
+    bundled one."""
+    config = checkpoint.parent.parent / "config.yaml"
+    path = None
+    if config.is_file():
+        try:
+            path = OmegaConf.select(OmegaConf.load(config), "tokenizer.path")
+        except Exception as err:  # YAML and OmegaConf errors
+            raise ExportError(f"{config}: not a readable run config ({err})") from None
+    try:
+        return ChatGLM2Tokenizer.from_pretrained(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise ExportError(f"{config}: tokenizer.path={path} does not load ({err})") from None
+
+
+def read_checkpoint(path: Path) -> tuple[GlmForCausalLM, dict[str, Any]]:
+    """``evaluate.load_checkpoint`` with every way of failing turned into an ``ExportError``."""
+    if path.is_dir():  # trainer=fsdp writes one shard per rank
+        raise ExportError(
+            f"{path}: a sharded checkpoint folder; make it one file first with "
+            f"`python -m lightning.fabric.utilities.consolidate_checkpoint {path}` and export {path}.consolidated"
+        )
+    if not path.is_file():
+        raise ExportError(f"{path}: no such checkpoint file")
+    try:
+        return load_checkpoint(path)
+    except ValueError as err:  # names the file
+        raise ExportError(str(err)) from None
+    except Exception as err:  # truncated, corrupt or foreign files: torch raises many kinds
+        raise ExportError(f"{path}: not a readable training checkpoint ({type(err).__name__}: {err})") from None
+
+
+def export(
+    checkpoint: str | Path,
+    dst: str | Path,
+    tokenizer: ChatGLM2Tokenizer | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write the model of a training checkpoint, its tokenizer and its run's metadata as a Hugging Face folder.
+
+    Args:
+        checkpoint: a single-file Lightning checkpoint of ``glm_session.train``.
+        dst: the folder to write; it must not exist or be empty.
+        tokenizer: the run's tokenizer; ``None``: the one its ``config.yaml`` names (or the bundled one). Its
+            fingerprint must be the checkpoint's.
+        dtype: the dtype of the written weights; ``None``: the checkpoint's (fp32).
+
+    Returns:
+        ``dst``.
+
+    Raises:
+        ExportError: an unreadable checkpoint, another tokenizer than the run's, or a non-empty ``dst``.
+    """
+    checkpoint, dst = Path(checkpoint), Path(dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise ExportError(f"{dst}: exists and is not an empty folder")
+    model, info = read_checkpoint(checkpoint)
+    tokenizer = tokenizer or run_tokenizer(checkpoint)
+    if tokenizer.fingerprint != info.get("tokenizer_fingerprint"):
+        raise ExportError(
+            f"{checkpoint}: trained with tokenizer {info.get('tokenizer_fingerprint')}, not with "
+            f"{tokenizer.vocab_file} ({tokenizer.fingerprint}); pass the run's with --tokenizer"
+        )
+    fast = fast_tokenizer(tokenizer)
+    check_tokenizer(fast, tokenizer, PROBE_TEXTS)
+
+    if dtype is not None:
+        model.to(dtype)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    dst.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dst)
+    fast.save_pretrained(dst)
+    (dst / VOCAB_FILE).write_bytes(tokenizer.sp.serialized_model_proto())  # for ChatGLM2Tokenizer
+    metadata = {key: value for key, value in info.items() if key != "model_config"}  # that is config.json
+    (dst / INFO_FILE).write_text(json.dumps({**metadata, "checkpoint": str(checkpoint)}, indent=2) + "\n")
+    return dst
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path, help="a run's checkpoint file, e.g. <run>/checkpoints/last.ckpt")
+    parser.add_argument("dst", type=Path, help="new folder for transformers' from_pretrained")
+    parser.add_argument("--tokenizer", type=Path, help="the run's tokenizer.model or folder (default: the run's)")
+    parser.add_argument("--dtype", choices=DTYPES, help="dtype of the written weights (default: the checkpoint's)")
+    args = parser.parse_args(argv)
+    try:
+        tokenizer = ChatGLM2Tokenizer.from_pretrained(args.tokenizer) if args.tokenizer else None
+        dst = export(args.checkpoint, args.dst, tokenizer, DTYPES[args.dtype] if args.dtype else None)
+    except (ExportError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {dst}")
+
+
+if __name__ == "__main__":
+    main()
