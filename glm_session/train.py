@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -99,7 +102,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics, _ = train(cfg)
-    except (DataError, FileNotFoundError) as err:
+    except Exception as err:
+        # The run's folder says it failed and why. In a multirun the exception goes to Hydra, which records the
+        # job as failed, runs the other jobs and raises at the end; a single run ends with the message.
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.output_dir) / "failed.txt").write_text(traceback.format_exc())
+        if HydraConfig.get().mode == RunMode.MULTIRUN or not isinstance(err, (DataError, FileNotFoundError)):
+            raise
         log.error("%s", err)
         sys.exit(2)
     losses = metrics.get("val_loss_by_epoch") or [None]

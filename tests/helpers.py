@@ -33,3 +33,14 @@ class RecordBatches(L.Callback):
                 json.dumps([trainer.global_step, trainer.current_epoch, batch["sample_index"][:, 0].tolist(), lr, checksum])
                 + "\n"
             )
+
+
+class FailIfSeed(L.Callback):
+    """Raise at the start of training when the run's seed is ``failing`` (a failed job in a sweep)."""
+
+    def __init__(self, seed: int, failing: int) -> None:
+        self.seed, self.failing = int(seed), int(failing)
+
+    def on_train_start(self, *args) -> None:
+        if self.seed == self.failing:
+            raise RuntimeError(f"planned failure of the job with seed {self.seed}")

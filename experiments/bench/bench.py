@@ -21,6 +21,7 @@ A configuration that fails is recorded with its error; the others still run.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import sys
@@ -67,8 +68,8 @@ def profiler_overrides(path: Path) -> list[str]:
             f"{p}.schedule.active=3", f"{p}.schedule.repeat=1"]  # fmt: skip
 
 
-def run_one(name: str, overrides: list[str], out: Path) -> dict:
-    cfg = compose_config("train", [*BENCH, *overrides, f"output_dir={out / 'runs' / name}"])
+def run_one(name: str, overrides: list[str], runs: Path) -> dict:
+    cfg = compose_config("train", [*BENCH, *overrides, f"output_dir={runs / name}"])
     started = time.perf_counter()
     metrics, _ = train(cfg)
     data = metrics["data"]
@@ -132,13 +133,15 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="results.json, table.md, plot, profile")
+    parser.add_argument("--runs", type=Path, help="the runs' folders (default: OUT/runs)")
     parser.add_argument("--profile", action="store_true", help="profile a few session+packing steps")
     parser.add_argument("--variant", action="append", default=[], help="name=override,override (session+packing)")
     parser.add_argument("--only", nargs="*", help="run only these configurations")
     parser.add_argument("overrides", nargs="*", help="train overrides for every run (after --)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    runs_dir = args.runs or args.out / "runs"
 
     runs = {name: [*args.overrides, *o] for name, o in CONFIGURATIONS.items() if not args.only or name in args.only}
     for variant in args.variant:
@@ -148,20 +151,27 @@ def main(argv: list[str] | None = None) -> None:
     for name, overrides in runs.items():
         print(f"== {name}: {' '.join(overrides)}", flush=True)
         try:
-            results.append(run_one(name, overrides, args.out))
+            results.append(run_one(name, overrides, runs_dir))
         except Exception:  # a failed configuration is reported; the others still run
             results.append({"name": name, "overrides": overrides, "error": traceback.format_exc()})
         print(json.dumps(results[-1], indent=1)[:2000], flush=True)
+        write(args.out, results)
+        gc.collect()  # the finished run's model and optimizer
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
     if args.profile:
         try:
             profile = [*CONFIGURATIONS["session+packing"], "trainer.max_steps=6", "metrics.warmup_batches=0"]
-            run_one("profile", [*args.overrides, *profile, *profiler_overrides(args.out / "profile.txt")], args.out)
+            run_one("profile", [*args.overrides, *profile, *profiler_overrides(args.out / "profile.txt")], runs_dir)
         except Exception:
             (args.out / "profile_error.txt").write_text(traceback.format_exc())
 
+    write(args.out, results)
+
+
+def write(out: Path, results: list[dict]) -> None:
+    """results.json, table.md and the plot of the results so far."""
     by_name = {r["name"]: r for r in results if "error" not in r}
     ratios = {}
     if "session+packing" in by_name and "split+padding" in by_name:
@@ -175,11 +185,11 @@ def main(argv: list[str] | None = None) -> None:
         "answer_tokens_per_second_vs_split_padding": ratios,
         "results": results,
     }
-    (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (args.out / "table.md").write_text(table(results))
-    plot(results, args.out / "answer_tokens_per_second.png")
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "table.md").write_text(table(results))
+    plot(results, out / "answer_tokens_per_second.png")
     print(table(results))
-    print("ratios vs split+padding:", json.dumps(ratios, indent=1))
+    print("ratios vs split+padding:", json.dumps(ratios, indent=1), flush=True)
 
 
 if __name__ == "__main__":

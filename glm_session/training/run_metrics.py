@@ -45,6 +45,8 @@ class RunMetrics(L.Callback):
                          # the timed batches (after the warm-up):
                          "train_seconds": 0.0, "timed_input_tokens": 0, "timed_supervised_tokens": 0, "flops": 0.0}  # fmt: skip
         self._batches_this_fit = 0
+        # Validation loss against training time and FLOPs (this device's): one point per validation.
+        self.val_curve: list[dict[str, float]] = []
         self.metrics: dict[str, Any] = {}
         self._since: float | None = None
         self._fit_start = 0.0
@@ -52,10 +54,12 @@ class RunMetrics(L.Callback):
     def state_dict(self) -> dict[str, Any]:
         counters = dict(self.counters)
         counters["wall_seconds"] += time.perf_counter() - self._fit_start
-        return counters
+        return {**counters, "val_curve": list(self.val_curve)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.counters.update(state_dict)
+        state = dict(state_dict)
+        self.val_curve = list(state.pop("val_curve", []))
+        self.counters.update(state)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_start = time.perf_counter()
@@ -65,6 +69,11 @@ class RunMetrics(L.Callback):
         self._since = time.perf_counter()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        history = pl_module.history
+        if not trainer.sanity_checking and history and history[-1]["split"] == "val":
+            self.val_curve.append({"step": trainer.global_step, "epoch": history[-1]["epoch"],
+                                   "train_seconds": self.counters["train_seconds"], "train_flops": self.counters["flops"],
+                                   "loss": history[-1]["loss"]})  # fmt: skip
         self._since = time.perf_counter()
 
     def on_train_batch_end(
@@ -117,6 +126,7 @@ class RunMetrics(L.Callback):
             "train_loss": train[-1]["loss"] if train else None,
             "train_loss_by_epoch": [h["loss"] for h in train],
             "history": history,
+            "val_curve": self.val_curve,
             "global_steps": trainer.global_step,
             "input_tokens": input_tokens,
             "supervised_tokens": supervised_tokens,
