@@ -16,11 +16,23 @@ FAST = [
     "trainer.limit_train_batches=1",
     "trainer.limit_val_batches=1",
     "trainer.enable_progress_bar=false",
+    "trainer.val_check_interval=1.0",
+    "model.init_from=null",  # the fine-tuning arms start from an exported pretrained folder
+    "evaluate.limit=1",
+    "generation.max_new_tokens=2",
 ]
 
 
 def test_there_are_experiments():
-    assert {"kdconv_session_packed", "kdconv_split_padded"} <= set(EXPERIMENTS)
+    assert {"kdconv_session_packed", "kdconv_split_padded", "pretrain_lm", "finetune_split", "finetune_session"} <= set(
+        EXPERIMENTS
+    )
+
+
+def test_an_experiment_overrides_the_default_job():
+    cfg = compose_config("train", ["experiment=kdconv_split_padded"])
+    assert cfg.trainer.limit_train_batches == 1.0 and cfg.trainer.max_epochs == 5  # train.yaml: 0.125 and 3
+    assert cfg.data.packing is False and cfg.data.batch_size == 8
 
 
 @pytest.mark.parametrize("experiment", RUNS)

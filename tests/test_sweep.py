@@ -17,7 +17,8 @@ TESTS = Path(__file__).parent
 ROOT = TESTS.parent
 TINY = ["model=chatglm2-tiny", "data.limit=6", "data.max_seq_len=512", "data.batch_tokens=1024",
         "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2",
-        "trainer.enable_progress_bar=false", "evaluate.limit=2", "generation.max_new_tokens=4"]  # fmt: skip
+        "trainer.enable_progress_bar=false", "trainer.val_check_interval=1.0", "evaluate.limit=2",
+        "generation.max_new_tokens=4"]  # fmt: skip
 
 
 def test_sweep_has_18_jobs_of_the_two_arms():

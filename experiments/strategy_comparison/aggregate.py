@@ -9,7 +9,8 @@ SWEEP_DIR holds one folder per job (``python -m glm_session.train -m +sweep=stra
 
 Per arm (strategy + reduction), mean ± std over seeds of: time per epoch, input tokens per epoch, answer tokens/s,
 final validation loss overall and by turn, ROUGE-1/2/L overall and by turn; validation loss at equal epochs (the
-last) and at equal training time (interpolated at the fastest arm's total time) and equal FLOPs. Plots: validation
+last) and at equal training time and equal FLOPs (interpolated between validations, at the soonest last
+validation of any job). Plots: validation
 loss against training time, ROUGE-L by turn, gradient weight by turn (WEIGHTS_JSON, from
 ``python -m glm_session.analysis report``).
 """
@@ -81,9 +82,7 @@ def interpolate(curve: list[dict], key: str, at: float) -> float | None:
     for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
         if x0 <= at <= x1:
             return y0 + (y1 - y0) * (at - x0) / (x1 - x0) if x1 > x0 else y1
-    if points and points[0][0] >= at:  # before the first validation
-        return None
-    return None
+    return None  # before the first validation or after the last
 
 
 def aggregate(jobs: list[dict]) -> dict:
@@ -91,9 +90,10 @@ def aggregate(jobs: list[dict]) -> dict:
     arms: dict[str, list[dict]] = defaultdict(list)
     for job in ok:
         arms[f"{job['strategy']}+{job['reduction']}"].append(job)
-    # equal time / FLOPs: where the fastest (cheapest) arm ended, on average
-    equal_seconds = min((mean_std([j["train_seconds"] for j in js])[0] for js in arms.values()), default=None)
-    equal_flops = min((mean_std([j["train_flops"] for j in js])[0] for js in arms.values()), default=None)
+    # equal time / FLOPs: the last validation of the job that got there soonest (every job has a curve up to it)
+    ended = [j["val_curve"][-1] for j in ok if j["val_curve"]]
+    equal_seconds = min((p["train_seconds"] for p in ended), default=None)
+    equal_flops = min((p["train_flops"] for p in ended), default=None)
     summary = {}
     for arm, js in sorted(arms.items()):
         turns = sorted({t for j in js for t in j["rouge_by_turn"]})

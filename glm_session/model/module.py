@@ -35,6 +35,8 @@ class ChatGLM2Module(L.LightningModule):
         weight_decay: AdamW decay of the matrices (biases and norm weights get none).
         init_from: a folder that ``GlmForCausalLM.from_pretrained`` loads (safetensors) instead of a random init.
         attn_implementation: ``sdpa``, ``eager`` or ``flex_attention``.
+        compile_layers: ``torch.compile`` each decoder layer (fuses the norms, rotary and SwiGLU element-wise work;
+            shapes stay static with ``data.pad_to=max_seq_len``).
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class ChatGLM2Module(L.LightningModule):
         weight_decay: float = 0.0,
         init_from: str | None = None,
         attn_implementation: str = "sdpa",
+        compile_layers: bool = False,
     ) -> None:
         super().__init__()
         if reduction not in REDUCTIONS:
@@ -53,6 +56,7 @@ class ChatGLM2Module(L.LightningModule):
         self.config, self.reduction = config, reduction
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.weight_decay, self.init_from = weight_decay, init_from
+        self.compile_layers = compile_layers
         self.config._attn_implementation = attn_implementation
         self.model: GlmForCausalLM | None = None
         # Step accumulators: numerator and (tokens, samples, turns) of the micro-batches since the last step.
@@ -99,6 +103,7 @@ class ChatGLM2Module(L.LightningModule):
             strategy = self.trainer.strategy
             with torch.device("meta"):
                 model = GlmForCausalLM(self.config)
+            self._compile(model)
             self.model = shard_model(
                 model, mesh, strategy.root_device, strategy.param_dtype, strategy.activation_checkpointing
             )
@@ -111,6 +116,12 @@ class ChatGLM2Module(L.LightningModule):
             ).train()  # from_pretrained returns the model in eval mode
         else:
             self.model = GlmForCausalLM(self.config)
+        self._compile(self.model)
+
+    def _compile(self, model: GlmForCausalLM) -> None:
+        if self.compile_layers:
+            for layer in model.model.layers:
+                layer.compile()
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, V) of rows of packed or padded samples."""
