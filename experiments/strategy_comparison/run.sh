@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole strategy comparison on one GPU, in under 10 minutes (an H200 here):
-#   1. pretrain the shared starting point (experiment=pretrain_lm) and export it;
+#   1. pretrain the shared starting point (experiment=pretrain_lm): its best checkpoint is every arm's init_from;
 #   2. the 18-job sweep (python -m glm_session.train -m +sweep=strategy_x_reduction) as 6 Hydra multiruns side by
 #      side, one per strategy x reduction, each over the 3 seeds (chatglm2-small leaves most of the GPU idle);
 #   3. pack every job's metrics, evaluation and failure note into OUT/sweep.tgz.
@@ -20,13 +20,13 @@ for strategy in lm split session; do  # build the sample caches once, before the
     python -m glm_session.data stats strategy=$strategy $data ${DATA_EXTRA:-} out="$root/logs/data_$strategy.json" >/dev/null
 done
 python -m glm_session.train experiment=pretrain_lm $quiet hydra.run.dir="$root/pretrain" >"$root/logs/pretrain.log" 2>&1
-python -m glm_session.export "$(ls "$root"/pretrain/checkpoints/best-*.ckpt | head -1)" "$root/pretrained" \
-    >"$root/logs/export.log" 2>&1
-tail -n 3 "$root/logs/pretrain.log" "$root/logs/export.log"
+init=$(ls "$root"/pretrain/checkpoints/best-*.ckpt | head -1)
+tail -n 3 "$root/logs/pretrain.log"
+echo "init_from: $init"
 
 for strategy in split session; do
     for loss in token sample turn; do
-        GLM_SESSION_INIT="$root/pretrained" timeout "$budget" python -m glm_session.train -m +sweep=strategy_x_reduction \
+        GLM_SESSION_INIT="$init" timeout "$budget" python -m glm_session.train -m +sweep=strategy_x_reduction \
             experiment=finetune_$strategy loss=$loss $quiet hydra.sweep.dir="$root/sweep" \
             >"$root/logs/sweep_${strategy}_$loss.log" 2>&1 &
     done

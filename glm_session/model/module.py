@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -18,6 +19,7 @@ import torch
 from transformers import GlmConfig, GlmForCausalLM
 
 from glm_session.constants import IGNORE_INDEX
+from glm_session.model.initial_weights import read_initial_weights
 from glm_session.model.loss import REDUCTIONS, denominator, loss_terms, token_losses
 from glm_session.model.presets import chatglm2_config, padded_vocab_size
 
@@ -33,7 +35,8 @@ class ChatGLM2Module(L.LightningModule):
         scheduler: a partial taking the optimizer and ``num_training_steps``; stepped every optimizer step.
         reduction: ``token``, ``sample``, ``turn`` or ``sum`` (see ``loss.py``).
         weight_decay: AdamW decay of the matrices (biases and norm weights get none).
-        init_from: a folder that ``GlmForCausalLM.from_pretrained`` loads (safetensors) instead of a random init.
+        init_from: initial weights instead of a random init: a folder that ``GlmForCausalLM.from_pretrained`` loads
+            (converted or exported), or a glm_session run's single-file checkpoint (``*.ckpt``).
         attn_implementation: ``sdpa``, ``eager`` or ``flex_attention``.
         compile_layers: ``torch.compile`` each decoder layer (fuses the norms, rotary and SwiGLU element-wise work;
             shapes stay static with ``data.pad_to=max_seq_len``).
@@ -110,7 +113,10 @@ class ChatGLM2Module(L.LightningModule):
             if self.init_from:
                 load_full_weights(self.model, self.init_from)
             return
-        if self.init_from:
+        if self.init_from and Path(self.init_from).is_file():  # a run's checkpoint
+            self.model = GlmForCausalLM(self.config)
+            self.model.load_state_dict(read_initial_weights(self.init_from))
+        elif self.init_from:
             self.model = GlmForCausalLM.from_pretrained(
                 self.init_from, config=self.config, dtype=torch.float32, attn_implementation=self.config._attn_implementation
             ).train()  # from_pretrained returns the model in eval mode

@@ -80,17 +80,14 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.barrier("checkpoint renamed")
 
 
-def load_full_weights(model: GlmForCausalLM, folder: str | Path) -> None:
-    """Load a Hugging Face folder's safetensors into a sharded model: rank 0 reads, every rank keeps its shard."""
-    from safetensors.torch import load_file
+def load_full_weights(model: GlmForCausalLM, path: str | Path) -> None:
+    """Load ``model.init_from`` weights (a Hugging Face folder or a run's checkpoint file) into a sharded model:
+    rank 0 reads, every rank keeps its shard."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    from glm_session.model.initial_weights import read_initial_weights
+
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    state: dict[str, torch.Tensor] = {}
-    if rank0:
-        for file in sorted(Path(folder).glob("*.safetensors")):
-            state.update(load_file(file))
-        if not state:
-            raise FileNotFoundError(f"{folder}: no *.safetensors weights")
+    state = read_initial_weights(path) if rank0 else {}
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, state, options=options)
