@@ -87,6 +87,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.get("evaluate") and cfg.evaluate.enabled and trainer.is_global_zero:
         from glm_session.evaluate import evaluate_model
 
+        # Lightning's teardown has moved the model back to the CPU: generate on the training device.
+        module.model.to(trainer.strategy.root_device)
         metrics["evaluation"] = evaluate_model(
             module.model,
             datamodule,
