@@ -30,7 +30,15 @@ class RecordBatches(L.Callback):
         checksum = sum(float(p.double().sum()) for p in pl_module.parameters())
         with open(self.path, "a") as f:
             f.write(
-                json.dumps([trainer.global_step, trainer.current_epoch, batch["sample_index"][:, 0].tolist(), lr, checksum])
+                json.dumps(
+                    [
+                        trainer.global_step,
+                        trainer.current_epoch,
+                        batch["sample_index"][:, 0].tolist(),
+                        lr,
+                        checksum,
+                    ]
+                )
                 + "\n"
             )
 

@@ -84,7 +84,13 @@ def test_ghost_rows_train_nothing():
     from glm_session.data.build import FEATURES
     from glm_session.data.collator import RowDataset
 
-    sample = {"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "turn_ids": [0, 1, 1], "session_index": 0, "length": 3}
+    sample = {
+        "input_ids": [1, 2, 3],
+        "labels": [-100, 2, 3],
+        "turn_ids": [0, 1, 1],
+        "session_index": 0,
+        "length": 3,
+    }
     samples = datasets.Dataset.from_list([{**{k: 0 for k in FEATURES}, **sample}], features=FEATURES)
     rows = RowDataset(samples, [[0]])
     assert rows[-1]["input_ids"] == rows[0]["input_ids"]

@@ -24,9 +24,13 @@ FAST = [
 
 
 def test_there_are_experiments():
-    assert {"kdconv_session_packed", "kdconv_split_padded", "pretrain_lm", "finetune_split", "finetune_session"} <= set(
-        EXPERIMENTS
-    )
+    assert {
+        "kdconv_session_packed",
+        "kdconv_split_padded",
+        "pretrain_lm",
+        "finetune_split",
+        "finetune_session",
+    } <= set(EXPERIMENTS)
 
 
 def test_an_experiment_overrides_the_default_job():

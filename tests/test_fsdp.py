@@ -63,7 +63,9 @@ def test_fsdp_equals_one_process_and_resumes(tmp_path, cache_dir, initial_weight
         assert abs(a - b) < 1e-4
 
     killed = tmp_path / "killed"
-    result = torchrun(killed, "+callbacks.kill._target_=helpers.KillAtStep", "+callbacks.kill.step=5", cache=cache_dir)
+    result = torchrun(
+        killed, "+callbacks.kill._target_=helpers.KillAtStep", "+callbacks.kill.step=5", cache=cache_dir
+    )
     assert result.returncode != 0
     result = torchrun(killed, f"ckpt_path={killed / 'checkpoints/last.ckpt'}", cache=cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from hydra.utils import instantiate
 
 from glm_session.config import compose_config
@@ -14,7 +13,9 @@ FAST = ["model=chatglm2-tiny", "data.limit=4", "trainer.max_steps=1", "trainer.l
 
 
 def test_init_from_a_run_checkpoint(tmp_path, cache_dir):
-    _, first = train(compose_config("train", [*FAST, f"output_dir={tmp_path / 'a'}", f"data.cache_dir={cache_dir}"]))
+    _, first = train(
+        compose_config("train", [*FAST, f"output_dir={tmp_path / 'a'}", f"data.cache_dir={cache_dir}"])
+    )
     checkpoint = tmp_path / "a" / "checkpoints" / "last.ckpt"
     trained = {k: v.detach().clone() for k, v in first["module"].model.state_dict().items()}
 

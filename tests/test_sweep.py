@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from omegaconf import OmegaConf
 
 from glm_session.config import CONFIG_DIR, compose_config
@@ -39,7 +38,9 @@ def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_pretrain_export_sweep_with_a_failed_job_and_aggregate(tmp_path, cache_dir):
     cache = f"data.cache_dir={cache_dir}"
-    pretrain = run("-m", "glm_session.train", "experiment=pretrain_lm", *TINY, cache, f"hydra.run.dir={tmp_path / 'pre'}")
+    pretrain = run(
+        "-m", "glm_session.train", "experiment=pretrain_lm", *TINY, cache, f"hydra.run.dir={tmp_path / 'pre'}"
+    )
     assert pretrain.returncode == 0, pretrain.stderr[-3000:]
     (checkpoint,) = (tmp_path / "pre" / "checkpoints").glob("best-*.ckpt")  # every arm's init_from
 

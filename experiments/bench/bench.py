@@ -143,7 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     runs_dir = args.runs or args.out / "runs"
 
-    runs = {name: [*args.overrides, *o] for name, o in CONFIGURATIONS.items() if not args.only or name in args.only}
+    runs = {
+        name: [*args.overrides, *o] for name, o in CONFIGURATIONS.items() if not args.only or name in args.only
+    }
     for variant in args.variant:
         name, _, extra = variant.partition("=")
         runs[name] = [*args.overrides, *CONFIGURATIONS["session+packing"], *extra.split(",")]
@@ -163,7 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.profile:
         try:
             profile = [*CONFIGURATIONS["session+packing"], "trainer.max_steps=6", "metrics.warmup_batches=0"]
-            run_one("profile", [*args.overrides, *profile, *profiler_overrides(args.out / "profile.txt")], runs_dir)
+            run_one(
+                "profile", [*args.overrides, *profile, *profiler_overrides(args.out / "profile.txt")], runs_dir
+            )
         except Exception:
             (args.out / "profile_error.txt").write_text(traceback.format_exc())
 

@@ -107,7 +107,9 @@ def aggregate(jobs: list[dict]) -> dict:
             "val_loss_at_equal_seconds": mean_std(
                 [interpolate(j["val_curve"], "train_seconds", equal_seconds) for j in js]
             ),
-            "val_loss_at_equal_flops": mean_std([interpolate(j["val_curve"], "train_flops", equal_flops) for j in js]),
+            "val_loss_at_equal_flops": mean_std(
+                [interpolate(j["val_curve"], "train_flops", equal_flops) for j in js]
+            ),
             "val_loss_by_turn": {t: mean_std([j["val_loss_by_turn"].get(t) for j in js]) for t in turns},
             "rouge": {k: mean_std([j["rouge"][k] for j in js]) for k in ("rouge1", "rouge2", "rougeL")},
             "rouge_by_turn": {
@@ -141,7 +143,11 @@ def tables(result: dict, jobs: list[dict]) -> str:
     out += ["", "Final validation loss by turn index (mean ± std over seeds):", "",
             "| arm | " + " | ".join(str(t) for t in turns) + " |", "|---" * (MAX_TURN + 1) + "|"]  # fmt: skip
     for arm, a in arms.items():
-        out.append(f"| {arm} | " + " | ".join(fmt(a["val_loss_by_turn"].get(t, (float('nan'),) * 2), 3) for t in turns) + " |")
+        out.append(
+            f"| {arm} | "
+            + " | ".join(fmt(a["val_loss_by_turn"].get(t, (float("nan"),) * 2), 3) for t in turns)
+            + " |"
+        )
     out += ["", "ROUGE-L by turn index (test split, mean ± std over seeds):", "",
             "| arm | " + " | ".join(str(t) for t in turns) + " |", "|---" * (MAX_TURN + 1) + "|"]  # fmt: skip
     for arm, a in arms.items():
@@ -168,7 +174,9 @@ def plots(result: dict, jobs: list[dict], weights: dict | None, out: Path) -> li
         xs = [p["train_seconds"] for p in job["val_curve"]]
         ys = [p["loss"] for p in job["val_curve"]]
         label = f"{job['strategy']}+{job['reduction']}" if job["seed"] == 0 else None
-        ax.plot(xs, ys, styles[job["reduction"]], color=colors.get(job["strategy"]), alpha=0.8, label=label, marker=".")
+        ax.plot(
+            xs, ys, styles[job["reduction"]], color=colors.get(job["strategy"]), alpha=0.8, label=label, marker="."
+        )
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("validation loss (answer tokens)")
     ax.legend(fontsize=8)

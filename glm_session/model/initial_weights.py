@@ -20,7 +20,9 @@ def read_initial_weights(path: str | Path) -> dict[str, torch.Tensor]:
         for file in sorted(path.glob("*.safetensors")):
             state.update(load_file(file))
         if not state:
-            raise FileNotFoundError(f"{path}: no *.safetensors weights (init_from takes a converted or exported folder)")
+            raise FileNotFoundError(
+                f"{path}: no *.safetensors weights (init_from takes a converted or exported folder)"
+            )
         return state
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such folder or checkpoint file (model.init_from)")
@@ -31,5 +33,7 @@ def read_initial_weights(path: str | Path) -> dict[str, torch.Tensor]:
     weights = checkpoint.get("state_dict", {}) if isinstance(checkpoint, dict) else {}
     state = {k.removeprefix(PREFIX): v for k, v in weights.items() if k.startswith(PREFIX)}
     if not state:
-        raise ValueError(f"{path}: no model weights (expected a glm_session run's checkpoint, state_dict['model.*'])")
+        raise ValueError(
+            f"{path}: no model weights (expected a glm_session run's checkpoint, state_dict['model.*'])"
+        )
     return state

@@ -118,7 +118,10 @@ class ChatGLM2Module(L.LightningModule):
             self.model.load_state_dict(read_initial_weights(self.init_from))
         elif self.init_from:
             self.model = GlmForCausalLM.from_pretrained(
-                self.init_from, config=self.config, dtype=torch.float32, attn_implementation=self.config._attn_implementation
+                self.init_from,
+                config=self.config,
+                dtype=torch.float32,
+                attn_implementation=self.config._attn_implementation,
             ).train()  # from_pretrained returns the model in eval mode
         else:
             self.model = GlmForCausalLM(self.config)

@@ -58,12 +58,16 @@ class FSDP2Strategy(ModelParallelStrategy):
     a ``.replaced-*`` folder that nothing loads), never a folder of mixed shards.
     """
 
-    def __init__(self, param_dtype: str = "bfloat16", activation_checkpointing: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self, param_dtype: str = "bfloat16", activation_checkpointing: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.param_dtype = getattr(torch, param_dtype)
         self.activation_checkpointing = activation_checkpointing
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any = None
+    ) -> None:
         path = Path(filepath)
         token = [uuid.uuid4().hex if self.is_global_zero else None]
         if torch.distributed.is_initialized():

@@ -20,7 +20,9 @@ class LastCheckpoint(ModelCheckpoint):
     def __init__(self, every_n_train_steps: int, **kwargs: Any) -> None:
         super().__init__(save_last=True, save_top_k=0, every_n_train_steps=every_n_train_steps, **kwargs)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx
+    ) -> None:
         if batch_idx + 1 >= trainer.num_training_batches:
             return
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

@@ -111,10 +111,18 @@ class RunMetrics(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         strategy = trainer.strategy
         names = ("input_tokens", "supervised_tokens", "timed_input_tokens", "timed_supervised_tokens", "flops")
-        local = torch.tensor([self.counters[n] for n in names], dtype=torch.float64, device=trainer.strategy.root_device)
+        local = torch.tensor(
+            [self.counters[n] for n in names], dtype=torch.float64, device=trainer.strategy.root_device
+        )
         totals = dict(zip(names, strategy.reduce(local, reduce_op="sum").tolist(), strict=True))
-        input_tokens, supervised_tokens, flops = int(totals["input_tokens"]), int(totals["supervised_tokens"]), totals["flops"]
-        seconds = torch.tensor(self.counters["train_seconds"], dtype=torch.float64, device=trainer.strategy.root_device)
+        input_tokens, supervised_tokens, flops = (
+            int(totals["input_tokens"]),
+            int(totals["supervised_tokens"]),
+            totals["flops"],
+        )
+        seconds = torch.tensor(
+            self.counters["train_seconds"], dtype=torch.float64, device=trainer.strategy.root_device
+        )
         train_seconds = float(strategy.reduce(seconds, reduce_op="max"))
         history = pl_module.history
         val = [h for h in history if h["split"] == "val"]
@@ -134,7 +142,9 @@ class RunMetrics(L.Callback):
             "wall_seconds": self.counters["wall_seconds"] + time.perf_counter() - self._fit_start,
             "warmup_batches": self.warmup_batches,
             "tokens_per_second": totals["timed_input_tokens"] / train_seconds if train_seconds else None,
-            "supervised_tokens_per_second": totals["timed_supervised_tokens"] / train_seconds if train_seconds else None,
+            "supervised_tokens_per_second": totals["timed_supervised_tokens"] / train_seconds
+            if train_seconds
+            else None,
             "parameters": self._parameter_count,
             "devices": trainer.world_size,
             "train_flops": flops,
@@ -142,7 +152,9 @@ class RunMetrics(L.Callback):
         device = trainer.strategy.root_device  # (the module may be back on the CPU after the fit)
         if device.type == "cuda":  # MFU of the devices' bf16 peak; memory of this (rank 0's) device
             self.metrics["accelerator"] = torch.cuda.get_device_name(device)
-            self.metrics["mfu"] = flops / train_seconds / (self.peak_flops * trainer.world_size) if train_seconds else None
+            self.metrics["mfu"] = (
+                flops / train_seconds / (self.peak_flops * trainer.world_size) if train_seconds else None
+            )
             self.metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             self.metrics["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
         if self.path and trainer.is_global_zero:
