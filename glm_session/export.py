@@ -64,14 +64,17 @@ def fast_tokenizer(tokenizer: ChatGLM2Tokenizer) -> PreTrainedTokenizerFast:
     from transformers.convert_slow_tokenizer import SentencePieceExtractor, SpmConverter
 
     try:
-        proto = SentencePieceExtractor(str(tokenizer.vocab_file)).proto
+        extractor = SentencePieceExtractor(str(tokenizer.vocab_file))
     except ImportError:  # transformers reads the SentencePiece model with protobuf
         raise ExportError(f"{tokenizer.vocab_file}: converting it needs protobuf (pip install protobuf)") from None
-    if proto.trainer_spec.model_type == 2:  # BPE: a vocabulary; merges come from the piece scores
-        vocab: Any = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    proto, merges = extractor.proto, None
+    if proto.trainer_spec.model_type == 2:  # BPE: the vocabulary and its merges, in the pieces' score order
+        extracted = extractor.extract(None)
+        vocab: Any = extracted["vocab"]
+        merges = extracted["merges"]  # given explicitly: transformers 5.17 does not derive them (characters only)
     else:  # unigram: pieces and scores
         vocab = [(piece.piece, piece.score) for piece in proto.pieces]
-    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab)
+    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, merges)
     if backend is None:
         raise ExportError(f"{tokenizer.vocab_file}: a SentencePiece model type that transformers cannot convert")
     backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS])
