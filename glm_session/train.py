@@ -43,6 +43,12 @@ def _loggers(cfg: DictConfig) -> list:
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit the model of ``cfg`` on its data; return the run's metrics and the objects that produced them."""
+    sharded = str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")).endswith("FSDP2Strategy")
+    if sharded and OmegaConf.select(cfg, "evaluate.enabled", default=False):
+        raise ValueError(
+            "evaluate.enabled=true with trainer=fsdp: generation needs the whole model on one device; evaluate the "
+            "run's checkpoint afterwards (consolidate it, then python -m glm_session.evaluate ckpt_path=...)"
+        )
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -109,7 +115,9 @@ def main(cfg: DictConfig) -> float | None:
         # job as failed, runs the other jobs and raises at the end; a single run ends with the message.
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "failed.txt").write_text(traceback.format_exc())
-        if HydraConfig.get().mode == RunMode.MULTIRUN or not isinstance(err, (DataError, FileNotFoundError)):
+        if HydraConfig.get().mode == RunMode.MULTIRUN or not isinstance(
+            err, (DataError, FileNotFoundError, ValueError)
+        ):
             raise
         log.error("%s", err)
         sys.exit(2)

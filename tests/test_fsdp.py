@@ -73,3 +73,10 @@ def test_fsdp_equals_one_process_and_resumes(tmp_path, cache_dir, initial_weight
     assert resumed["global_steps"] == 8
     for a, b in zip(resumed["val_loss_by_epoch"], sharded["val_loss_by_epoch"], strict=True):
         assert abs(a - b) < 1e-5
+
+
+def test_evaluation_after_sharded_training_is_refused_before_training(tmp_path):
+    cfg = compose_config("train", ["trainer=fsdp", "evaluate.enabled=true", f"output_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="evaluate.enabled=true with trainer=fsdp"):
+        train(cfg)
+    assert not (tmp_path / "config.yaml").exists()
