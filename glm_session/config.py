@@ -25,6 +25,19 @@ if not OmegaConf.has_resolver("glm_session.resources"):
     OmegaConf.register_new_resolver("glm_session.precision", _precision)
 
 
+# Overrides of a throughput measurement (experiments/bench, experiments/scale): training steps only, no validation,
+# checkpoints, loggers or progress bar; the run stops at trainer.max_steps.
+TRAINING_ONLY = [
+    "trainer.limit_val_batches=0",
+    "trainer.max_epochs=-1",
+    "trainer.limit_train_batches=1.0",
+    "+trainer.enable_checkpointing=false",
+    "trainer.enable_progress_bar=false",
+    "~callbacks",
+    "~logger",
+]
+
+
 def compose_config(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:
     """``conf/<config_name>.yaml`` with command-line style ``overrides`` (for tools and tests)."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

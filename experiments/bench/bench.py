@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from glm_session.config import compose_config
+from glm_session.config import TRAINING_ONLY, compose_config
 from glm_session.train import train
 
 CONFIGURATIONS = {
@@ -41,15 +41,6 @@ CONFIGURATIONS = {
     "session+padding": ["strategy=session", "data.packing=false"],
     "session+packing": ["strategy=session", "data.packing=true"],
 }
-BENCH = [  # measure training only
-    "trainer.limit_val_batches=0",
-    "trainer.max_epochs=-1",
-    "trainer.limit_train_batches=1.0",
-    "+trainer.enable_checkpointing=false",
-    "trainer.enable_progress_bar=false",
-    "~callbacks",
-    "~logger",
-]
 
 
 def machine() -> str:
@@ -69,7 +60,7 @@ def profiler_overrides(path: Path) -> list[str]:
 
 
 def run_one(name: str, overrides: list[str], runs: Path) -> dict:
-    cfg = compose_config("train", [*BENCH, *overrides, f"output_dir={runs / name}"])
+    cfg = compose_config("train", [*TRAINING_ONLY, *overrides, f"output_dir={runs / name}"])
     started = time.perf_counter()
     metrics, _ = train(cfg)
     data = metrics["data"]

@@ -23,19 +23,15 @@ from pathlib import Path
 
 import torch
 
+from glm_session.config import TRAINING_ONLY
+
 SCALE = [
     "trainer=fsdp",
     "model=chatglm2-6b",
     "strategy=session",
     "data.packing=true",
     "data.max_seq_len=2048",
-    "trainer.limit_val_batches=0",
-    "trainer.max_epochs=-1",
-    "trainer.limit_train_batches=1.0",
-    "+trainer.enable_checkpointing=false",
-    "trainer.enable_progress_bar=false",
-    "~callbacks",
-    "~logger",
+    *TRAINING_ONLY,
 ]
 
 
