@@ -26,6 +26,8 @@ from pathlib import Path
 import yaml
 
 MAX_TURN = 8  # turns above this are few in KdConv's test split (columns 1..MAX_TURN)
+COLORS = {"split": "tab:orange", "session": "tab:blue"}
+STYLES = {"token": "-", "sample": "--", "turn": ":"}
 
 
 def read_job(folder: Path) -> dict:
@@ -49,10 +51,9 @@ def read_job(folder: Path) -> dict:
     if "error" in job:
         return job
     m, e = json.loads(metrics.read_text()), json.loads(evaluation.read_text())
-    epochs = max(len(m["val_loss_by_epoch"]), 1)
     curve = m.get("val_curve", [])
     job.update(
-        epochs=m["history"][-1]["epoch"] + 1 if m["history"] else epochs,
+        epochs=m["history"][-1]["epoch"] + 1 if m["history"] else 1,
         train_seconds=m["train_seconds"],
         train_flops=m.get("train_flops"),
         input_tokens_per_epoch=m["data"]["input_tokens"],
@@ -160,6 +161,25 @@ def tables(result: dict, jobs: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def by_turn_plot(series: dict[str, dict[int, float]], ylabel: str, path: Path) -> str:
+    """One line per arm (``strategy+reduction``) of a value by turn index, turns 1..MAX_TURN; returns the file name."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for arm, by_turn in series.items():
+        strategy, reduction = arm.split("+")
+        turns = [t for t in sorted(by_turn) if t <= MAX_TURN]
+        ax.plot(turns, [by_turn[t] for t in turns], STYLES[reduction], color=COLORS.get(strategy), marker="o",
+                label=arm)  # fmt: skip
+    ax.set_xlabel("turn index")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path.name
+
+
 def plots(result: dict, jobs: list[dict], weights: dict | None, out: Path) -> list[str]:
     import matplotlib
 
@@ -167,15 +187,13 @@ def plots(result: dict, jobs: list[dict], weights: dict | None, out: Path) -> li
     import matplotlib.pyplot as plt
 
     names = []
-    colors = {"split": "tab:orange", "session": "tab:blue"}
-    styles = {"token": "-", "sample": "--", "turn": ":"}
     fig, ax = plt.subplots(figsize=(7, 4))
     for job in (j for j in jobs if "error" not in j):
         xs = [p["train_seconds"] for p in job["val_curve"]]
         ys = [p["loss"] for p in job["val_curve"]]
         label = f"{job['strategy']}+{job['reduction']}" if job["seed"] == 0 else None
         ax.plot(
-            xs, ys, styles[job["reduction"]], color=colors.get(job["strategy"]), alpha=0.8, label=label, marker="."
+            xs, ys, STYLES[job["reduction"]], color=COLORS.get(job["strategy"]), alpha=0.8, label=label, marker="."
         )
     ax.set_xlabel("training time (s)")
     ax.set_ylabel("validation loss (answer tokens)")
@@ -185,34 +203,11 @@ def plots(result: dict, jobs: list[dict], weights: dict | None, out: Path) -> li
     names.append("val_loss_vs_time.png")
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for arm, a in result["arms"].items():
-        strategy, reduction = arm.split("+")
-        turns = [t for t in sorted(a["rouge_by_turn"]) if t <= MAX_TURN]
-        ax.plot(turns, [a["rouge_by_turn"][t]["rougeL"][0] for t in turns], styles[reduction],
-                color=colors.get(strategy), marker="o", label=arm)  # fmt: skip
-    ax.set_xlabel("turn index")
-    ax.set_ylabel("ROUGE-L (test)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "rouge_by_turn.png", dpi=120)
-    names.append("rouge_by_turn.png")
-    plt.close(fig)
-
+    rouge = {arm: {t: v["rougeL"][0] for t, v in a["rouge_by_turn"].items()} for arm, a in result["arms"].items()}
+    names.append(by_turn_plot(rouge, "ROUGE-L (test)", out / "rouge_by_turn.png"))
     if weights:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for arm, by_turn in weights["per_step"].items():
-            strategy, reduction = arm.split("+")
-            turns = [t for t in sorted(by_turn, key=int) if int(t) <= MAX_TURN]
-            ax.plot([int(t) for t in turns], [by_turn[t] for t in turns], styles[reduction],
-                    color=colors.get(strategy), marker="o", label=arm)  # fmt: skip
-        ax.set_xlabel("turn index")
-        ax.set_ylabel("share of the gradient weight")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "gradient_weight_by_turn.png", dpi=120)
-        names.append("gradient_weight_by_turn.png")
-        plt.close(fig)
+        shares = {arm: {int(t): w for t, w in by_turn.items()} for arm, by_turn in weights["per_step"].items()}
+        names.append(by_turn_plot(shares, "share of the gradient weight", out / "gradient_weight_by_turn.png"))
     return names
 
 
