@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import GlmConfig, GlmForCausalLM
 
+from glm_session.errors import UserError, cli_errors
 from glm_session.model.presets import chatglm2_config
 from glm_session.tokenizer import VOCAB_FILE, ChatGLM2Tokenizer
 
@@ -56,7 +56,7 @@ FIXED_OPTIONS = [
 ]
 
 
-class ConversionError(Exception):
+class ConversionError(UserError):
     """A source that cannot be converted; the message names the file and the reason."""
 
 
@@ -67,8 +67,10 @@ def read_config(src: Path) -> GlmConfig:
         raise ConversionError(f"{path}: missing (an original ChatGLM2 config.json is needed)")
     try:
         original: dict[str, Any] = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
         raise ConversionError(f"{path}: not readable JSON ({err})") from None
+    if not isinstance(original, dict):
+        raise ConversionError(f"{path}: holds a JSON {type(original).__name__}, not an object of config fields")
     for name, value in FIXED_OPTIONS:
         if name in original and original[name] != value:
             raise ConversionError(f"{path}: {name}={original[name]!r} is not supported (ChatGLM2 has {value!r})")
@@ -89,6 +91,12 @@ def read_config(src: Path) -> GlmConfig:
         }
     except KeyError as err:
         raise ConversionError(f"{path}: no {err.args[0]!r} (not an original ChatGLM2 config)") from None
+    except TypeError as err:
+        raise ConversionError(f"{path}: a field of the wrong type ({err})") from None
+    for name, value in sizes.items():
+        kind = {"rms_norm_eps": (int, float), "attention_bias": bool}.get(name, int)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConversionError(f"{path}: {name} from the file is {value!r}, not a number of the right kind")
     for token in ("eos_token_id", "pad_token_id"):
         if original.get(token) is not None:
             sizes[token] = original[token]
@@ -273,11 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("dst", type=Path, help="new folder for GlmForCausalLM.from_pretrained")
     parser.add_argument("--dtype", choices=DTYPES, help="dtype of the written weights (default: the source's)")
     args = parser.parse_args(argv)
-    try:
+    with cli_errors():
         dst = convert(args.src, args.dst, DTYPES[args.dtype] if args.dtype else None)
-    except ConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     print(f"wrote {dst}")
 
 

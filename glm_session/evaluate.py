@@ -10,20 +10,21 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import hydra
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
-from transformers import GlmConfig, GlmForCausalLM
 
+from glm_session.checkpoints import CheckpointError, load_model
 from glm_session.config import CONFIG_DIR, build_datamodule
 from glm_session.constants import IGNORE_INDEX
-from glm_session.data.pipeline import DialogueData
-from glm_session.data.session import DataError
-from glm_session.evaluation.generation import build_prompts, generate_answers
+from glm_session.data.pipeline import DialogueData, EmptySplitError
+from glm_session.errors import run_hydra_app
+from glm_session.evaluation.generation import GenerationSettings, build_prompts, generate_answers
 from glm_session.evaluation.rouge import RougeByTurn
 from glm_session.model.loss import token_losses
 
@@ -65,19 +66,30 @@ def evaluate_model(
     data: DialogueData,
     split: str,
     output_dir: str | Path,
-    generation: DictConfig | dict,
+    generation: GenerationSettings,
     limit: int | None = None,
 ) -> dict[str, Any]:
-    """Generate, score and write ``predictions.jsonl`` and ``metrics.json`` into ``output_dir``."""
+    """Generate, score and write ``predictions.jsonl`` and ``metrics.json`` into ``output_dir``.
+
+    Prompts get ``data.max_seq_len - generation.max_new_tokens`` tokens; the oldest history turns of a longer prompt
+    are dropped, and a turn whose question alone does not fit is skipped: both are counted in the metrics.
+    """
     output_dir = Path(output_dir)
+    generation.check_room(data.max_seq_len, data.tokenizer, data.template)
+    sessions = data.read(split).sessions[:limit]
+    if not sessions:
+        data.require_batches(split)  # says what reading the split found
+    budget = generation.prompt_budget(data.max_seq_len)
+    prompts, skipped_turns = build_prompts(sessions, data.template, data.tokenizer, budget)
+    if not prompts:
+        raise EmptySplitError(
+            f"no question of the {len(sessions)} {split} sessions fits in a prompt of data.max_seq_len - "
+            f"generation.max_new_tokens = {budget} tokens"
+        )
     output_dir.mkdir(parents=True, exist_ok=True)
-    generation = dict(generation)
     was_training = model.training
     model.eval()
-    sessions = data.read(split).sessions[:limit]
-    max_prompt_tokens = data.max_seq_len - generation["max_new_tokens"]
-    prompts = build_prompts(sessions, data.template, data.tokenizer, max_prompt_tokens)
-    answers = generate_answers(model, prompts, data.tokenizer, **generation)
+    answers = generate_answers(model, prompts, data.tokenizer, **asdict(generation))
     with open(output_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
         for prompt, answer in zip(prompts, answers, strict=True):
             record = {"session_id": prompt.session_id, "turn": prompt.turn, "prompt": prompt.text,
@@ -90,9 +102,12 @@ def evaluate_model(
         "split": split,
         "sessions": len(sessions),
         "prompts": len(prompts),
+        "prompt_tokens_max": budget,
         "prompts_with_dropped_history": sum(p.dropped_history_turns > 0 for p in prompts),
+        "dropped_history_turns": sum(p.dropped_history_turns for p in prompts),
+        "skipped_turns": skipped_turns,
         "template": data.template.name,
-        "generation": generation,
+        "generation": asdict(generation),
         "rouge": scores["overall"],
         "rouge_by_turn": scores["by_turn"],
         "empty_predictions": sum(not a for a in answers),
@@ -100,32 +115,25 @@ def evaluate_model(
     }
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     model.train(was_training)
+    if skipped_turns:
+        log.warning("%d turns skipped: their question alone is longer than %d tokens", skipped_turns, budget)
     return metrics
 
 
-def load_checkpoint(path: str | Path) -> tuple[GlmForCausalLM, dict[str, Any]]:
-    """The model of a training checkpoint (``weights_only`` load) and what the run recorded about it."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    info = checkpoint.get("glm_session")
-    if info is None:
-        raise ValueError(f"{path}: not a glm_session training checkpoint (no 'glm_session' entry)")
-    config = GlmConfig.from_dict(info["model_config"])
-    model = GlmForCausalLM(config)
-    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
-    model.load_state_dict(state)
-    return model, info
-
-
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate ``cfg.ckpt_path`` on ``cfg.split``."""
-    model, info = load_checkpoint(cfg.ckpt_path)
-    with open_dict(cfg):  # the checkpoint's template; session samples for the teacher-forced loss
-        cfg.template = {"_target_": "glm_session.data.template.get_template", "name": info["template"]}
+    """Evaluate ``cfg.ckpt_path`` on ``cfg.split``, with the template and tokenizer the run was trained with."""
+    generation = instantiate(cfg.generation)
+    model, info = load_model(cfg.ckpt_path)
+    with open_dict(cfg):  # the run's template and (unless given) tokenizer; session samples for the loss
+        cfg.template = {"_target_": "glm_session.data.template.get_template", "name": info.template}
         cfg.strategy = {"_target_": "glm_session.data.strategy.SessionStrategy"}
+        if cfg.tokenizer.get("path") is None:
+            cfg.tokenizer.path = info.tokenizer_path
     data = build_datamodule(cfg, lightning=False)
-    if data.tokenizer.fingerprint != info["tokenizer_fingerprint"]:
-        raise ValueError(
-            f"{cfg.ckpt_path}: trained with another tokenizer than tokenizer.path={cfg.tokenizer.path}"
+    if data.tokenizer.fingerprint != info.tokenizer_fingerprint:
+        raise CheckpointError(
+            f"{cfg.ckpt_path}: trained with tokenizer {info.tokenizer_fingerprint}, not with "
+            f"tokenizer.path={cfg.tokenizer.path} ({data.tokenizer.fingerprint})"
         )
     device = (
         "cuda"
@@ -133,18 +141,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         else ("cpu" if cfg.device == "auto" else cfg.device)
     )
     model.to(device)
-    log.info("evaluating %s (template %s) on %s", cfg.ckpt_path, info["template"], cfg.split)
-    return evaluate_model(model, data, cfg.split, cfg.output_dir, cfg.generation, cfg.limit)
+    log.info("evaluating %s (template %s) on %s", cfg.ckpt_path, info.template, cfg.split)
+    return evaluate_model(model, data, cfg.split, cfg.output_dir, generation, cfg.limit)
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="evaluate", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    try:
-        metrics = evaluate(cfg)
-    except (DataError, FileNotFoundError, ValueError) as err:
-        log.error("%s", err)
-        sys.exit(2)
+def hydra_app(cfg: DictConfig) -> None:
+    metrics = evaluate(cfg)
     log.info("ROUGE-1/2/L %.2f / %.2f / %.2f", *metrics["rouge"].values())
+
+
+def main() -> None:
+    """``python -m glm_session.evaluate`` / ``glm-session-evaluate``: bad input ends with one line and exit code 2."""
+    run_hydra_app(hydra_app)
 
 
 if __name__ == "__main__":

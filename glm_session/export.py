@@ -23,17 +23,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from transformers import GenerationConfig, GlmForCausalLM, PreTrainedTokenizerFast
+from transformers import GenerationConfig, PreTrainedTokenizerFast
 
+from glm_session.checkpoints import load_model
 from glm_session.data.session import Turn
 from glm_session.data.template import TEMPLATES, prompt_text
-from glm_session.evaluate import load_checkpoint
+from glm_session.errors import UserError, cli_errors
+from glm_session.evaluation.generation import vocabulary_padding
+from glm_session.run_info import RunInfo
 from glm_session.tokenizer import PREFIX_TOKENS, SPECIAL_TOKENS, VOCAB_FILE, ChatGLM2Tokenizer
 
 INFO_FILE = "glm_session.json"
@@ -54,7 +56,7 @@ PROBE_TEXTS = [
 ]
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """A checkpoint or tokenizer that cannot be exported; the message names the file and the reason."""
 
 
@@ -110,37 +112,20 @@ def check_tokenizer(fast: PreTrainedTokenizerFast, tokenizer: ChatGLM2Tokenizer,
             )
 
 
-def run_tokenizer(checkpoint: Path) -> ChatGLM2Tokenizer:
-    """The tokenizer of the run that wrote ``checkpoint``: ``tokenizer.path`` of ``<run>/config.yaml``, else the
-    bundled one."""
+def run_tokenizer(checkpoint: Path, info: RunInfo) -> ChatGLM2Tokenizer:
+    """The tokenizer the run that wrote ``checkpoint`` recorded (``tokenizer_path``; ``None``: the bundled one).
+    Checkpoints of earlier versions did not record it: then ``tokenizer.path`` of ``<run>/config.yaml``."""
+    path, source = info.tokenizer_path, f"{checkpoint} (tokenizer_path)"
     config = checkpoint.parent.parent / "config.yaml"
-    path = None
-    if config.is_file():
+    if path is None and config.is_file():
         try:
-            path = OmegaConf.select(OmegaConf.load(config), "tokenizer.path")
+            path, source = OmegaConf.select(OmegaConf.load(config), "tokenizer.path"), str(config)
         except Exception as err:  # YAML and OmegaConf errors
             raise ExportError(f"{config}: not a readable run config ({err})") from None
     try:
         return ChatGLM2Tokenizer.from_pretrained(path)
     except (FileNotFoundError, ValueError) as err:
-        raise ExportError(f"{config}: tokenizer.path={path} does not load ({err})") from None
-
-
-def read_checkpoint(path: Path) -> tuple[GlmForCausalLM, dict[str, Any]]:
-    """``evaluate.load_checkpoint`` with every way of failing turned into an ``ExportError``."""
-    if path.is_dir():  # trainer=fsdp writes one shard per rank
-        raise ExportError(
-            f"{path}: a sharded checkpoint folder; make it one file first with "
-            f"`python -m lightning.fabric.utilities.consolidate_checkpoint {path}` and export {path}.consolidated"
-        )
-    if not path.is_file():
-        raise ExportError(f"{path}: no such checkpoint file")
-    try:
-        return load_checkpoint(path)
-    except ValueError as err:  # names the file
-        raise ExportError(str(err)) from None
-    except Exception as err:  # truncated, corrupt or foreign files: torch raises many kinds
-        raise ExportError(f"{path}: not a readable training checkpoint ({type(err).__name__}: {err})") from None
+        raise ExportError(f"{source}: tokenizer {path} does not load ({err})") from None
 
 
 def export(
@@ -167,11 +152,11 @@ def export(
     checkpoint, dst = Path(checkpoint), Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise ExportError(f"{dst}: exists and is not an empty folder")
-    model, info = read_checkpoint(checkpoint)
-    tokenizer = tokenizer or run_tokenizer(checkpoint)
-    if tokenizer.fingerprint != info.get("tokenizer_fingerprint"):
+    model, info = load_model(checkpoint)
+    tokenizer = tokenizer or run_tokenizer(checkpoint, info)
+    if tokenizer.fingerprint != info.tokenizer_fingerprint:
         raise ExportError(
-            f"{checkpoint}: trained with tokenizer {info.get('tokenizer_fingerprint')}, not with "
+            f"{checkpoint}: trained with tokenizer {info.tokenizer_fingerprint}, not with "
             f"{tokenizer.vocab_file} ({tokenizer.fingerprint}); pass the run's with --tokenizer"
         )
     fast = fast_tokenizer(tokenizer)
@@ -179,14 +164,16 @@ def export(
 
     if dtype is not None:
         model.to(dtype)
-    model.generation_config = GenerationConfig(
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    model.generation_config = GenerationConfig(  # the vocabulary's padding ids decode to nothing: never generated
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        suppress_tokens=vocabulary_padding(tokenizer, model.config.vocab_size) or None,
     )
     dst.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dst)
     fast.save_pretrained(dst)
     (dst / VOCAB_FILE).write_bytes(tokenizer.sp.serialized_model_proto())  # for ChatGLM2Tokenizer
-    metadata = {key: value for key, value in info.items() if key != "model_config"}  # that is config.json
+    metadata = {key: value for key, value in info.to_dict().items() if key != "model_config"}  # config.json has it
     (dst / INFO_FILE).write_text(json.dumps({**metadata, "checkpoint": str(checkpoint)}, indent=2) + "\n")
     return dst
 
@@ -198,12 +185,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer", type=Path, help="the run's tokenizer.model or folder (default: the run's)")
     parser.add_argument("--dtype", choices=DTYPES, help="dtype of the written weights (default: the checkpoint's)")
     args = parser.parse_args(argv)
-    try:
+    with cli_errors():
         tokenizer = ChatGLM2Tokenizer.from_pretrained(args.tokenizer) if args.tokenizer else None
         dst = export(args.checkpoint, args.dst, tokenizer, DTYPES[args.dtype] if args.dtype else None)
-    except (ExportError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     print(f"wrote {dst}")
 
 

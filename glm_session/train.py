@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import traceback
 from pathlib import Path
 from typing import Any
@@ -17,13 +16,14 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from glm_session.checkpoints import check_resumable
 from glm_session.config import CONFIG_DIR, build_datamodule
-from glm_session.data.session import DataError
-from glm_session.training.checkpoint_io import AtomicCheckpointIO
+from glm_session.errors import ConfigError, run_hydra_app
+from glm_session.run_info import RunInfo
+from glm_session.training.checkpoint_io import AtomicCheckpointIO, remove_stale_saves
 from glm_session.training.run_metrics import RunMetrics
 
 log = logging.getLogger(__name__)
@@ -41,14 +41,44 @@ def _loggers(cfg: DictConfig) -> list:
     return loggers
 
 
+def _experiment_name() -> str | None:
+    """The ``experiment=`` choice of a Hydra run (``None`` when called outside Hydra, e.g. from a test)."""
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().runtime.choices.get("experiment")
+
+
+def run_info_of(cfg: DictConfig, datamodule: Any) -> RunInfo:
+    """The ``RunInfo`` of a run of ``cfg`` on ``datamodule`` (the model config is added by the module)."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    data.pop("_target_", None)
+    tokenizer_path = cfg.tokenizer.get("path")
+    return RunInfo(
+        template=datamodule.template.name,
+        strategy=datamodule.strategy.name,
+        reduction=cfg.loss.reduction,
+        tokenizer_fingerprint=datamodule.tokenizer.fingerprint,
+        tokenizer_path=str(Path(tokenizer_path).resolve()) if tokenizer_path else None,
+        max_seq_len=datamodule.max_seq_len,
+        packing=datamodule.packing,
+        data=data,
+        data_source=datamodule.source_key(),
+        model_preset=cfg.model.get("preset"),
+        seed=cfg.seed,
+        experiment=_experiment_name(),
+    )
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit the model of ``cfg`` on its data; return the run's metrics and the objects that produced them."""
     sharded = str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")).endswith("FSDP2Strategy")
-    if sharded and OmegaConf.select(cfg, "evaluate.enabled", default=False):
-        raise ValueError(
-            "evaluate.enabled=true with trainer=fsdp: generation needs the whole model on one device; evaluate the "
-            "run's checkpoint afterwards (consolidate it, then python -m glm_session.evaluate ckpt_path=...)"
-        )
+    evaluation = OmegaConf.select(cfg, "evaluate.enabled", default=False)
+    if sharded and evaluation:
+        raise ConfigError(
+            "evaluate.enabled", True, "false with trainer=fsdp: generation needs the whole model on one device; "
+            "evaluate the run's checkpoint afterwards (consolidate it, then python -m glm_session.evaluate ckpt_path=...)"
+        )  # fmt: skip
+    generation = instantiate(cfg.generation) if evaluation else None
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -57,20 +87,21 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     datamodule = build_datamodule(cfg)
     stats = {split: datamodule.statistics(split) for split in ("train", "validation")}
     (output_dir / "data_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    datamodule.require_batches("train")
+    if cfg.trainer.get("limit_val_batches") != 0:
+        datamodule.require_batches("validation")
+    if generation is not None:
+        generation.check_room(datamodule.max_seq_len, datamodule.tokenizer, datamodule.template)
 
     module = instantiate(cfg.model, _partial_=True)(
         tokenizer_size=len(datamodule.tokenizer),
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         reduction=cfg.loss.reduction,
+        run_info=run_info_of(cfg, datamodule),
     )
-    module.run_info = {
-        "template": datamodule.template.name,
-        "strategy": datamodule.strategy.name,
-        "reduction": cfg.loss.reduction,
-        "tokenizer_fingerprint": datamodule.tokenizer.fingerprint,
-        "max_seq_len": datamodule.max_seq_len,
-    }
+    if cfg.get("ckpt_path"):
+        check_resumable(cfg.ckpt_path, module.run_info, allow_changes=cfg.resume_allow_changes)
     run_metrics = RunMetrics(
         path=str(output_dir / "metrics.json"),
         warmup_batches=cfg.metrics.warmup_batches,
@@ -88,41 +119,39 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=_loggers(cfg), plugins=[AtomicCheckpointIO()]
     )
+    for callback in trainer.checkpoint_callbacks:  # what a kill during an earlier save of this run left
+        for name in remove_stale_saves(callback.dirpath):
+            log.info("removed %s/%s, left by an interrupted save", callback.dirpath, name)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metrics = dict(run_metrics.metrics)
-    if cfg.get("evaluate") and cfg.evaluate.enabled and trainer.is_global_zero:
+    if generation is not None and trainer.is_global_zero:
         from glm_session.evaluate import evaluate_model
 
         # Lightning's teardown has moved the model back to the CPU: generate on the training device.
         module.model.to(trainer.strategy.root_device)
         metrics["evaluation"] = evaluate_model(
-            module.model,
-            datamodule,
-            cfg.evaluate.split,
-            output_dir / "evaluation",
-            cfg.generation,
-            cfg.evaluate.limit,
+            module.model, datamodule, cfg.evaluate.split, output_dir / "evaluation", generation, cfg.evaluate.limit
         )
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule, "cfg": cfg}
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
+def hydra_app(cfg: DictConfig) -> float | None:
     try:
         metrics, _ = train(cfg)
-    except Exception as err:
-        # The run's folder says it failed and why. In a multirun the exception goes to Hydra, which records the
-        # job as failed, runs the other jobs and raises at the end; a single run ends with the message.
+    except Exception:
+        # The run's folder says it failed and why. A single run then ends with the message (cli_errors); in a
+        # multirun Hydra records the job as failed, runs the other jobs and raises at the end.
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "failed.txt").write_text(traceback.format_exc())
-        if HydraConfig.get().mode == RunMode.MULTIRUN or not isinstance(
-            err, (DataError, FileNotFoundError, ValueError)
-        ):
-            raise
-        log.error("%s", err)
-        sys.exit(2)
+        raise
     losses = metrics.get("val_loss_by_epoch") or [None]
     return losses[-1]  # for sweepers that optimise
+
+
+def main() -> None:
+    """``python -m glm_session.train`` / ``glm-session-train``: bad input ends with one line and exit code 2."""
+    run_hydra_app(hydra_app)
 
 
 if __name__ == "__main__":

@@ -104,7 +104,9 @@ def test_token_budget():
     assert all(len(b) * max(lengths[i] for i in b) <= 1024 for b in batches)
     fixed = list(RowBatchSampler(lengths, batch_tokens=1024, fixed_width=320))
     assert all(len(b) * 320 <= 1024 for b in fixed)
-    with pytest.raises(ValueError, match="less than the longest row"):
+    with pytest.raises(
+        ValueError, match=r"data.batch_tokens=100: must be at least the longest row \(319 tokens\)"
+    ):
         RowBatchSampler(lengths, batch_tokens=100)
 
 

@@ -119,16 +119,22 @@ def test_export_command_writes_rows_as_fed(tmp_path, tokenizer):
     assert packed["input_ids"][starts[1] : starts[1] + 2] == tokenizer.prefix_ids
 
 
+def exit_code(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as exit_:
+        data_main(argv)
+    return exit_.value.code
+
+
 def test_commands_report_bad_data_without_a_traceback(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "q"}]}\n')
-    assert data_main(["stats", f"data.path={bad}", f"data.cache_dir={tmp_path}"]) == 2
+    assert exit_code(["stats", f"data.path={bad}", f"data.cache_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert f"error: {bad}, line 1: message 1: the session ends with a user message" in err
     assert "Traceback" not in err
-    assert data_main(["stats", "strategy=sliding"]) == 2
+    assert exit_code(["stats", "strategy=sliding"]) == 2
     assert "strategy" in capsys.readouterr().err
-    assert data_main(["export", "data.limit=1", f"data.cache_dir={tmp_path}"]) == 2  # no out=
+    assert exit_code(["export", "data.limit=1", f"data.cache_dir={tmp_path}"]) == 2  # no out=
 
 
 def test_tokenizer_path_and_smile_config(tmp_path, tokenizer):

@@ -16,8 +16,8 @@ from glm_session.train import train
 
 
 def test_prompts_are_the_template_prompts(tokenizer, three_turns):
-    prompts = build_prompts([three_turns], CHATGLM2, tokenizer, max_prompt_tokens=1000)
-    assert [p.turn for p in prompts] == [1, 2, 3]
+    prompts, skipped = build_prompts([three_turns], CHATGLM2, tokenizer, max_prompt_tokens=1000)
+    assert [p.turn for p in prompts] == [1, 2, 3] and skipped == 0
     assert (
         prompts[2].text
         == "[Round 1]\n\n问：你好\n\n答：你好！\n\n[Round 2]\n\n问：你知道\n\n答：知道呀\n\n[Round 3]\n\n问：谢谢\n\n答："
@@ -25,14 +25,14 @@ def test_prompts_are_the_template_prompts(tokenizer, three_turns):
     encode = SegmentEncoder(tokenizer)
     assert prompts[2].ids == [i for s in CHATGLM2.render_prompt("谢谢", three_turns.turns[:2]) for i in encode(s)]
     assert prompts[2].reference == "不客气"
-    short = build_prompts([three_turns], CHATGLM2, tokenizer, max_prompt_tokens=40)
+    short, _ = build_prompts([three_turns], CHATGLM2, tokenizer, max_prompt_tokens=40)
     assert short[2].dropped_history_turns == 1 and short[2].text.startswith("[Round 1]\n\n问：你知道")
 
 
 def test_batched_generation_equals_one_by_one(tokenizer, three_turns):
     torch.manual_seed(0)
     model = GlmForCausalLM(chatglm2_config("chatglm2-tiny", vocab_size=padded_vocab_size(len(tokenizer)))).eval()
-    prompts = build_prompts([three_turns], CHATGLM2, tokenizer, max_prompt_tokens=1000)
+    prompts, _ = build_prompts([three_turns], CHATGLM2, tokenizer, max_prompt_tokens=1000)
     batched = generate_answers(model, prompts, tokenizer, batch_size=3, max_new_tokens=6)
     alone = [generate_answers(model, [p], tokenizer, batch_size=1, max_new_tokens=6)[0] for p in prompts]
     assert batched == alone and all(batched)

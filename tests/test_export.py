@@ -11,7 +11,7 @@ from glm_session.config import RESOURCES_DIR, compose_config
 from glm_session.data import CHATGLM2
 from glm_session.data.session import Turn
 from glm_session.data.template import CHATGLM2_ARTICLE, prompt_text
-from glm_session.evaluate import load_checkpoint
+from glm_session.checkpoints import load_model
 from glm_session.export import ExportError, export, main
 from glm_session.tokenizer import ChatGLM2Tokenizer
 from glm_session.train import train
@@ -116,7 +116,7 @@ def test_plain_transformers_generation_equals_ours(checkpoint, exported, tokeniz
     plain = model.generate(**inputs, **greedy)
     ours = torch.tensor([tokenizer.encode(PROMPT)])
     assert torch.equal(plain, model.generate(ours, attention_mask=torch.ones_like(ours), **greedy))
-    trained, _ = load_checkpoint(checkpoint)
+    trained, _ = load_model(checkpoint)
     assert torch.equal(plain, trained.eval().generate(ours, attention_mask=torch.ones_like(ours), **greedy))
     assert plain.shape == (1, ours.shape[1] + 5)
 
@@ -137,16 +137,22 @@ def test_missing_corrupt_and_foreign_checkpoints(tmp_path, capsys):
 
     corrupt = tmp_path / "corrupt.ckpt"
     corrupt.write_bytes(b"PK\x03\x04 truncated")
-    assert exit_message(capsys, corrupt, tmp_path / "out").startswith(
-        f"error: {corrupt}: not a readable training checkpoint ("
+    assert exit_message(capsys, corrupt, tmp_path / "out") == (
+        f"error: {corrupt}: not a complete checkpoint (truncated or corrupt)\n"
     )
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}}, foreign)
-    assert exit_message(capsys, foreign, tmp_path / "out") == (
-        f"error: {foreign}: not a glm_session training checkpoint (no 'glm_session' entry)\n"
+    assert exit_message(capsys, foreign, tmp_path / "out").startswith(
+        f"error: {foreign}: not a glm_session training checkpoint (no 'glm_session' entry"
     )
-    assert exit_message(capsys, tmp_path, tmp_path / "out").startswith(
-        f"error: {tmp_path}: a sharded checkpoint folder"
+    assert (
+        exit_message(capsys, tmp_path, tmp_path / "out") == f"error: {tmp_path}: a folder, not a checkpoint file\n"
+    )
+    sharded = tmp_path / "sharded.ckpt"
+    sharded.mkdir()
+    torch.save({}, sharded / "meta.pt")  # what trainer=fsdp writes beside the shards
+    assert exit_message(capsys, sharded, tmp_path / "out").startswith(
+        f"error: {sharded}: a sharded (trainer=fsdp) checkpoint folder"
     )
     assert not (tmp_path / "out").exists()
 

@@ -77,6 +77,6 @@ def test_fsdp_equals_one_process_and_resumes(tmp_path, cache_dir, initial_weight
 
 def test_evaluation_after_sharded_training_is_refused_before_training(tmp_path):
     cfg = compose_config("train", ["trainer=fsdp", "evaluate.enabled=true", f"output_dir={tmp_path}"])
-    with pytest.raises(ValueError, match="evaluate.enabled=true with trainer=fsdp"):
+    with pytest.raises(ValueError, match="evaluate.enabled=true: must be false with trainer=fsdp"):
         train(cfg)
     assert not (tmp_path / "config.yaml").exists()

@@ -5,7 +5,7 @@ import torch
 from hydra.utils import instantiate
 
 from glm_session.config import compose_config
-from glm_session.model.initial_weights import read_initial_weights
+from glm_session.checkpoints import CheckpointError, read_initial_weights
 from glm_session.train import train
 
 FAST = ["model=chatglm2-tiny", "data.limit=4", "trainer.max_steps=1", "trainer.limit_train_batches=1",
@@ -31,11 +31,11 @@ def test_init_from_a_run_checkpoint(tmp_path, cache_dir):
 
 
 def test_init_from_errors_name_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such folder or checkpoint"):
+    with pytest.raises(CheckpointError, match="missing.ckpt: no such checkpoint file"):
         read_initial_weights(tmp_path / "missing.ckpt")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
         read_initial_weights(tmp_path / "empty")
     (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="bad.ckpt: not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="bad.ckpt: not a readable checkpoint"):
         read_initial_weights(tmp_path / "bad.ckpt")

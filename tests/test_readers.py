@@ -110,7 +110,21 @@ BAD_RECORDS = [
     ({"prompt": "q"}, "missing field 'response'"),
     (
         {"prompt": "q", "response": "a", "history": [["q0"]]},
-        "history item 1 must be [question, answer] strings",
+        "history[0] must be [question, answer], got list",
+    ),
+    # Wrong types are errors, not read as something else (an empty history, an id from the record number).
+    *(
+        ({"prompt": "q", "response": "a", "history": bad}, "'history' must be a list of [question, answer]")
+        for bad in ("", 0, {}, False)
+    ),  # fmt: skip
+    ({"prompt": "q", "response": "a", "history": [["q0", "a0"], [3, "a1"]]}, "history[1][0] must be a string"),
+    ({"prompt": "q", "response": "a", "history": [["q0", " "]]}, "history[0][1]: empty assistant text"),
+    ({"id": 7.5, **msgs(("user", "q"), ("assistant", "a"))}, "'id' must be a string or an integer, got float"),
+    ({"id": True, **msgs(("user", "q"), ("assistant", "a"))}, "'id' must be a string or an integer, got boolean"),
+    # A system field comes before the messages but is not one of them: message numbers stay those of the list.
+    (
+        {"system": "s", "conversations": [{"from": "human", "value": "q"}, {"from": "human", "value": "q2"}]},
+        "message 2: two user messages in a row",
     ),
     ({"text": "q"}, "missing field: expected 'conversations', 'messages' or 'prompt'/'response'"),
     (["q", "a"], "a record must be a JSON object, got list"),
@@ -176,3 +190,71 @@ def test_missing_file_and_unknown_extension(tmp_path):
     (tmp_path / "data.csv").write_text("q,a\n")
     with pytest.raises(DataError, match=r"data.csv: unknown file type"):
         read_sessions(tmp_path / "data.csv")
+
+
+def test_lone_surrogate_is_a_record_error(tmp_path):
+    # JSON lets a string hold "\\ud800"; no UTF-8 text can, and the samples' Arrow file would fail on it later.
+    path = tmp_path / "surrogate.jsonl"
+    good = json.dumps(msgs(("user", "q"), ("assistant", "a")))
+    bad = good.replace('"a"', '"ab\\ud800"')
+    path.write_text(good + "\n" + bad + "\n" + good.replace('"q"', '"q\\udfff"') + "\n")
+    with pytest.raises(
+        DataError, match=r"surrogate.jsonl, line 2: message 2: a lone surrogate \\ud800 at character 3"
+    ):
+        read_sessions(path)
+    result = read_sessions(path, on_error="skip")
+    assert len(result.sessions) == 1 and len(result.skipped) == 2
+    assert "line 3: message 1: a lone surrogate \\udfff at character 2" in str(result.skipped[1])
+
+
+@pytest.mark.parametrize(
+    "line,reason",
+    [
+        ("[" * 100_000 + "]" * 100_000, "invalid JSON: nested too deeply"),
+        (
+            '{"id": ' + "9" * 5000 + "}",
+            "invalid JSON: Exceeds the limit (4300 digits) for integer string conversion",
+        ),
+    ],
+)
+def test_json_that_python_cannot_read_is_a_record_error(tmp_path, line, reason):
+    path = tmp_path / "deep.jsonl"
+    good = json.dumps(msgs(("user", "q"), ("assistant", "a")))
+    path.write_text(good + "\n" + line + "\n")
+    with pytest.raises(DataError) as err:
+        read_sessions(path)
+    assert str(err.value).startswith(f"{path}, line 2: {reason}")
+    assert len(read_sessions(path, on_error="skip").sessions) == 1
+    whole = tmp_path / "deep.json"
+    whole.write_text("[" + good + ", " + line + "]")
+    with pytest.raises(DataError) as err:
+        read_sessions(whole)
+    assert str(err.value).startswith(f"{whole}: {reason}")
+
+
+def test_duplicate_session_ids_name_both_records(tmp_path):
+    path = tmp_path / "dup.jsonl"
+    records = [{"id": i, **msgs(("user", "q"), ("assistant", "a"))} for i in ("a", 7, "b", "7")]
+    write(path, records, "jsonl")
+    with pytest.raises(
+        DataError, match=rf"dup.jsonl, line 4: duplicate session id '7' \(first at {path}, line 2\)"
+    ):
+        read_sessions(path)
+    result = read_sessions(path, on_error="skip")
+    assert [s.id for s in result.sessions] == ["a", "7", "b"] and len(result.skipped) == 1
+    # Across the files of one read too.
+    write(path, records[:3], "jsonl")
+    other = tmp_path / "other.jsonl"
+    write(other, records[:1], "jsonl")
+    with pytest.raises(
+        DataError, match=rf"other.jsonl, line 1: duplicate session id 'a' \(first at {path}, line 1\)"
+    ):
+        read_sessions([path, other])
+    # Records without ids are told apart by their place in the file: never duplicates.
+    write(path, [msgs(("user", "q"), ("assistant", "a"))] * 2, "jsonl")
+    assert len(read_sessions(path).sessions) == 2
+
+
+def test_a_folder_is_not_a_missing_file(tmp_path):
+    with pytest.raises(DataError, match=rf"{tmp_path}: a folder, not a file"):
+        read_sessions(tmp_path)

@@ -17,14 +17,12 @@ import json
 import sys
 from pathlib import Path
 
-from hydra.errors import HydraException
 from omegaconf import DictConfig, open_dict
-from omegaconf.errors import OmegaConfBaseException
 
 from glm_session.analysis.article import article_toy
 from glm_session.analysis.toy import exact_toy
 from glm_session.config import build_datamodule, compose_config
-from glm_session.data.session import DataError
+from glm_session.errors import cli_errors
 
 
 def data_for(cfg: DictConfig, strategy: str, **data_overrides):
@@ -63,9 +61,9 @@ def measure(cfg: DictConfig) -> dict:
             cfg, strategy, limit=cfg.measure.sessions, packing=False, batch_tokens=None, batch_size=10**6
         )
         if cfg.measure.ckpt_path:
-            from glm_session.evaluate import load_checkpoint
+            from glm_session.checkpoints import load_model
 
-            model, _ = load_checkpoint(cfg.measure.ckpt_path)
+            model, _ = load_model(cfg.measure.ckpt_path)
         else:
             torch.manual_seed(cfg.seed)
             model = GlmForCausalLM(
@@ -106,12 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     if command not in ("report", "measure"):
         print(__doc__, file=sys.stderr)
         return 2
-    try:
+    with cli_errors():
         cfg = compose_config("analysis", argv[1:])
         (report if command == "report" else measure)(cfg)
-    except (DataError, ValueError, FileNotFoundError, HydraException, OmegaConfBaseException) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     return 0
 
 

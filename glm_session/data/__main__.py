@@ -20,11 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from hydra.errors import HydraException
-from omegaconf.errors import OmegaConfBaseException
-
 from glm_session.config import build_datamodule, compose_config
-from glm_session.data.session import DataError
+from glm_session.errors import ConfigError, cli_errors
 
 COMMANDS = ("stats", "export")
 
@@ -55,7 +52,9 @@ def stats(datamodule, split: str, out: str | None) -> dict:
 
 def export(datamodule, split: str, out: str | None) -> int:
     if not out:
-        raise ValueError("export needs out=FILE.jsonl")
+        raise ConfigError("out", out, "a file to write the rows to: export needs out=FILE.jsonl")
+    if Path(out).is_dir():
+        raise ConfigError("out", out, "a file, not a folder: export writes one JSON Lines file")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     rows = 0
     with open(out, "w") as f:
@@ -73,16 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     command, overrides = argv[0], argv[1:]
-    try:
+    with cli_errors():
         cfg = compose_config("data_tool", overrides)
         datamodule = build_datamodule(cfg, lightning=False)
         if command == "stats":
             stats(datamodule, cfg.split, cfg.out)
         else:
             export(datamodule, cfg.split, cfg.out)
-    except (DataError, ValueError, FileNotFoundError, HydraException, OmegaConfBaseException) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     return 0
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator, Sequence
 
+from glm_session.errors import ConfigError
+
 
 class RowBatchSampler:
     """Batches of row indices for one split, deterministic in (seed, epoch).
@@ -36,7 +38,9 @@ class RowBatchSampler:
         if (batch_size is None) == (batch_tokens is None):
             raise ValueError("give exactly one of batch_size (rows) and batch_tokens")
         if batch_tokens is not None and lengths and max(lengths) > batch_tokens:
-            raise ValueError(f"batch_tokens={batch_tokens} is less than the longest row ({max(lengths)} tokens)")
+            raise ConfigError(
+                "data.batch_tokens", batch_tokens, f"at least the longest row ({max(lengths)} tokens)"
+            )
         self.lengths = list(lengths)
         self.batch_size, self.batch_tokens = batch_size, batch_tokens
         self.shuffle, self.seed = shuffle, seed

@@ -25,8 +25,11 @@ from glm_session.data.batching import RowBatchSampler
 from glm_session.data.build import COUNTERS, DEFAULT_CACHE_DIR, build_samples, cache_file, samples_fingerprint
 from glm_session.data.packing import pack_first_fit_decreasing
 from glm_session.data.readers import Format, OnError, ReadResult, read_sessions
+from glm_session.data.samples import shortest_sample
+from glm_session.data.session import ROLES
 from glm_session.data.strategy import Strategy, get_strategy
 from glm_session.data.template import Template, get_template
+from glm_session.errors import ConfigError, UserError, check_bool, check_choice, check_fraction, check_int
 from glm_session.tokenizer import ChatGLM2Tokenizer
 
 if TYPE_CHECKING:
@@ -36,6 +39,32 @@ if TYPE_CHECKING:
 
 SPLITS = ("train", "validation", "test")
 SKIPS_KEPT = 20  # skipped records whose messages the summary keeps
+
+
+def _check_holdout(holdout: Mapping[str, float] | None) -> dict[str, float]:
+    if holdout is not None and not isinstance(holdout, Mapping):
+        raise ConfigError("data.holdout", holdout, "null or a mapping like {validation: 0.05, test: 0.05}")
+    holdout = dict(holdout or {})
+    for name, fraction in holdout.items():
+        if name not in ("validation", "test"):
+            raise ConfigError(f"data.holdout.{name}", fraction, "left out: holdout takes validation and test")
+        check_fraction(f"data.holdout.{name}", fraction)
+    if sum(holdout.values()) >= 1:
+        raise ConfigError("data.holdout", holdout, "fractions whose sum is below 1 (some sessions must train)")
+    return holdout
+
+
+def _check_role_map(role_map: Mapping[str, str] | None) -> dict[str, str]:
+    if role_map is not None and not isinstance(role_map, Mapping):
+        raise ConfigError("data.role_map", role_map, "null or a mapping like {client: user, counselor: assistant}")
+    role_map = dict(role_map or {})
+    for name, role in role_map.items():
+        check_choice(f"data.role_map.{name}", role, ROLES)
+    return role_map
+
+
+class EmptySplitError(UserError):
+    """A split that the run needs holds no sample; the message says what reading it found."""
 
 
 @dataclass
@@ -103,25 +132,30 @@ class DialogueData:
         self.template = get_template(template) if isinstance(template, str) else template
         self.strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
         self.files = {"train": train_path, "validation": validation_path, "test": test_path}
-        self.path, self.holdout = path, dict(holdout or {})
-        if set(self.holdout) - {"validation", "test"} or sum(self.holdout.values()) >= 1:
-            raise ValueError(f"holdout takes validation and test fractions summing below 1, got {self.holdout}")
+        self.path, self.holdout = path, _check_holdout(holdout)
         self.read_options = {
-            "format": format,
-            "role_map": dict(role_map or {}),
-            "on_error": on_error,
-            "limit": limit,
-            "drop_trailing_question": drop_trailing_question,
+            "format": check_choice("data.format", format, ("auto", "sharegpt", "openai", "chatglm")),
+            "role_map": _check_role_map(role_map),
+            "on_error": check_choice("data.on_error", on_error, ("raise", "skip")),
+            "limit": check_int("data.limit", limit, minimum=1, optional=True),
+            "drop_trailing_question": check_bool("data.drop_trailing_question", drop_trailing_question),
         }
-        self.max_seq_len, self.packing = max_seq_len, packing
+        shortest = shortest_sample(self.tokenizer, self.template)
+        self.max_seq_len = check_int("data.max_seq_len", max_seq_len, minimum=shortest)
+        self.packing = check_bool("data.packing", packing)
+        check_int("data.batch_size", batch_size, minimum=1, optional=True)
+        check_int("data.batch_tokens", batch_tokens, minimum=1, optional=True)
         if batch_tokens is not None:
             batch_size = None
+        elif batch_size is None:
+            raise ConfigError(
+                "data.batch_size", None, "given when data.batch_tokens is null (rows or tokens a batch)"
+            )
         self.batch_size, self.batch_tokens = batch_size, batch_tokens
-        if pad_to not in ("longest", "max_seq_len"):
-            raise ValueError(f"pad_to must be 'longest' or 'max_seq_len', got {pad_to!r}")
-        self.pad_to = pad_to
-        self.shuffle, self.seed, self.num_workers = shuffle, seed, num_workers
-        self.cache_dir, self.num_proc = cache_dir, num_proc
+        self.pad_to = check_choice("data.pad_to", pad_to, ("longest", "max_seq_len"))
+        self.shuffle, self.seed = check_bool("data.shuffle", shuffle), check_int("data.seed", seed)
+        self.num_workers = check_int("data.num_workers", num_workers, minimum=0)
+        self.cache_dir, self.num_proc = cache_dir, check_int("data.num_proc", num_proc, minimum=1, optional=True)
         self._splits: dict[str, PreparedSplit] = {}
         self._reads: dict[str, ReadResult] = {}
 
@@ -281,6 +315,26 @@ class DialogueData:
             "skipped_records": prepared.summary["skipped_records"],
             "dropped_trailing_questions": prepared.summary["dropped_trailing_questions"],
         }
+
+    def require_batches(self, split: str) -> None:
+        """Raise ``EmptySplitError`` when ``split`` gives no batch (no sample), saying what reading it found."""
+        stats = self.statistics(split)
+        if stats["batches"] > 0:
+            return
+        source = self.path if self.path is not None else self.files[split]
+        if source is None:
+            raise EmptySplitError(f"no {split} data: give data.{split}_path (or data.path with data.holdout)")
+        if self.path is not None and split != "train":
+            source = f"{source} (data.holdout.{split}={self.holdout.get(split, 0.0)})"
+        found = [f"{stats['sessions']} sessions read"]
+        if stats["skipped_records"]:
+            found.append(f"{stats['skipped_records']} records skipped (first: {self.describe_skips(split, 1)[0]})")
+        if stats["skipped_turns"]:
+            found.append(
+                f"{stats['skipped_turns']} turns skipped: their question alone is longer than "
+                f"data.max_seq_len={self.max_seq_len}"
+            )
+        raise EmptySplitError(f"{source}: no {split} sample: " + ", ".join(found))
 
     def describe_skips(self, split: str, limit: int = 5) -> list[str]:
         """The first ``limit`` skipped records of ``split``, as messages."""

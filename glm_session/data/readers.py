@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from glm_session.data.session import DataError, Session, session_from_messages
+from glm_session.data.session import DataError, Message, Session, check_unicode, session_from_messages
 
 Format = Literal["auto", "sharegpt", "openai", "chatglm"]
 OnError = Literal["raise", "skip"]
@@ -62,11 +62,15 @@ def read_sessions(
         on_error: ``raise`` the first ``DataError``, or ``skip`` bad records and count them.
         limit: stop after this many sessions.
         drop_trailing_question: drop (and count) a final unanswered user message instead of failing.
+
+    A session id given twice (``7`` and ``"7"`` are the same id) is an error naming both records, or a skipped
+    record under ``on_error="skip"``.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     roles = {**DEFAULT_ROLE_MAP, **{k.lower(): v for k, v in (role_map or {}).items()}}
     result = ReadResult()
+    first_seen: dict[str, str] = {}  # explicit session id -> "file, record" where it first came
     for path in [paths] if isinstance(paths, (str, Path)) else paths:
         for record_number, record in _records(Path(path)):
             if limit is not None and len(result.sessions) >= limit:
@@ -74,9 +78,16 @@ def read_sessions(
             try:
                 if isinstance(record, DataError):
                     raise record
-                result.sessions.append(
-                    parse_record(record, format, roles, str(path), record_number, drop_trailing_question)
-                )
+                session = parse_record(record, format, roles, str(path), record_number, drop_trailing_question)
+                if isinstance(record.get("id"), (str, int)):
+                    if session.id in first_seen:
+                        raise DataError(
+                            path,
+                            record_number,
+                            f"duplicate session id {session.id!r} (first at {first_seen[session.id]})",
+                        )
+                    first_seen[session.id] = DataError.locate(str(path), record_number)
+                result.sessions.append(session)
             except DataError as err:
                 if on_error == "raise":
                     raise
@@ -98,19 +109,23 @@ def parse_record(
     if format == "auto":
         format = _detect(record, path, record_number)
     raw_id = record.get("id")
-    session_id = str(raw_id) if isinstance(raw_id, (str, int)) else f"{Path(path).name}:{record_number}"
+    if raw_id is None:
+        session_id = f"{Path(path).name}:{record_number}"
+    elif isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool):
+        session_id = str(raw_id)
+        check_unicode(session_id, path, record_number, "'id'")
+    else:
+        raise DataError(path, record_number, f"'id' must be a string or an integer, got {_type(raw_id)}")
     parse = {"sharegpt": _sharegpt, "openai": _openai, "chatglm": _chatglm}.get(format)
     if parse is None:
         raise ValueError(f"unknown data format {format!r}: use auto, sharegpt, openai or chatglm")
     messages = parse(record, path, record_number)
-    try:
-        mapped = [(roles[role.lower()], text) for role, text in messages]
-    except KeyError:
-        number, role = next((n, r) for n, (r, _) in enumerate(messages, 1) if r.lower() not in roles)
-        known = ", ".join(sorted(roles))
-        raise DataError(
-            path, record_number, f"message {number}: unknown role {role!r} (role map: {known})"
-        ) from None
+    mapped = []
+    for role, text, where in messages:
+        if role.lower() not in roles:
+            known = ", ".join(sorted(roles))
+            raise DataError(path, record_number, f"{where}: unknown role {role!r} (role map: {known})")
+        mapped.append(Message(roles[role.lower()], text, where))
     return session_from_messages(mapped, session_id, path, record_number, drop_trailing_question)
 
 
@@ -143,52 +158,64 @@ def _message_list(record: dict, key: str, path: str, record_number: int | str) -
     return items
 
 
-def _system(record: dict, path: str, record_number: int | str) -> list[tuple[str, str]]:
+def _system(record: dict, path: str, record_number: int | str) -> list[Message]:
     if record.get("system") in (None, ""):
         return []
-    return [("system", _field(record, "system", str, path, record_number))]
+    return [Message("system", _field(record, "system", str, path, record_number), "'system'")]
 
 
-def _sharegpt(record: dict, path: str, record_number: int | str) -> list[tuple[str, str]]:
+def _sharegpt(record: dict, path: str, record_number: int | str) -> list[Message]:
     items = _message_list(record, "conversations", path, record_number)
     return _system(record, path, record_number) + [
-        (
+        Message(
             _field(m, "from", str, path, record_number, f"message {n}: "),
             _field(m, "value", str, path, record_number, f"message {n}: "),
+            f"message {n}",
         )
         for n, m in enumerate(items, start=1)
     ]
 
 
-def _openai(record: dict, path: str, record_number: int | str) -> list[tuple[str, str]]:
+def _openai(record: dict, path: str, record_number: int | str) -> list[Message]:
     try:  # fast path; the checks below say what is wrong
-        pairs = [(m["role"], m["content"]) for m in record["messages"]]
-        if all(type(role) is str and type(content) is str for role, content in pairs):
-            return pairs
+        messages = [Message(m["role"], m["content"], f"message {n}") for n, m in enumerate(record["messages"], 1)]
+        if all(type(m.role) is str and type(m.text) is str for m in messages):
+            return messages
     except (KeyError, TypeError):
         pass
     items = _message_list(record, "messages", path, record_number)
     return [
-        (
+        Message(
             _field(m, "role", str, path, record_number, f"message {n}: "),
             _field(m, "content", str, path, record_number, f"message {n}: "),
+            f"message {n}",
         )
         for n, m in enumerate(items, start=1)
     ]
 
 
-def _chatglm(record: dict, path: str, record_number: int | str) -> list[tuple[str, str]]:
+def _chatglm(record: dict, path: str, record_number: int | str) -> list[Message]:
     prompt = _field(record, "prompt", str, path, record_number)
     response = _field(record, "response", str, path, record_number)
-    history = record.get("history") or []
+    history = record.get("history")
+    if history is None:  # absent or null: no history
+        history = []
     if not isinstance(history, list):
-        raise DataError(path, record_number, f"'history' must be list, got {_type(history)}")
+        raise DataError(
+            path, record_number, f"'history' must be a list of [question, answer], got {_type(history)}"
+        )
     messages = _system(record, path, record_number)
-    for number, pair in enumerate(history, start=1):
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
-            raise DataError(path, record_number, f"history item {number} must be [question, answer] strings")
-        messages += [("user", pair[0]), ("assistant", pair[1])]
-    return messages + [("user", prompt), ("assistant", response)]
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise DataError(path, record_number, f"history[{i}] must be [question, answer], got {_type(pair)}")
+        for j, text in enumerate(pair):
+            if not isinstance(text, str):
+                raise DataError(path, record_number, f"history[{i}][{j}] must be a string, got {_type(text)}")
+        messages += [
+            Message("user", pair[0], f"history[{i}][0]"),
+            Message("assistant", pair[1], f"history[{i}][1]"),
+        ]
+    return messages + [Message("user", prompt, "'prompt'"), Message("assistant", response, "'response'")]
 
 
 # files -> records --------------------------------------------------------------------------------
@@ -196,6 +223,8 @@ def _chatglm(record: dict, path: str, record_number: int | str) -> list[tuple[st
 
 def _records(path: Path) -> Iterator[tuple[int | str, Any]]:
     """(record number, parsed JSON or DataError) for each record; file-level problems raise."""
+    if path.is_dir():
+        raise DataError(str(path), None, "a folder, not a file (give one .json, .jsonl or .jsonl.gz file)")
     if not path.is_file():
         raise DataError(str(path), None, "no such file")
     name = path.name.lower()
@@ -211,12 +240,28 @@ def _records(path: Path) -> Iterator[tuple[int | str, Any]]:
 
 
 def _read_bytes(path: Path, compressed: bool) -> bytes:
-    if not compressed:
-        return path.read_bytes()
     try:
-        return gzip.decompress(path.read_bytes())
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(str(path), None, f"cannot be read ({err.strerror or err})") from None
+    if not compressed:
+        return raw
+    try:
+        return gzip.decompress(raw)
     except (EOFError, OSError, zlib.error) as err:
         raise DataError(str(path), None, f"not a complete gzip file ({err})") from None
+
+
+def _parse_json(text: str) -> tuple[Any, str | None]:
+    """(parsed value, None), or (None, why the text is not JSON that can be read)."""
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as err:
+        return None, f"invalid JSON: {err.msg} at line {err.lineno} column {err.colno}"
+    except RecursionError:
+        return None, "invalid JSON: nested too deeply"
+    except ValueError as err:  # e.g. an integer of more than 4,300 digits
+        return None, f"invalid JSON: {err}"
 
 
 def _jsonl_records(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
@@ -227,19 +272,14 @@ def _jsonl_records(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as err:
-            yield (
-                where,
-                DataError(
-                    str(path),
-                    where,
-                    f"not valid UTF-8 (byte 0x{line[err.start]:02x} at column {err.start + 1})",
-                ),
-            )
+            reason = f"not valid UTF-8 (byte 0x{line[err.start]:02x} at column {err.start + 1})"
+            yield where, DataError(str(path), where, reason)
             continue
-        try:
-            yield where, json.loads(text)
-        except json.JSONDecodeError as err:
-            yield where, DataError(str(path), where, f"invalid JSON: {err.msg} at column {err.colno}")
+        parsed, problem = _parse_json(text)
+        if problem is not None:
+            yield where, DataError(str(path), where, problem.replace(" at line 1 column", " at column"))
+        else:
+            yield where, parsed
 
 
 def _json_records(path: Path, data: bytes) -> Iterator[tuple[int, Any]]:
@@ -250,12 +290,9 @@ def _json_records(path: Path, data: bytes) -> Iterator[tuple[int, Any]]:
         raise DataError(
             str(path), None, f"not valid UTF-8 (byte 0x{data[err.start]:02x} on line {line})"
         ) from None
-    try:
-        parsed = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(
-            str(path), None, f"invalid JSON: {err.msg} at line {err.lineno} column {err.colno}"
-        ) from None
+    parsed, problem = _parse_json(text)
+    if problem is not None:
+        raise DataError(str(path), None, problem)
     if isinstance(parsed, dict):
         parsed = [parsed]
     if not isinstance(parsed, list):

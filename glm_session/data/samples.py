@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from glm_session.constants import IGNORE_INDEX
-from glm_session.data.session import Session
+from glm_session.data.session import Session, Turn
 from glm_session.data.template import EOS, Segment, Template
 from glm_session.tokenizer import ChatGLM2Tokenizer
 
@@ -88,6 +88,12 @@ class SessionLayout:
         last = end - start - 1
         return self.base + before[last] + questions[last] + closed[last]
 
+    def prompt_length(self, start: int, turn: int) -> int:
+        """Tokens of the inference prompt of ``turn`` with the history turns ``[start, turn)``: everything before
+        its answer."""
+        before, questions, _ = self._turn_lengths(start)
+        return self.base + before[turn - start] + questions[turn - start]
+
     def question_length(self, turn: int) -> int:
         """Tokens before the answer when ``turn`` stands alone: prefix, system and question."""
         return self.base + self._turn_lengths(turn)[1][0]
@@ -117,3 +123,17 @@ def build_sample(layout: SessionLayout, view: View) -> Sample:
         input_ids += ids
         turn_ids += [segment.turn] * len(ids)
     return Sample(input_ids, labels, turn_ids)
+
+
+def _shortest(tokenizer: ChatGLM2Tokenizer, template: Template) -> SessionLayout:
+    return SessionLayout(Session("shortest", (Turn("?", "?"),)), template, SegmentEncoder(tokenizer))
+
+
+def shortest_sample(tokenizer: ChatGLM2Tokenizer, template: Template) -> int:
+    """Tokens of the shortest sample ``template`` can write: one turn of a one-character question and answer."""
+    return _shortest(tokenizer, template).length(0, 1)
+
+
+def shortest_prompt(tokenizer: ChatGLM2Tokenizer, template: Template) -> int:
+    """Tokens of the shortest inference prompt ``template`` can write: a one-character question."""
+    return _shortest(tokenizer, template).prompt_length(0, 0)

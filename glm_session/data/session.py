@@ -1,21 +1,24 @@
 """Sessions: what every reader produces and every template renders.
 
 A session is an optional system text and turns (q_k, a_k), k = 1..T. ``session_from_messages`` turns a list
-of (role, text) messages into one, and raises ``DataError`` (file, record, reason) for every input that is
-not such a session: a role that is not system/user/assistant, two user or two assistant messages in a row,
-an answer without a question, an empty text, a session that ends with a user message, a misplaced system
-message. Nothing is fixed silently.
+of messages into one, and raises ``DataError`` (file, record, reason) for every input that is not such a session:
+a role that is not system/user/assistant, two user or two assistant messages in a row, an answer without a
+question, an empty text, a text that is not valid Unicode (a lone surrogate such as ``"\\ud800"``), a session
+that ends with a user message, a misplaced system message. Nothing is fixed silently.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from glm_session.errors import UserError
 
 ROLES = ("system", "user", "assistant")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data: names the file, the record and the reason.
 
     Args:
@@ -26,13 +29,14 @@ class DataError(ValueError):
 
     def __init__(self, path: str, record: str | int | None, reason: str) -> None:
         self.path, self.record, self.reason = str(path), record, reason
+        super().__init__(f"{self.locate(path, record)}: {reason}")
+
+    @staticmethod
+    def locate(path: str, record: str | int | None) -> str:
+        """``file``, ``file, record N`` or ``file, line N``."""
         if record is None:
-            where = f"{path}"
-        elif isinstance(record, int):
-            where = f"{path}, record {record}"
-        else:
-            where = f"{path}, {record}"
-        super().__init__(f"{where}: {reason}")
+            return f"{path}"
+        return f"{path}, record {record}" if isinstance(record, int) else f"{path}, {record}"
 
 
 @dataclass(frozen=True)
@@ -65,14 +69,23 @@ class Session:
         return cls(id=record["id"], turns=turns, system=record["system"] or None)
 
 
+class Message(NamedTuple):
+    """One message of a record: its role (system/user/assistant), its text, and where it stands in the record as
+    an error message names it (``message 3``, ``history[0][1]``, ``'system'``)."""
+
+    role: str
+    text: str
+    where: str
+
+
 def session_from_messages(
-    messages: Iterable[tuple[str, str]],
+    messages: Iterable[Message],
     session_id: str,
     path: str,
     record: str | int,
     drop_trailing_question: bool = False,
 ) -> Session:
-    """Build a session from (role, text) pairs whose roles are already mapped to system/user/assistant.
+    """Build a session from messages whose roles are already mapped to system/user/assistant.
 
     ``drop_trailing_question``: a final unanswered user message is dropped (and the session says so) instead
     of being an error.
@@ -80,8 +93,9 @@ def session_from_messages(
     system: str | None = None
     turns: list[Turn] = []
     question: str | None = None
-    number = 0
-    for number, (role, text) in enumerate(messages, start=1):
+    where = ""
+    for number, (role, text, where) in enumerate(messages, start=1):
+        check_unicode(text, path, record, where)
         if role == "user" and question is None and text.strip():
             question = text
         elif role == "assistant" and question is not None and text.strip():
@@ -90,12 +104,25 @@ def session_from_messages(
         elif role == "system" and number == 1 and text.strip():
             system = text
         else:
-            raise DataError(path, record, f"message {number}: {_problem(role, text)}")
+            raise DataError(path, record, f"{where}: {_problem(role, text)}")
     if question is not None and not drop_trailing_question:
-        raise DataError(path, record, f"message {number}: the session ends with a user message (no answer)")
+        raise DataError(path, record, f"{where}: the session ends with a user message (no answer)")
     if not turns:
         raise DataError(path, record, "no answered user message")
     return Session(session_id, tuple(turns), system, dropped_trailing_question=question is not None)
+
+
+def check_unicode(text: str, path: str, record: str | int, where: str) -> None:
+    """Raise ``DataError`` if ``text`` holds a lone surrogate (JSON allows ``"\\ud800"``; UTF-8 cannot hold it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(text[err.start])
+        raise DataError(
+            path,
+            record,
+            f"{where}: a lone surrogate \\u{code:04x} at character {err.start + 1} (not valid Unicode)",
+        ) from None
 
 
 def _problem(role: str, text: str) -> str:

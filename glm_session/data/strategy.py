@@ -11,6 +11,9 @@ Both keep every sample within ``max_seq_len`` without a silent drop and without 
   turns before its first trained turn) as fits with that turn, then takes as many trained turns as fit;
 - a turn that does not fit even alone is truncated at its answer's tail (no stop is taught then); if not even its
   question fits, the turn is skipped. Everything dropped, cut, truncated or skipped is counted.
+
+Inference prompts (evaluation) follow split's rule (``prompt_history_start``): the oldest history turns are dropped
+until the prompt leaves room for the answer; a turn whose question alone does not fit is skipped and counted.
 """
 
 from __future__ import annotations
@@ -94,6 +97,18 @@ class LanguageModelStrategy:
         plan = SessionStrategy().plan(layout, max_seq_len)
         plan.views = [replace(view, every_token=True) for view in plan.views]
         return plan
+
+
+def prompt_history_start(layout: SessionLayout, turn: int, max_prompt_tokens: int) -> int | None:
+    """The split strategy's rule for the inference prompt of ``turn`` (its history and question; the answer is to be
+    generated within the room left): the earliest history start whose prompt fits ``max_prompt_tokens``, dropping the
+    oldest turns first; ``None`` when the question alone does not fit (the turn is skipped, never cut)."""
+    if layout.prompt_length(turn, turn) > max_prompt_tokens:
+        return None
+    start = 0
+    while layout.prompt_length(start, turn) > max_prompt_tokens:
+        start += 1
+    return start
 
 
 STRATEGIES = {"split": SplitStrategy, "session": SessionStrategy, "lm": LanguageModelStrategy}

@@ -7,10 +7,55 @@ from dataclasses import dataclass
 
 import torch
 
-from glm_session.data.samples import SegmentEncoder
+from glm_session.data.samples import SegmentEncoder, SessionLayout, shortest_prompt
 from glm_session.data.session import Session
+from glm_session.data.strategy import prompt_history_start
 from glm_session.data.template import Template, prompt_text
+from glm_session.errors import ConfigError, check_bool, check_int, check_number
 from glm_session.tokenizer import ChatGLM2Tokenizer
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How answers are generated (``conf/generation/``); every value is checked when the config is built.
+
+    Args:
+        batch_size: prompts generated together (left-padded, KV cache).
+        max_new_tokens: the most tokens of an answer; a prompt gets ``data.max_seq_len - max_new_tokens`` tokens.
+        do_sample, temperature, top_p: sampling instead of greedy decoding.
+        repetition_penalty: > 1 discourages repeating tokens (1.0: plain greedy).
+    """
+
+    batch_size: int = 32
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_int("generation.batch_size", self.batch_size, minimum=1)
+        check_int("generation.max_new_tokens", self.max_new_tokens, minimum=1)
+        check_bool("generation.do_sample", self.do_sample)
+        check_number("generation.temperature", self.temperature, 0.0, exclusive=True)
+        if check_number("generation.top_p", self.top_p, 0.0, exclusive=True) > 1:
+            raise ConfigError("generation.top_p", self.top_p, "a number in (0, 1]")
+        check_number("generation.repetition_penalty", self.repetition_penalty, 0.0, exclusive=True)
+
+    def prompt_budget(self, max_seq_len: int) -> int:
+        """The most tokens a prompt may take: what ``max_new_tokens`` leaves of ``max_seq_len``."""
+        return max_seq_len - self.max_new_tokens
+
+    def check_room(self, max_seq_len: int, tokenizer: ChatGLM2Tokenizer, template: Template) -> None:
+        """Refuse a budget that leaves no room for any question."""
+        shortest = shortest_prompt(tokenizer, template)
+        if self.prompt_budget(max_seq_len) < shortest:
+            raise ConfigError(
+                "generation.max_new_tokens",
+                self.max_new_tokens,
+                f"at most {max_seq_len - shortest}: data.max_seq_len={max_seq_len} less the shortest prompt "
+                f"({shortest} tokens), so that a question fits",
+            )
 
 
 @dataclass
@@ -28,22 +73,26 @@ class Prompt:
 
 def build_prompts(
     sessions: Sequence[Session], template: Template, tokenizer: ChatGLM2Tokenizer, max_prompt_tokens: int
-) -> list[Prompt]:
-    """One prompt per turn of every session; the oldest history turns are dropped until a prompt fits
-    ``max_prompt_tokens`` (as the split strategy does); a question that does not fit alone keeps its tail."""
-    prompts = []
+) -> tuple[list[Prompt], int]:
+    """One prompt per turn of every session, and the number of turns skipped.
+
+    The split strategy's over-length rule (``strategy.prompt_history_start``): the oldest history turns are dropped
+    until a prompt fits ``max_prompt_tokens``; a turn whose question alone does not fit is skipped (and counted),
+    never cut.
+    """
+    prompts, skipped = [], 0
     for index, session in enumerate(sessions):
-        encode = SegmentEncoder(tokenizer)
+        encoder = SegmentEncoder(tokenizer)
+        layout = SessionLayout(session, template, encoder)
         for k, turn in enumerate(session.turns):
-            for start in range(k + 1):
-                segments = template.render_prompt(turn.question, session.turns[start:k], session.system)
-                ids = [i for segment in segments for i in encode(segment)]
-                if len(ids) <= max_prompt_tokens:
-                    break
-            if len(ids) > max_prompt_tokens:
-                ids = tokenizer.prefix_ids + ids[len(ids) - max_prompt_tokens + len(tokenizer.prefix_ids) :]
+            start = prompt_history_start(layout, k, max_prompt_tokens)
+            if start is None:
+                skipped += 1
+                continue
+            segments = template.render_prompt(turn.question, session.turns[start:k], session.system)
+            ids = [i for segment in segments for i in encoder(segment)]
             prompts.append(Prompt(session.id, index, k + 1, ids, prompt_text(segments), turn.answer, start))
-    return prompts
+    return prompts, skipped
 
 
 @torch.no_grad()
@@ -60,12 +109,16 @@ def generate_answers(
 ) -> list[str]:
     """The decoded answer of every prompt (up to eos), in the order of ``prompts``.
 
-    Prompts are batched by length, left-padded, and generated with the KV cache (``model.generate``).
+    Prompts are batched by length, left-padded, and generated with the KV cache (``model.generate``). The ids of the
+    model's vocabulary padding (``len(tokenizer)`` and above), which no text decodes to, are never generated.
     """
     device = next(model.parameters()).device
     answers: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids))
     options = {"do_sample": do_sample, "max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty}
+    padding_ids = vocabulary_padding(tokenizer, model.config.vocab_size)
+    if padding_ids:
+        options["suppress_tokens"] = padding_ids
     if do_sample:
         options.update(temperature=temperature, top_p=top_p)
     for start in range(0, len(order), batch_size):
@@ -90,3 +143,8 @@ def generate_answers(
                 new = new[: new.index(tokenizer.eos_token_id)]
             answers[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
     return answers
+
+
+def vocabulary_padding(tokenizer: ChatGLM2Tokenizer, vocab_size: int) -> list[int]:
+    """The model's ids beyond the tokenizer's (ChatGLM2 pads 64,794 tokens to 65,024 rows): never to be generated."""
+    return list(range(len(tokenizer), vocab_size))

@@ -11,19 +11,30 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
 import torch
 from transformers import GlmConfig, GlmForCausalLM
 
+from glm_session.checkpoints import check_init_from, initial_state, load_weights_into
 from glm_session.constants import IGNORE_INDEX
-from glm_session.model.initial_weights import read_initial_weights
+from glm_session.errors import UserError
 from glm_session.model.loss import REDUCTIONS, denominator, loss_terms, token_losses
 from glm_session.model.presets import chatglm2_config, padded_vocab_size
+from glm_session.run_info import RunInfo
 
 MAX_TURNS = 64  # turn indices above this are logged together with it
+
+
+class NonFiniteError(UserError):
+    """Training met a NaN or infinite loss or gradient: the run stops and no checkpoint is written from here on."""
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This device's shard of a sharded (FSDP2 ``DTensor``) tensor; the tensor itself otherwise."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 class ChatGLM2Module(L.LightningModule):
@@ -35,11 +46,13 @@ class ChatGLM2Module(L.LightningModule):
         scheduler: a partial taking the optimizer and ``num_training_steps``; stepped every optimizer step.
         reduction: ``token``, ``sample``, ``turn`` or ``sum`` (see ``loss.py``).
         weight_decay: AdamW decay of the matrices (biases and norm weights get none).
-        init_from: initial weights instead of a random init: a folder that ``GlmForCausalLM.from_pretrained`` loads
-            (converted or exported), or a glm_session run's single-file checkpoint (``*.ckpt``).
+        init_from: initial weights instead of a random init: a converted or exported Hugging Face folder, a
+            glm_session run's single-file checkpoint (``*.ckpt``), or ``hf://<id>`` for the Hugging Face Hub.
         attn_implementation: ``sdpa``, ``eager`` or ``flex_attention``.
         compile_layers: ``torch.compile`` each decoder layer (fuses the norms, rotary and SwiGLU element-wise work;
             shapes stay static with ``data.pad_to=max_seq_len``).
+        run_info: how the run was made (template, tokenizer, strategy, data, ...); saved in every checkpoint with
+            the model's config.
     """
 
     def __init__(
@@ -52,13 +65,14 @@ class ChatGLM2Module(L.LightningModule):
         init_from: str | None = None,
         attn_implementation: str = "sdpa",
         compile_layers: bool = False,
+        run_info: RunInfo | None = None,
     ) -> None:
         super().__init__()
         if reduction not in REDUCTIONS:
             raise ValueError(f"unknown loss reduction {reduction!r}: choose one of {', '.join(REDUCTIONS)}")
         self.config, self.reduction = config, reduction
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.weight_decay, self.init_from = weight_decay, init_from
+        self.weight_decay, self.init_from = weight_decay, check_init_from(init_from)
         self.compile_layers = compile_layers
         self.config._attn_implementation = attn_implementation
         self.model: GlmForCausalLM | None = None
@@ -75,8 +89,7 @@ class ChatGLM2Module(L.LightningModule):
             )
         # One entry per epoch and split: {"epoch", "step", "split", "loss", "loss_by_turn", "tokens"}.
         self.history: list[dict[str, Any]] = []
-        # What a checkpoint must say to be evaluated as it was trained (template, tokenizer, ...): set by train().
-        self.run_info: dict[str, Any] = {}
+        self.run_info = replace(run_info, model_config=config.to_dict()) if run_info is not None else None
 
     @classmethod
     def from_preset(
@@ -113,18 +126,9 @@ class ChatGLM2Module(L.LightningModule):
             if self.init_from:
                 load_full_weights(self.model, self.init_from)
             return
-        if self.init_from and Path(self.init_from).is_file():  # a run's checkpoint
-            self.model = GlmForCausalLM(self.config)
-            self.model.load_state_dict(read_initial_weights(self.init_from))
-        elif self.init_from:
-            self.model = GlmForCausalLM.from_pretrained(
-                self.init_from,
-                config=self.config,
-                dtype=torch.float32,
-                attn_implementation=self.config._attn_implementation,
-            ).train()  # from_pretrained returns the model in eval mode
-        else:
-            self.model = GlmForCausalLM(self.config)
+        self.model = GlmForCausalLM(self.config)
+        if self.init_from:
+            load_weights_into(self.model, initial_state(self.init_from), f"model.init_from={self.init_from}")
         self._compile(self.model)
 
     def _compile(self, model: GlmForCausalLM) -> None:
@@ -148,15 +152,29 @@ class ChatGLM2Module(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Turn the accumulated gradient of ``sum(numerators) / (accumulation * world_size)`` (what Lightning and
-        the distributed gradient averaging make of it) into ``sum(numerators) / global D``."""
+        the distributed gradient averaging make of it) into ``sum(numerators) / global D``; stop on a non-finite
+        loss or gradient before the optimizer step."""
         counts = self.trainer.strategy.reduce(self._step_counts.clone(), reduce_op="sum")
         numerator = self.trainer.strategy.reduce(self._step_numerator.clone(), reduce_op="sum")
         d = denominator(counts, self.reduction)
-        scale = (self.trainer.accumulate_grad_batches * self.trainer.world_size / d).item()
-        for parameter in self.parameters():
-            if parameter.grad is not None:
-                parameter.grad.mul_(scale)
-        self.log("train/loss", (numerator / d).float(), on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
+        loss = numerator / d
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        local = [_local(g) for g in grads]
+        grad_norms = torch.stack(torch._foreach_norm(local)).sum() if local else torch.zeros((), device=d.device)
+        grad_norms = self.trainer.strategy.reduce(grad_norms.double(), reduce_op="sum")  # inf/NaN if any is
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / d
+        scale_value, finite = torch.stack(
+            [scale, (torch.isfinite(loss) & torch.isfinite(grad_norms)).double()]
+        ).tolist()
+        if not finite:
+            raise NonFiniteError(
+                f"step {self.global_step + 1}: the training loss is {loss.item():.4g} and the gradient norms sum to "
+                f"{grad_norms.item():.4g}; stopped before the optimizer step, and checkpoints written before it are "
+                "kept (lower optimizer.lr, or look for a corrupt checkpoint or bad data)"
+            )
+        for gradient in grads:
+            gradient.mul_(scale_value)
+        self.log("train/loss", loss.float(), on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("train/supervised_tokens", counts[0].float(), on_step=True, on_epoch=False, reduce_fx="sum")
         self._step_numerator.zero_()
         self._step_counts.zero_()
@@ -219,11 +237,26 @@ class ChatGLM2Module(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for name, parameter in self.named_parameters():  # a NaN run must not replace its last good checkpoint
+            if not bool(torch.isfinite(_local(parameter.detach())).all()):
+                raise NonFiniteError(
+                    f"step {self.global_step}: {name} holds non-finite values; no checkpoint written"
+                )
         checkpoint["loss_history"] = self.history
-        checkpoint["glm_session"] = {"model_config": self.config.to_dict(), **self.run_info}
+        # The epoch's per-turn training loss so far (all devices), so that a resumed epoch reports all its batches.
+        checkpoint["train_turn_losses"] = [
+            self.trainer.strategy.reduce(getattr(self, f"_train_turn_{kind}").clone(), reduce_op="sum").cpu()
+            for kind in ("sum", "count")
+        ]
+        info = self.run_info.to_dict() if self.run_info is not None else {"model_config": self.config.to_dict()}
+        checkpoint["glm_session"] = info
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.history = list(checkpoint.get("loss_history", []))
+        saved = checkpoint.get("train_turn_losses")
+        if saved is not None and (self._trainer is None or self.trainer.is_global_zero):  # others start from 0
+            self._train_turn_sum.copy_(saved[0])
+            self._train_turn_count.copy_(saved[1])
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write the model as a Hugging Face folder (config.json + model.safetensors)."""

@@ -1,8 +1,10 @@
-"""Checkpoints that are either whole or absent: written to a temporary file, synced, then renamed."""
+"""Checkpoints that are either whole or absent: written to a temporary file, synced, then renamed; and the removal
+of what a kill during a save leaves behind."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -11,13 +13,17 @@ import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+SAVING, REPLACED = ".saving-", ".replaced-"
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` whose save survives a kill at any moment.
 
     The checkpoint goes to a hidden temporary file in the same folder (its name has neither "last" nor ".ckpt",
     so ``ckpt_path=last`` never picks it up), is flushed to disk, and replaces the target with one atomic
-    ``os.replace``: a kill leaves the previous checkpoint (or none), never a partial one.
+    ``os.replace``, itself synced: a kill leaves the previous checkpoint (or none), never a partial one. The
+    temporary files of saves that a kill interrupted are removed after the next good save (and when a run starts:
+    ``remove_stale_saves``).
     """
 
     def save_checkpoint(
@@ -29,12 +35,56 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.parent / f".saving-{uuid.uuid4().hex}.tmp"
+        temporary = path.parent / f"{SAVING}{uuid.uuid4().hex}.tmp"
         try:
             with open(temporary, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(temporary, path)
+            fsync_folder(path.parent)
         finally:
             temporary.unlink(missing_ok=True)
+        remove_stale_saves(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (the folder's entry list reaches the disk)."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def remove_stale_saves(folder: str | os.PathLike) -> list[str]:
+    """Remove what interrupted saves left in ``folder``; return the names removed.
+
+    - ``.saving-*``: a checkpoint being written (a file, or a folder of shards) that was never renamed into place;
+    - ``.replaced-<token>-<name>``: the previous ``<name>`` of a sharded save killed between its two renames. If
+      ``<name>`` is missing then, the new ``.saving-<token>-<name>`` is complete (it is renamed only after every
+      rank wrote its shard) and takes its place.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for replaced in sorted(folder.glob(f"{REPLACED}*")):
+        token_and_name = replaced.name.removeprefix(REPLACED)
+        saving, target = folder / f"{SAVING}{token_and_name}", folder / token_and_name.partition("-")[2]
+        if not target.exists():
+            (saving if saving.exists() else replaced).rename(target)
+        if replaced.exists():
+            _remove(replaced)
+            removed.append(replaced.name)
+    for stale in sorted(folder.glob(f"{SAVING}*")):
+        _remove(stale)
+        removed.append(stale.name)
+    return removed
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -8,7 +8,6 @@ parameters across the GPUs of a node and replicates them across nodes (HSDP; pla
 
 from __future__ import annotations
 
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import GlmForCausalLM
+
+from glm_session.training.checkpoint_io import REPLACED, SAVING, fsync_folder, remove_stale_saves
 
 
 def shard_model(
@@ -54,8 +55,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         **kwargs: ``ModelParallelStrategy``'s (``save_distributed_checkpoint``, ...).
 
     Each checkpoint folder is written under a temporary name and renamed into place once every rank has written
-    its shard: a kill while saving leaves the previous checkpoint folder (or, in the instant between two renames,
-    a ``.replaced-*`` folder that nothing loads), never a folder of mixed shards.
+    its shard: a kill while saving leaves the previous checkpoint folder, never a folder of mixed shards (in the
+    instant between the two renames, the new and the previous folder under temporary names, which
+    ``remove_stale_saves`` puts right when the run starts again).
     """
 
     def __init__(
@@ -72,26 +74,27 @@ class FSDP2Strategy(ModelParallelStrategy):
         token = [uuid.uuid4().hex if self.is_global_zero else None]
         if torch.distributed.is_initialized():
             torch.distributed.broadcast_object_list(token, src=0)
-        temporary = path.parent / f".saving-{token[0]}"
+        temporary = path.parent / f"{SAVING}{token[0]}-{path.name}"
         super().save_checkpoint(checkpoint, temporary, storage_options)
         self.barrier("checkpoint written")
         if self.is_global_zero:
-            replaced = path.parent / f".replaced-{token[0]}"
+            replaced = path.parent / f"{REPLACED}{token[0]}-{path.name}"
             if path.exists():
                 path.rename(replaced)
             temporary.rename(path)
-            shutil.rmtree(replaced, ignore_errors=True)
+            fsync_folder(path.parent)
+            remove_stale_saves(path.parent)
         self.barrier("checkpoint renamed")
 
 
-def load_full_weights(model: GlmForCausalLM, path: str | Path) -> None:
-    """Load ``model.init_from`` weights (a Hugging Face folder or a run's checkpoint file) into a sharded model:
-    rank 0 reads, every rank keeps its shard."""
+def load_full_weights(model: GlmForCausalLM, init_from: str) -> None:
+    """Load ``model.init_from`` weights (a Hugging Face folder, a run's checkpoint file, ``hf://<id>``) into a
+    sharded model: rank 0 reads, every rank keeps its shard."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    from glm_session.model.initial_weights import read_initial_weights
+    from glm_session.checkpoints import initial_state
 
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    state = read_initial_weights(path) if rank0 else {}
+    state = initial_state(init_from) if rank0 else {}
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, state, options=options)

@@ -1,0 +1,198 @@
+"""Every read of a checkpoint or of initial weights, with one error style: a ``CheckpointError`` that names the file
+and what is wrong with it (missing, a folder, empty, truncated, random bytes, pickled objects, not a glm_session
+checkpoint, weights of another model, non-finite weights, or a run made otherwise than the one resuming it).
+
+- ``read_checkpoint``: a run's checkpoint file as a dict (``torch.load(weights_only=True)``);
+- ``load_model``: the ``GlmForCausalLM`` of a run's checkpoint and its ``RunInfo`` (evaluate, export, analysis);
+- ``read_initial_weights`` / ``load_weights_into``: ``model.init_from`` (a Hugging Face folder, a run's checkpoint,
+  or ``hf://<hub id>``);
+- ``check_resumable``: before ``ckpt_path=...`` resumes a run.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import GlmConfig, GlmForCausalLM
+
+from glm_session.errors import UserError
+from glm_session.run_info import RunInfo
+
+PREFIX = "model."  # ChatGLM2Module keeps the GlmForCausalLM as ``self.model``
+HUB_PREFIX = "hf://"  # model.init_from=hf://THUDM/... : a Hugging Face Hub id, asked for explicitly
+SHARDED_METADATA = "meta.pt"  # what Lightning's ModelParallelStrategy writes beside the shards of a folder
+
+
+class CheckpointError(UserError):
+    """A checkpoint or weights file that cannot be used; the message names the file and the reason."""
+
+
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """The dict in a checkpoint file, loaded with ``weights_only=True`` (``mmap``: tensors stay on disk)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / SHARDED_METADATA).is_file():
+            raise CheckpointError(
+                f"{path}: a sharded (trainer=fsdp) checkpoint folder; make it one file with "
+                f"`python -m lightning.fabric.utilities.consolidate_checkpoint {path}` and use {path}.consolidated"
+            )
+        raise CheckpointError(f"{path}: a folder, not a checkpoint file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: an empty file, not a checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # torch raises many kinds for files that are not whole checkpoints
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if refused:
+            reason = f"it holds Python objects ({refused[1]}) that a weights-only load refuses: not a checkpoint of ours"
+        elif "Weights only load failed" in first_line:
+            reason = "not a readable checkpoint (not a file that torch.save wrote)"
+        elif "zip archive" in first_line or "mmap can only be used" in first_line or isinstance(err, EOFError):
+            reason = "not a complete checkpoint (truncated or corrupt)"
+        else:
+            reason = f"not a readable checkpoint ({type(err).__name__}: {first_line[:200]})"
+        raise CheckpointError(f"{path}: {reason}") from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: holds a {type(checkpoint).__name__}, not a training checkpoint")
+    return checkpoint
+
+
+def run_info_of(checkpoint: dict[str, Any], path: str | Path) -> RunInfo:
+    """The ``RunInfo`` a glm_session run saved in ``checkpoint``."""
+    info = checkpoint.get("glm_session")
+    if not isinstance(info, dict) or "model_config" not in info:
+        raise CheckpointError(
+            f"{path}: not a glm_session training checkpoint (no 'glm_session' entry; a plain state dict or another "
+            "program's checkpoint?)"
+        )
+    try:
+        return RunInfo.from_dict(info)
+    except TypeError as err:
+        raise CheckpointError(f"{path}: an unreadable 'glm_session' entry ({err})") from None
+
+
+def model_state(checkpoint: dict[str, Any], path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``GlmForCausalLM`` weights of a run's checkpoint (``state_dict['model.*']``, prefix removed)."""
+    weights = checkpoint.get("state_dict")
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{path}: no 'state_dict' of model weights")
+    state = {k.removeprefix(PREFIX): v for k, v in weights.items() if isinstance(k, str) and k.startswith(PREFIX)}
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: no model weights (expected a glm_session run's state_dict['model.*'])")
+    return state
+
+
+def check_finite(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Raise ``CheckpointError`` naming the first tensor that holds a NaN or an infinity."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(
+                f"{path}: {name} holds {bad} non-finite values (NaN or infinity): a corrupt file"
+            )
+
+
+def load_weights_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """``model.load_state_dict(state)``, every mismatch a ``CheckpointError`` naming the tensors and shapes."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} (model: {tuple(own[k].shape)})"
+              for k in own if k in state and state[k].shape != own[k].shape]  # fmt: skip
+    problems = []
+    if shapes:
+        problems.append(f"{len(shapes)} tensors of other shapes, e.g. {shapes[0]}")
+    if missing:
+        problems.append(f"{len(missing)} missing, e.g. {missing[0]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unknown, e.g. {unexpected[0]}")
+    if problems:
+        raise CheckpointError(f"{source}: weights of another model: " + "; ".join(problems))
+    model.load_state_dict(state)
+
+
+def load_model(path: str | Path) -> tuple[GlmForCausalLM, RunInfo]:
+    """The model of a run's checkpoint file, built from the config it was trained with, and its ``RunInfo``."""
+    checkpoint = read_checkpoint(path)
+    info = run_info_of(checkpoint, path)
+    state = model_state(checkpoint, path)
+    try:
+        model = GlmForCausalLM(GlmConfig.from_dict(info.model_config))
+    except Exception as err:
+        raise CheckpointError(f"{path}: an unusable model config ({type(err).__name__}: {err})") from None
+    load_weights_into(model, state, path)
+    check_finite(model.state_dict(), path)
+    return model, info
+
+
+def read_initial_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``GlmForCausalLM`` state dict of ``model.init_from``: a folder's ``*.safetensors`` (converted or exported),
+    or a run's single-file checkpoint (``<run>/checkpoints/*.ckpt``)."""
+    path = Path(path)
+    if path.is_dir() and not (path / SHARDED_METADATA).is_file():
+        from safetensors.torch import load_file
+
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(
+                f"{path}: no *.safetensors weights (init_from takes a converted or exported folder)"
+            )
+        state: dict[str, torch.Tensor] = {}
+        for file in files:
+            try:
+                state.update(load_file(file))
+            except Exception as err:
+                raise CheckpointError(f"{file}: not readable safetensors ({type(err).__name__}: {err})") from None
+        check_finite(state, path)
+        return state
+    checkpoint = read_checkpoint(path)
+    state = model_state(checkpoint, path)
+    check_finite(state, path)
+    return state
+
+
+def initial_state(init_from: str) -> dict[str, torch.Tensor]:
+    """The weights ``model.init_from`` names: ``hf://<id>`` from the Hugging Face Hub, else a local folder or file."""
+    if init_from.startswith(HUB_PREFIX):
+        hub_id = init_from.removeprefix(HUB_PREFIX)
+        return GlmForCausalLM.from_pretrained(hub_id, dtype=torch.float32).state_dict()
+    return read_initial_weights(init_from)
+
+
+def check_init_from(init_from: str | None) -> str | None:
+    """``model.init_from`` as given, if it names an existing file or folder or an explicit ``hf://`` hub id."""
+    if init_from is None or str(init_from).startswith(HUB_PREFIX):
+        return init_from
+    if not Path(init_from).exists():
+        raise CheckpointError(
+            f"model.init_from={init_from}: no such folder or checkpoint file (for a Hugging Face Hub model, write "
+            f"{HUB_PREFIX}<id>)"
+        )
+    return str(init_from)
+
+
+def check_resumable(path: str | Path, run: RunInfo, allow_changes: bool = False) -> None:
+    """Check that ``ckpt_path`` resumes this run: a whole glm_session checkpoint of the same model, with finite
+    weights, made with the same data, samples, batches, template, tokenizer and reduction (unless
+    ``allow_changes``)."""
+    path = Path(path)
+    sharded = path.is_dir() and (path / SHARDED_METADATA).is_file()
+    checkpoint = read_checkpoint(path / SHARDED_METADATA if sharded else path, mmap=True)
+    saved = run_info_of(checkpoint, path)
+    shape = saved.differences(run, ("model_shape",))
+    if shape:
+        raise CheckpointError(f"{path}: a checkpoint of another model ({'; '.join(shape)})")
+    if not sharded:
+        check_finite(model_state(checkpoint, path), path)
+    changes = saved.differences(run)
+    if changes and not allow_changes:
+        raise CheckpointError(
+            f"{path}: this run differs from the checkpoint's ({'; '.join(changes)}); resume it with the settings it "
+            "was trained with, or add resume_allow_changes=true"
+        )
