@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
+
+from glm_session.errors import ConfigError, UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 RESOURCES_DIR = Path(__file__).resolve().parent / "resources"
@@ -44,6 +49,16 @@ def compose_config(config_name: str, overrides: Sequence[str] = ()) -> DictConfi
         return compose(config_name=config_name, overrides=list(overrides))
 
 
+def build(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate(node, **kwargs)``, raising a config group's own ``UserError`` (Hydra wraps it)."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, UserError):
+            raise err.__cause__ from None
+        raise
+
+
 def build_datamodule(cfg: DictConfig, lightning: bool = True):
     """The DataModule of ``cfg``: its ``data`` group, with the ``tokenizer``, ``template`` and ``strategy`` groups.
 
@@ -55,5 +70,9 @@ def build_datamodule(cfg: DictConfig, lightning: bool = True):
         cls = get_class(target)
     else:
         from glm_session.data.pipeline import DialogueData as cls
-    parts = {name: instantiate(cfg[name]) for name in ("tokenizer", "template", "strategy")}
+    parts = {name: build(cfg[name]) for name in ("tokenizer", "template", "strategy")}
+    known = inspect.signature(cls.__init__).parameters
+    for key, value in kwargs.items():
+        if key not in known:
+            raise ConfigError(f"data.{key}", value, f"left out: the data group has no key {key!r}")
     return cls(**parts, **kwargs)

@@ -16,11 +16,10 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from glm_session.checkpoints import CheckpointError, load_model
-from glm_session.config import CONFIG_DIR, build_datamodule
+from glm_session.config import CONFIG_DIR, build, build_datamodule
 from glm_session.constants import IGNORE_INDEX
 from glm_session.data.pipeline import DialogueData, EmptySplitError
 from glm_session.errors import run_hydra_app
@@ -122,7 +121,7 @@ def evaluate_model(
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.split``, with the template and tokenizer the run was trained with."""
-    generation = instantiate(cfg.generation)
+    generation = build(cfg.generation)
     model, info = load_model(cfg.ckpt_path)
     with open_dict(cfg):  # the run's template and (unless given) tokenizer; session samples for the loss
         cfg.template = {"_target_": "glm_session.data.template.get_template", "name": info.template}

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from glm_session.checkpoints import check_resumable
-from glm_session.config import CONFIG_DIR, build_datamodule
+from glm_session.config import CONFIG_DIR, build, build_datamodule
 from glm_session.errors import ConfigError, run_hydra_app
 from glm_session.run_info import RunInfo
 from glm_session.training.checkpoint_io import AtomicCheckpointIO, remove_stale_saves
@@ -78,22 +78,25 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             "evaluate.enabled", True, "false with trainer=fsdp: generation needs the whole model on one device; "
             "evaluate the run's checkpoint afterwards (consolidate it, then python -m glm_session.evaluate ckpt_path=...)"
         )  # fmt: skip
-    generation = instantiate(cfg.generation) if evaluation else None
+    generation = build(cfg.generation) if evaluation else None
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = build_datamodule(cfg)
+    if generation is not None:
+        generation.check_room(datamodule.max_seq_len, datamodule.tokenizer, datamodule.template)
     stats = {split: datamodule.statistics(split) for split in ("train", "validation")}
     (output_dir / "data_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     datamodule.require_batches("train")
     if cfg.trainer.get("limit_val_batches") != 0:
         datamodule.require_batches("validation")
-    if generation is not None:
-        generation.check_room(datamodule.max_seq_len, datamodule.tokenizer, datamodule.template)
+    warning = datamodule.window_warning("train")
+    if warning:
+        log.warning("%s", warning)
 
-    module = instantiate(cfg.model, _partial_=True)(
+    module = build(cfg.model, _partial_=True)(
         tokenizer_size=len(datamodule.tokenizer),
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,

@@ -52,3 +52,14 @@ class FailIfSeed(L.Callback):
     def on_train_start(self, *args) -> None:
         if self.seed == self.failing:
             raise RuntimeError(f"planned failure of the job with seed {self.seed}")
+
+
+class PoisonAtStep(L.Callback):
+    """Fill the first weight matrix with NaN before the batch of the given optimizer step (a corrupt weight)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            next(pl_module.parameters()).data.fill_(float("nan"))

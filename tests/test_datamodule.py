@@ -153,3 +153,28 @@ def test_tokenizer_path_and_smile_config(tmp_path, tokenizer):
     assert data_main([*args, f"data.cache_dir={tmp_path}", f"out={out}"]) == 0
     stats = json.loads(out.read_text())
     assert (stats["sessions"], stats["skipped_records"], stats["dropped_trailing_questions"]) == (2, 1, 1)
+
+
+def test_long_sessions_cut_into_windows_are_reported_with_what_split_would_cost(tokenizer, tmp_path):
+    messages = []
+    for i in range(40):
+        messages += [{"role": "user", "content": f"第{i}个问题：今天天气怎么样？"},
+                     {"role": "assistant", "content": f"第{i}个回答：天气很好，可以去公园散步。"}]  # fmt: skip
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"id": "long", "messages": messages}, ensure_ascii=False) + "\n")
+
+    def data(strategy: str, max_seq_len: int) -> DialogueDataModule:
+        return DialogueDataModule(tokenizer, strategy=strategy, path=str(path), max_seq_len=max_seq_len,
+                                  batch_size=4, cache_dir=str(tmp_path))  # fmt: skip
+
+    session, split = data("session", 256).statistics("train"), data("split", 256).statistics("train")
+    assert session["cut_sessions"] == 1 and session["windows"] > 10
+    assert session["window_tokens"] == session["input_tokens"]  # the one session is all windows
+    assert session["window_split_tokens"] == split["input_tokens"]  # exactly what its split samples take
+    warning = data("session", 256).window_warning("train")
+    assert warning.startswith(
+        f"1 train sessions longer than data.max_seq_len=256 were cut into {session['windows']}"
+    )
+    assert session["window_tokens"] > 0.5 * session["window_split_tokens"]
+    whole = data("session", 4096)
+    assert whole.statistics("train")["windows"] == 0 and whole.window_warning("train") is None

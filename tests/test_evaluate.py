@@ -6,13 +6,16 @@ import json
 import torch
 from transformers import GlmForCausalLM
 
-from glm_session.config import compose_config
-from glm_session.data import CHATGLM2
+from glm_session.config import RESOURCES_DIR, compose_config
+from glm_session.data import CHATGLM2, Session, Turn
+from glm_session.data.readers import read_sessions
 from glm_session.data.samples import SegmentEncoder
 from glm_session.evaluate import evaluate
 from glm_session.evaluation.generation import build_prompts, generate_answers
 from glm_session.model import chatglm2_config, padded_vocab_size
 from glm_session.train import train
+
+KDCONV_TEST = RESOURCES_DIR / "kdconv" / "test.jsonl"
 
 
 def test_prompts_are_the_template_prompts(tokenizer, three_turns):
@@ -69,3 +72,65 @@ def test_evaluate_a_training_checkpoint(tmp_path, cache_dir):
     assert set(metrics["rouge_by_turn"]) == {p["turn"] for p in predictions}
     assert set(metrics["teacher_forced"]["loss_by_turn"]) == set(metrics["rouge_by_turn"])
     assert json.loads((out / "metrics.json").read_text())["prompts"] == metrics["prompts"]
+
+
+QUESTION = (
+    "请问你能不能详细地告诉我这部电影的导演、主演、上映时间以及它在国内外获得过哪些重要的奖项？"  # 23 tokens
+)
+
+
+def test_a_question_that_does_not_fit_is_skipped_and_counted_never_cut(tokenizer):
+    session = Session("s", (Turn("你好", "你好！"), Turn(QUESTION, "可以。"), Turn("谢谢", "不客气")))
+    # Turn 2's prompt alone takes 38 tokens: in a budget of 30 it is skipped; turn 3 drops its two history turns.
+    prompts, skipped = build_prompts([session], CHATGLM2, tokenizer, max_prompt_tokens=30)
+    assert skipped == 1
+    assert [(p.turn, p.dropped_history_turns, p.text) for p in prompts] == [
+        (1, 0, "[Round 1]\n\n问：你好\n\n答："),
+        (3, 2, "[Round 1]\n\n问：谢谢\n\n答："),
+    ]
+    assert [len(p.ids) for p in prompts] == [16, 16]
+    prompts, skipped = build_prompts([session], CHATGLM2, tokenizer, max_prompt_tokens=40)
+    assert skipped == 0 and prompts[1].text == f"[Round 1]\n\n问：{QUESTION}\n\n答：" and len(prompts[1].ids) == 38
+
+
+class PreferPaddingId:
+    """A forward hook on the output layer that makes a vocabulary-padding id the most likely next token."""
+
+    def __init__(self, token_id: int) -> None:
+        self.token_id = token_id
+
+    def __call__(self, module, inputs, logits):
+        logits = logits.clone()
+        logits[..., self.token_id] += 1e4
+        return logits
+
+
+def test_padded_vocabulary_ids_are_never_generated(tokenizer, three_turns):
+    torch.manual_seed(0)
+    model = GlmForCausalLM(chatglm2_config("chatglm2-tiny", vocab_size=padded_vocab_size(len(tokenizer)))).eval()
+    assert model.config.vocab_size == 6144 and len(tokenizer) == 6005  # ids 6005..6143 decode to nothing
+    model.lm_head.register_forward_hook(PreferPaddingId(len(tokenizer) + 40))
+    prompts, _ = build_prompts([three_turns], CHATGLM2, tokenizer, max_prompt_tokens=1000)
+    answers = generate_answers(model, prompts, tokenizer, batch_size=3, max_new_tokens=4)
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+
+
+def test_the_issue_repro_evaluates(tmp_path, cache_dir):
+    run = tmp_path / "R"
+    cfg = ["model=chatglm2-tiny", "data.limit=20", "trainer.max_steps=2", "trainer.limit_train_batches=1.0",
+           "trainer.enable_progress_bar=false", f"data.cache_dir={cache_dir}", f"output_dir={run}"]  # fmt: skip
+    train(compose_config("train", cfg))
+    out = tmp_path / "eval"
+    metrics = evaluate(compose_config("evaluate", [f"ckpt_path={run}/checkpoints/last.ckpt", "limit=2",
+                                                   f"output_dir={out}", f"data.cache_dir={cache_dir}"]))  # fmt: skip
+    assert metrics["prompts"] > 0 and metrics["skipped_turns"] == 0
+    # A budget that leaves room for some questions only: the others are skipped and counted in metrics.json.
+    metrics = evaluate(compose_config("evaluate", [f"ckpt_path={run}/checkpoints/last.ckpt", "limit=2",
+                                                   "data.max_seq_len=64", "generation.max_new_tokens=24",
+                                                   f"output_dir={out}", f"data.cache_dir={cache_dir}"]))  # fmt: skip
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["skipped_turns"] == metrics["skipped_turns"] > 0
+    assert written["prompts"] + written["skipped_turns"] == sum(
+        len(s.turns) for s in read_sessions(KDCONV_TEST, limit=2).sessions
+    )
+    assert written["prompt_tokens_max"] == 40

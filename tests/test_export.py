@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GlmForCausalLM
 
+from glm_session.checkpoints import load_model
 from glm_session.config import RESOURCES_DIR, compose_config
 from glm_session.data import CHATGLM2
 from glm_session.data.session import Turn
 from glm_session.data.template import CHATGLM2_ARTICLE, prompt_text
-from glm_session.checkpoints import load_model
 from glm_session.export import ExportError, export, main
 from glm_session.tokenizer import ChatGLM2Tokenizer
 from glm_session.train import train
@@ -67,6 +67,9 @@ def test_the_folder_holds_the_checkpoints_weights_and_metadata(checkpoint, expor
 
     generation = json.loads((exported / "generation_config.json").read_text())
     assert (generation["eos_token_id"], generation["pad_token_id"]) == (2, 0)
+    assert generation["suppress_tokens"] == list(
+        range(6005, 6144)
+    )  # the vocabulary's padding: no text decodes to it
     metadata = json.loads((exported / "glm_session.json").read_text())
     assert metadata["template"] == "chatglm2" and metadata["strategy"] == "session"
     assert metadata["tokenizer_fingerprint"] == ChatGLM2Tokenizer.from_pretrained(exported).fingerprint

@@ -4,8 +4,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from glm_session.config import compose_config
 from glm_session.checkpoints import CheckpointError, read_initial_weights
+from glm_session.config import compose_config
 from glm_session.train import train
 
 FAST = ["model=chatglm2-tiny", "data.limit=4", "trainer.max_steps=1", "trainer.limit_train_batches=1",

@@ -54,7 +54,9 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, cache_d
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     assert result.returncode == -9, result.stderr[-2000:]
     last = killed / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=True)["global_step"] == 6  # saved after step 6, killed after step 7
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == 6  # saved after step 6, killed after step 7
+    seconds_before_kill = saved["callbacks"]["RunMetrics"]["train_seconds"]
 
     resumed = run(killed, cache, f"ckpt_path={last}")
     assert resumed["global_steps"] == uninterrupted["global_steps"]
@@ -62,6 +64,13 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, cache_d
     for a, b in zip(resumed["val_loss_by_epoch"], uninterrupted["val_loss_by_epoch"], strict=True):
         assert abs(a - b) < 1e-4
     assert resumed["input_tokens"] == uninterrupted["input_tokens"]  # the same batches, each once
+    # The interrupted epoch's training loss covers all its batches, those before the kill too.
+    for a, b in zip(resumed["train_loss_by_epoch"], uninterrupted["train_loss_by_epoch"], strict=True):
+        assert abs(a - b) < 1e-5
+    assert [h["tokens"] for h in resumed["history"]] == [h["tokens"] for h in uninterrupted["history"]]
+    # Training time and throughput count the steps trained before the kill.
+    assert resumed["train_seconds"] > seconds_before_kill > 0
+    assert resumed["tokens_per_second"] == pytest.approx(resumed["input_tokens"] / resumed["train_seconds"])
     assert json.loads((killed / "metrics.json").read_text())["val_loss_by_epoch"] == resumed["val_loss_by_epoch"]
 
 

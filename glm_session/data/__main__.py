@@ -43,6 +43,9 @@ def stats(datamodule, split: str, out: str | None) -> dict:
     print(format_table(result))
     for message in datamodule.describe_skips(split):
         print(f"skipped: {message}", file=sys.stderr)
+    warning = datamodule.window_warning(split)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2) + "\n")

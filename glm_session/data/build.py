@@ -23,7 +23,15 @@ from glm_session.data.template import Template
 from glm_session.tokenizer import ChatGLM2Tokenizer
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "glm_session"
-COUNTERS = ("trained_turns", "truncated_turns", "dropped_history_turns", "skipped_turns", "windows")
+COUNTERS = (
+    "trained_turns",
+    "truncated_turns",
+    "dropped_history_turns",
+    "skipped_turns",
+    "windows",
+    "window_tokens",  # sessions cut into windows: the windows' tokens, and what split samples of them would take
+    "window_split_tokens",
+)
 FEATURES = datasets.Features(
     {
         "input_ids": datasets.Sequence(datasets.Value("int32")),
@@ -177,6 +185,8 @@ def _build_batch(
             # Session-level counters go on the session's first sample.
             out["skipped_turns"].append(plan.skipped_turns if number == 0 else 0)
             out["windows"].append(windows if number == 0 else 0)
+            out["window_tokens"].append(sum(len(s.input_ids) for s in samples) if windows and number == 0 else 0)
+            out["window_split_tokens"].append(plan.split_tokens if windows and number == 0 else 0)
         if not plan.views and plan.skipped_turns:  # keep the count: an empty row that batching leaves out
             for name in FEATURES:
                 out[name].append([] if name in ("input_ids", "labels", "turn_ids") else 0)

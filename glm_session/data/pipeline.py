@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 SPLITS = ("train", "validation", "test")
 SKIPS_KEPT = 20  # skipped records whose messages the summary keeps
+WINDOW_WARNING_SHARE = 0.5  # warn when cut sessions' windows take this share of their split samples' tokens
 
 
 def _check_holdout(holdout: Mapping[str, float] | None) -> dict[str, float]:
@@ -335,6 +336,19 @@ class DialogueData:
                 f"data.max_seq_len={self.max_seq_len}"
             )
         raise EmptySplitError(f"{source}: no {split} sample: " + ", ".join(found))
+
+    def window_warning(self, split: str) -> str | None:
+        """A warning when the sessions cut into windows cost nearly what split samples of them would."""
+        stats = self.statistics(split)
+        windows, split_tokens = stats["window_tokens"], stats["window_split_tokens"]
+        if not split_tokens or windows < WINDOW_WARNING_SHARE * split_tokens:
+            return None
+        return (
+            f"{stats['cut_sessions']} {split} sessions longer than data.max_seq_len={self.max_seq_len} were cut into "
+            f"{stats['windows']} windows of {windows:,} tokens: {windows / split_tokens:.0%} of the {split_tokens:,} "
+            "that split samples of them take (each window repeats as much history as fits), so session samples "
+            "save little on them; a larger data.max_seq_len keeps them whole"
+        )
 
     def describe_skips(self, split: str, limit: int = 5) -> list[str]:
         """The first ``limit`` skipped records of ``split``, as messages."""

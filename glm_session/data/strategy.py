@@ -27,6 +27,14 @@ from glm_session.data.samples import SessionLayout, View
 class Plan:
     views: list[View] = field(default_factory=list)
     skipped_turns: int = 0  # turns whose question alone does not fit
+    split_tokens: int = 0  # a session cut into windows: the tokens its split samples would take
+
+
+def view_length(layout: SessionLayout, view: View) -> int:
+    """Tokens of the sample of ``view``."""
+    if view.answer_limit is not None:  # a turn truncated at its answer's tail, without its stop
+        return layout.question_length(view.end - 1) + view.answer_limit
+    return layout.length(view.start, view.end)
 
 
 def _alone(layout: SessionLayout, turn: int, max_seq_len: int, plan: Plan) -> bool:
@@ -83,6 +91,11 @@ class SessionStrategy:
                 end += 1
             plan.views.append(View(start, turn, end))
             turn = end
+        if (
+            len(plan.views) > 1
+        ):  # what the cut saves over split samples (often little: each window repeats history)
+            split = SplitStrategy().plan(layout, max_seq_len)
+            plan.split_tokens = sum(view_length(layout, view) for view in split.views)
         return plan
 
 

@@ -1,0 +1,180 @@
+"""Bad values and typos end with one line naming the key and what it takes, before any work, and a run never trains
+on nothing (issue 11, items 3, 6, 8, 15)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from glm_session.config import build_datamodule, compose_config
+from glm_session.data.pipeline import EmptySplitError
+from glm_session.errors import ConfigError
+from glm_session.train import train
+
+ROOT = Path(__file__).parent.parent
+FAST = ["model=chatglm2-tiny", "trainer.max_steps=1", "trainer.limit_train_batches=1.0",
+        "trainer.enable_progress_bar=false"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("data.max_seq_len=0", "data.max_seq_len=0: must be an integer >= 18"),
+        ("data.max_seq_len=-5", "data.max_seq_len=-5: must be an integer >= 18"),
+        ("data.max_seq_len=2", "data.max_seq_len=2: must be an integer >= 18"),  # the prefix alone
+        ("data.max_seq_len=512.5", "data.max_seq_len=512.5: must be an integer >= 18"),
+        ("data.limit=-1", "data.limit=-1: must be an integer >= 1 or null"),
+        ("data.limit=0", "data.limit=0: must be an integer >= 1 or null"),
+        ("data.limit=abc", "data.limit='abc': must be an integer >= 1 or null"),
+        ("data.batch_size=-1", "data.batch_size=-1: must be an integer >= 1 or null"),
+        ("data.batch_tokens=0", "data.batch_tokens=0: must be an integer >= 1 or null"),
+        ("data.batch_tokens=null", "data.batch_size=null: must be given when data.batch_tokens is null"),
+        ("data.packing=maybe", "data.packing='maybe': must be true or false"),
+        ("data.shuffle=1", "data.shuffle=1: must be true or false"),
+        ("data.num_workers=-1", "data.num_workers=-1: must be an integer >= 0"),
+        ("data.pad_to=widest", "data.pad_to='widest': must be one of longest, max_seq_len"),
+        ("data.on_error=ignore", "data.on_error='ignore': must be one of raise, skip"),
+        ("data.format=csv", "data.format='csv': must be one of auto, sharegpt, openai, chatglm"),
+        ("data.holdout={validation: -0.1}", "data.holdout.validation=-0.1: must be a number in [0, 1)"),
+        ("data.holdout={validation: nan}", "data.holdout.validation=nan: must be a number in [0, 1)"),
+        ("data.holdout={validation: abc}", "data.holdout.validation='abc': must be a number in [0, 1)"),
+        ("data.holdout={validation: 0.6, test: 0.5}", "must be fractions whose sum is below 1"),
+        (
+            "data.holdout={train: 0.1}",
+            "data.holdout.train=0.1: must be left out: holdout takes validation and test",
+        ),
+        (
+            "data.role_map={client: customer}",
+            "data.role_map.client='customer': must be one of system, user, assistant",
+        ),
+    ],
+)
+def test_bad_data_values_name_the_key_and_the_range(override, message):
+    cfg = compose_config("data_tool", [override])
+    with pytest.raises(ConfigError) as err:
+        build_datamodule(cfg, lightning=False)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("generation.max_new_tokens=0", "generation.max_new_tokens=0: must be an integer >= 1"),
+        ("generation.batch_size=-2", "generation.batch_size=-2: must be an integer >= 1"),
+        ("generation.temperature=0", "generation.temperature=0: must be a number > 0.0"),
+        ("generation.top_p=1.5", "generation.top_p=1.5: must be a number in (0, 1]"),
+        ("generation.do_sample=yes", "generation.do_sample='yes': must be true or false"),
+        # Room for the answer but none for a question: refused, never a prompt of [gMASK] sop alone.
+        (
+            "generation.max_new_tokens=64",
+            "generation.max_new_tokens=64: must be at most 48: data.max_seq_len=64 less the shortest prompt (16",
+        ),
+    ],
+)
+def test_bad_generation_values_are_refused_before_training(tmp_path, override, message):
+    cfg = compose_config("train", [*FAST, "evaluate.enabled=true", "data.max_seq_len=64", override,
+                                   f"output_dir={tmp_path}"])  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert message in str(err.value)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def write_lines(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return path
+
+
+GOOD = {"messages": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]}
+TRAILING = {"messages": [{"role": "user", "content": "你好"}]}
+
+
+@pytest.mark.parametrize(
+    "records,extra,message",
+    [
+        ([], [], "no train sample: 0 sessions read"),
+        (
+            [TRAILING, TRAILING],
+            ["data.on_error=skip"],
+            "no train sample: 0 sessions read, 2 records skipped (first: ",
+        ),
+        ([GOOD], ["data.max_seq_len=18", "data.holdout={validation: 0.5}"], None),
+    ],
+)
+def test_a_run_that_would_train_on_nothing_stops(tmp_path, cache_dir, records, extra, message):
+    data = write_lines(tmp_path / "data.jsonl", records)
+    cfg = compose_config("train", [*FAST, f"data.path={data}", f"data.cache_dir={cache_dir}", *extra,
+                                   f"output_dir={tmp_path / 'run'}"])  # fmt: skip
+    with pytest.raises(EmptySplitError) as err:
+        train(cfg)
+    if message is None:  # one session: it lands in train or validation, and the other split is empty
+        assert "no train sample" in str(err.value) or "no validation sample" in str(err.value)
+    else:
+        assert str(err.value).startswith(f"{data}: {message}")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_every_question_too_long_is_an_empty_split(tmp_path, cache_dir):
+    long_question = {"messages": [{"role": "user", "content": "长" * 200}, {"role": "assistant", "content": "好"}]}
+    data = write_lines(tmp_path / "data.jsonl", [long_question] * 3)
+    cfg = compose_config("train", [*FAST, f"data.train_path={data}", f"data.cache_dir={cache_dir}",
+                                   "data.max_seq_len=64", f"output_dir={tmp_path / 'run'}"])  # fmt: skip
+    with pytest.raises(EmptySplitError, match=r"3 sessions read, 3 turns skipped: their question alone is longer"):
+        train(cfg)
+
+
+def test_the_readme_role_map_line_works():
+    readme = (ROOT / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if "data.role_map={" in line)
+    override = line[line.index("data.role_map=") : line.index("}", line.index("data.role_map=")) + 1]
+    assert override == "data.role_map={client: user, counselor: assistant}"
+    cfg = compose_config("data_tool", [override])
+    assert dict(cfg.data.role_map) == {"client": "user", "counselor": "assistant"}
+
+
+def run_tool(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, env=env, cwd=ROOT)
+
+
+def assert_one_line(result: subprocess.CompletedProcess, expected: str) -> None:
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_typos_end_with_one_line_and_exit_code_2(tmp_path):
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    assert_one_line(run_tool("glm_session.train", "data.limit=abc", cache), "data.limit='abc': must be an integer")
+    assert_one_line(
+        run_tool("glm_session.data", "stats", "+data.x=1"),
+        "data.x=1: must be left out: the data group has no key 'x'",
+    )
+    assert_one_line(
+        run_tool("glm_session.data", "stats", "data.holdout={validation: abc}"),
+        "data.holdout.validation='abc': must be a number in [0, 1)",
+    )
+    assert_one_line(
+        run_tool("glm_session.data", "export", "data.limit=2", cache, f"out={tmp_path}"),
+        f"out='{tmp_path}': must be a file, not a folder",
+    )
+    assert_one_line(run_tool("glm_session.train", "data.x=1"), "Could not override 'data.x'")
+    # A small data set with the default job's share of it per epoch: Lightning's message, on one line.
+    assert_one_line(
+        run_tool(
+            "glm_session.train", "model=chatglm2-tiny", "data.limit=3", cache, f"hydra.run.dir={tmp_path / 'r'}"
+        ),
+        "Please increase the `limit_train_batches` argument",
+    )
+    # Values Hydra's grammar cannot read unquoted: the error says how to quote them.
+    result = run_tool("glm_session.data", "stats", "data.path=我的 数据.jsonl")
+    assert_one_line(result, "quote a value holding spaces, non-ASCII characters")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text("[1, 2]")
+    assert_one_line(run_tool("glm_session.convert", str(src), str(tmp_path / "dst")), "holds a JSON list")
