@@ -113,10 +113,8 @@ def user_message(err: BaseException) -> str | None:
             return _one_line(f"{_one_line(str(err)).split(';')[0]} {cause}")
     if isinstance(err, UserError | MisconfigurationException):
         return _one_line(str(err))
-    if isinstance(err, OverrideParseException) or (
-        isinstance(err, HydraException) and "token recognition error" in str(err)
-    ):
-        return f"{_one_line(str(err))} ({QUOTING_HINT})"
+    if isinstance(err, OverrideParseException):
+        return f"cannot read the override {err.override!r} ({QUOTING_HINT})"
     if isinstance(err, HydraException | OmegaConfBaseException):
         message = _one_line(str(err))
         if isinstance(cause, OmegaConfBaseException):

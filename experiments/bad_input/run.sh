@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Each issue-11 item's command and the last lines it prints (stderr and stdout): bash run.sh [WORK_DIR] > report.txt
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+WORK=${1:-/tmp/glm_session_bad_input}
+rm -rf "$WORK" && mkdir -p "$WORK" && cd "$WORK" && python "$ROOT/experiments/bad_input/make_files.py"
+C="data.cache_dir=$WORK/cache"
+T="model=chatglm2-tiny trainer.enable_progress_bar=false $C"
+item() { echo "### $1"; echo "\$ $2"; bash -c "$2" > out.txt 2>&1; echo "exit $?"; grep -v "^\s*$" out.txt | grep -E "$3" | tail -${4:-1}; }
+item 1 "python -m glm_session.train $T data.limit=20 trainer.max_steps=2 trainer.limit_train_batches=1.0 hydra.run.dir=R && python -m glm_session.evaluate ckpt_path=R/checkpoints/last.ckpt limit=2 $C hydra.run.dir=E" "ROUGE|error"
+item 2a "python -m glm_session.evaluate ckpt_path=R/checkpoints/last.ckpt data.max_seq_len=64 generation.max_new_tokens=64 $C hydra.run.dir=E2" "error|ROUGE"
+item 2b "python -m glm_session.evaluate ckpt_path=R/checkpoints/last.ckpt limit=2 data.max_seq_len=64 generation.max_new_tokens=24 $C hydra.run.dir=E3 && python -c \"import json; m=json.load(open('E3/metrics.json')); print({k: m[k] for k in ('prompts','skipped_turns','prompts_with_dropped_history','prompt_tokens_max')})\"" "skipped|error|WARN" 2
+item 3a "python -m glm_session.train $T data.max_seq_len=0" "error"
+item 3b "python -m glm_session.train $T data.limit=-1" "error"
+item 3c "python -m glm_session.train $T data.batch_size=0 data.batch_tokens=null" "error"
+item 3d "python -m glm_session.train $T data.path=empty.jsonl" "error"
+item 4 "python -m glm_session.data stats data.path=surrogate.jsonl $C" "error"
+item 4s "python -m glm_session.data stats data.path=surrogate.jsonl data.on_error=skip $C" "skipped"
+item 5a "python -m glm_session.data stats data.path=deep.jsonl $C" "error"
+item 5b "python -m glm_session.data stats data.path=bigint.jsonl $C" "error"
+item 6a "python -m glm_session.data stats data.path=history.jsonl $C" "error"
+item 6b "python -m glm_session.data stats data.packing=maybe" "error"
+item 6c "python -m glm_session.data stats 'data.holdout={validation: -0.1}'" "error"
+item 6d "python -m glm_session.data stats data.path=dup.jsonl $C" "error"
+item 7a "python -m glm_session.data stats data.path=system.jsonl $C" "error"
+item 7b "python -m glm_session.data stats data.path=glmhist.jsonl $C" "error"
+item 7c "python -m glm_session.data stats data.path=$WORK $C" "error"
+item 8a "python -m glm_session.data stats 'data.role_map={client: user, counselor: assistant}' data.limit=5 $C" "sessions|error"
+item 8b "python -m glm_session.data stats 'data.path=我的 数据.jsonl'" "error"
+head -c 100000 R/checkpoints/last.ckpt > truncated.ckpt; python -c "import torch; torch.save({'model.w': torch.ones(2)}, 'plain.ckpt')"
+item 9a "python -m glm_session.train $T ckpt_path=truncated.ckpt" "error"
+item 9b "python -m glm_session.evaluate ckpt_path=plain.ckpt" "error"
+item 9c "python -m glm_session.train model=chatglm2-small trainer.enable_progress_bar=false $C ckpt_path=R/checkpoints/last.ckpt" "error"
+python -c "
+import torch; c=torch.load('R/checkpoints/last.ckpt', weights_only=True); k=next(iter(c['state_dict'])); c['state_dict'][k].view(-1)[0]=float('nan'); torch.save(c,'nan.ckpt')"
+item 10a "python -m glm_session.train $T ckpt_path=nan.ckpt" "error"
+item 10b "PYTHONPATH=$ROOT/tests python -m glm_session.train $T data.limit=20 trainer.max_steps=6 trainer.limit_train_batches=1.0 callbacks.last_checkpoint.every_n_train_steps=1 +callbacks.poison._target_=helpers.PoisonAtStep +callbacks.poison.step=3 hydra.run.dir=P; python -c \"import torch; print('last.ckpt step', torch.load('P/checkpoints/last.ckpt', weights_only=True)['global_step'])\"" "error|last.ckpt" 2
+item 11 "time python -m glm_session.train $T model.init_from=/no/such/folder" "error|real" 2
+item 12 "python -m glm_session.train $T data.limit=20 strategy=split ckpt_path=R/checkpoints/last.ckpt" "error"
+item 13 "cd $ROOT && python -m pytest -q tests/test_resume.py -k killed" "passed|failed"
+mkdir -p R/checkpoints && echo half > R/checkpoints/.saving-0badc0de.tmp
+item 14 "python -m glm_session.train $T data.limit=20 trainer.max_steps=4 trainer.limit_train_batches=1.0 ckpt_path=R/checkpoints/last.ckpt hydra.run.dir=R; echo; ls -a R/checkpoints | tr '\\n' ' '; echo" "removed|^\\. \\.\\. " 2
+item 15a "python -m glm_session.train +data.x=1" "error"
+item 15b "python -m glm_session.data export data.limit=2 out=$WORK $C" "error"
+mkdir -p src && echo '[1, 2]' > src/config.json
+item 15c "python -m glm_session.convert src dst" "error"
+item 15d "python -m glm_session.train $T data.limit=3" "error"
+item 16 "python -m glm_session.data stats data.path=long.jsonl data.max_seq_len=2048 $C" "warning"
