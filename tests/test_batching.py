@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from glm_session.data.batching import RowBatchSampler
-from glm_session.data.collator import Collator
+from glm_session.data.collator import ROW_FIELDS, Collator
 from glm_session.data.packing import pack_first_fit_decreasing
 
 
@@ -43,7 +43,13 @@ def test_collator_pads_at_the_end_and_continues_positions():
     assert batch["turn_ids"].tolist() == [[0, 1, 1, 0, 2], [0, 1, 1, 0, 0]]
     assert batch["session_index"].tolist() == [[4, 4, 4, 5, 5], [6, 6, 6, -1, -1]]
     assert batch["sample_index"].tolist() == [[0, 0, 0, 3, 3], [1, 1, 1, -1, -1]]
-    assert all(t.dtype == torch.long for t in batch.values())
+    assert all(batch[name].dtype == torch.long for name in ROW_FIELDS)
+    # Computed on the CPU for the loss: trained positions 1..T-1 are, in row 0, sample 0 (turn 1) twice and
+    # sample 3 (turn 2) once; in row 1, sample 1 (turn 1) once.
+    assert batch["sample_weight"].tolist() == [[0.5, 0.5, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0]]
+    assert batch["turn_weight"].tolist() == [[0.5, 0.5, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0]]
+    assert batch["loss_counts"].tolist() == [4, 3, 3]  # trained tokens, samples, turns
+    assert batch["sample_lengths"] == [3, 2, 3] and batch["supervised_tokens"] == 4
     assert Collator(pad_id=0, width=8)(rows)["input_ids"].shape == (2, 8)
     assert Collator(pad_id=0, pad_to_multiple_of=4)(rows)["input_ids"].shape == (2, 8)
 

@@ -9,6 +9,7 @@ import glm_session.data.build as build
 from glm_session.config import RESOURCES_DIR
 from glm_session.data import DialogueDataModule
 from glm_session.data.__main__ import main as data_main
+from glm_session.data.collator import ROW_FIELDS
 
 KDCONV = {split: str(RESOURCES_DIR / f"kdconv/{split}.jsonl") for split in ("train", "validation", "test")}
 
@@ -109,7 +110,7 @@ def test_export_command_writes_rows_as_fed(tmp_path, tokenizer):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     datamodule = kdconv(tokenizer, str(tmp_path), strategy="session", packing=True, limit=5, batch_tokens=16384)
     expected = [
-        {name: tensor[b].tolist() for name, tensor in batch.items()}
+        {name: batch[name][b].tolist() for name in ROW_FIELDS}
         for batch in datamodule.dataloader("train")
         for b in range(len(batch["input_ids"]))
     ]

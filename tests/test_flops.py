@@ -15,4 +15,4 @@ def test_training_flops_by_hand():
     config = chatglm2_config("chatglm2-tiny", vocab_size=256)  # 2 layers, 4 heads of 16: width 64
     sample_index = torch.tensor([[0, 0, 0, 1, 1, -1]])  # samples of 3 and 2 tokens, one pad
     # 6 × 1000 × 5 tokens + 6 × 2 layers × 64 × (3² + 2²)
-    assert training_flops(config, 1000, sample_index) == 30_000 + 768 * 13
+    assert training_flops(config, 1000, segment_lengths(sample_index).tolist()) == 30_000 + 768 * 13

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from glm_session.config import build_datamodule, compose_config
+from glm_session.data.collator import ROW_FIELDS
 from glm_session.errors import ConfigError, cli_errors
 
 COMMANDS = ("stats", "export")
@@ -63,7 +64,7 @@ def export(datamodule, split: str, out: str | None) -> int:
     with open(out, "w") as f:
         for batch in datamodule.dataloader(split):
             for b in range(batch["input_ids"].shape[0]):
-                f.write(json.dumps({name: tensor[b].tolist() for name, tensor in batch.items()}) + "\n")
+                f.write(json.dumps({name: batch[name][b].tolist() for name in ROW_FIELDS}) + "\n")
                 rows += 1
     print(f"wrote {rows} rows to {out}")
     return rows

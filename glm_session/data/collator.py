@@ -1,7 +1,9 @@
-"""Rows of samples -> padded batch tensors, as the model sees them."""
+"""Rows of samples -> padded batch tensors, as the model sees them, with what the loss and the run's counters need
+(computed here, on the CPU, so that the training step needs no host synchronisation)."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -9,12 +11,17 @@ import datasets
 import torch
 
 from glm_session.constants import IGNORE_INDEX
+from glm_session.data.batching import ghost
+from glm_session.supervision import loss_weights
 
 ROW_COLUMNS = ("input_ids", "labels", "turn_ids", "session_index", "length")
+# The per-token fields of a batch: the rows as the model is fed (``python -m glm_session.data export`` writes these).
+ROW_FIELDS = ("input_ids", "labels", "position_ids", "turn_ids", "session_index", "sample_index")
 
 
 class RowDataset(torch.utils.data.Dataset):
-    """Row ``i`` is the concatenation of the samples ``rows[i]`` (one sample per row without packing).
+    """Row ``i`` is the concatenation of the samples ``rows[i]`` (one sample per row without packing); a tuple of
+    sample indices is the row of those samples (batch samplers that pack per batch).
 
     Every sample keeps its own position ids (0, 1, ...), so transformers sees where one ends and the next begins
     and keeps attention block-diagonal; ``sample_index`` is the sample's row in ``samples``.
@@ -27,12 +34,13 @@ class RowDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
-        if index < 0:  # a ghost of row -1 - index: the same tokens, nothing trained or counted
-            row = self[-1 - index]
+    def __getitem__(self, index: int | tuple[int, ...]) -> dict[str, list[int]]:
+        if isinstance(index, int) and index < 0 or isinstance(index, tuple) and index[0] < 0:
+            row = self[ghost(index)]  # a ghost (batching.ghost) of that row: the same tokens, nothing counted
             n = len(row["input_ids"])
-            return {**row, "labels": [IGNORE_INDEX] * n, "sample_index": [-1] * n, "session_index": [-1] * n}
-        indices = list(self.rows[index])
+            untrained = {"labels": [IGNORE_INDEX] * n, "sample_index": [-1] * n, "session_index": [-1] * n}
+            return {**row, **untrained, "sample_lengths": []}
+        indices = list(index) if isinstance(index, tuple) else list(self.rows[index])
         batch = self.samples[indices]
         row: dict[str, list[int]] = {name: [] for name in ("input_ids", "labels", "turn_ids")}
         row["position_ids"], row["session_index"], row["sample_index"] = [], [], []
@@ -43,6 +51,7 @@ class RowDataset(torch.utils.data.Dataset):
             row["position_ids"] += range(length)
             row["session_index"] += [batch["session_index"][j]] * length
             row["sample_index"] += [sample_index] * length
+        row["sample_lengths"] = list(batch["length"])
         return row
 
 
@@ -53,6 +62,10 @@ class Collator:
     Padding: ``pad_id`` inputs, ignored labels, turn 0, session and sample index -1. Its position ids continue
     those of the row's last sample, so a row holding one sample stays one causal sequence (no block mask
     needed); the padded positions come after every real token, so they never change a real token's logits.
+
+    Besides ``ROW_FIELDS`` a batch holds the loss weights of ``supervision.loss_weights`` (``sample_weight``,
+    ``turn_weight``, ``loss_counts``), and as plain Python numbers, which stay on the CPU when Lightning moves the
+    batch: ``sample_lengths`` (every sample's tokens) and ``supervised_tokens``.
     """
 
     pad_id: int
@@ -81,4 +94,13 @@ class Collator:
                 tensor[b, :n] = torch.tensor(row[name], dtype=torch.long)
             last = row["position_ids"][-1]
             batch["position_ids"][b, n:] = torch.arange(last + 1, last + 1 + width - n)
+        weights = loss_weights(batch["labels"], batch["turn_ids"], batch["sample_index"])
+        batch.update(sample_weight=weights.sample, turn_weight=weights.turn, loss_counts=weights.counts)
+        batch["sample_lengths"] = [n for row in rows for n in row.get("sample_lengths") or _run_lengths(row)]
+        batch["supervised_tokens"] = int(weights.counts[0])
         return batch
+
+
+def _run_lengths(row: dict[str, list[int]]) -> list[int]:
+    """The lengths of a row's samples, from its ``sample_index`` (padding and ghosts, -1, left out)."""
+    return [len(list(run)) for sample, run in itertools.groupby(row["sample_index"]) if sample >= 0]

@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import datasets
 import numpy as np
 
-from glm_session.data.batching import RowBatchSampler
+from glm_session.data.batching import RowBatchSampler, SessionGroupBatchSampler
 from glm_session.data.build import COUNTERS, DEFAULT_CACHE_DIR, build_samples, cache_file, samples_fingerprint
 from glm_session.data.packing import pack_first_fit_decreasing
 from glm_session.data.readers import Format, OnError, ReadResult, read_sessions
 from glm_session.data.samples import shortest_sample
 from glm_session.data.session import ROLES
-from glm_session.data.strategy import Strategy, get_strategy
+from glm_session.data.strategy import STRATEGIES, Strategy, get_strategy
 from glm_session.data.template import Template, get_template
 from glm_session.errors import ConfigError, UserError, check_bool, check_choice, check_fraction, check_int
 from glm_session.tokenizer import ChatGLM2Tokenizer
@@ -76,6 +76,7 @@ class PreparedSplit:
     samples: datasets.Dataset
     rows: list[list[int]]  # sample indices per row
     row_lengths: list[int]
+    row_supervised: list[int]  # trained tokens per row
 
 
 class DialogueData:
@@ -95,8 +96,15 @@ class DialogueData:
         packing: first-fit-decreasing packing of samples into rows of ``max_seq_len``.
         batch_size: rows per batch; or ``batch_tokens``: padded tokens per batch.
         pad_to: ``longest`` (row of the batch) or ``max_seq_len`` (every row, as the article's code does).
+        batch_sessions: training batches hold every sample of this many sessions (the same sessions, whatever
+            the strategy, for the same seed), packed within the batch; or
+        batch_supervised_tokens: training batches hold about this many trained tokens. Either replaces
+            ``batch_size``/``batch_tokens`` for the training split; the other splits keep those.
+        validation_strategy: the strategy of the validation and test samples (``null``: the training strategy).
+            ``session`` gives split runs the same validation loss at a third of the compute (Invariant 1: every
+            answer token has the same logits in both).
         shuffle, seed: training order, new every epoch, the same on every run.
-        num_workers: dataloader worker processes.
+        num_workers, pin_memory: dataloader worker processes, and page-locked batches (faster copies to a GPU).
         cache_dir: where ``datasets`` caches the samples (default ``~/.cache/glm_session``).
         num_proc: processes for building samples.
     """
@@ -120,10 +128,14 @@ class DialogueData:
         packing: bool = False,
         batch_size: int | None = 8,
         batch_tokens: int | None = None,
+        batch_sessions: int | None = None,
+        batch_supervised_tokens: int | None = None,
+        validation_strategy: str | None = None,
         pad_to: Literal["longest", "max_seq_len"] = "longest",
         shuffle: bool = True,
         seed: int = 0,
         num_workers: int = 0,
+        pin_memory: bool = False,
         cache_dir: str | None = None,
         num_proc: int | None = None,
     ) -> None:
@@ -153,9 +165,20 @@ class DialogueData:
                 "data.batch_size", None, "given when data.batch_tokens is null (rows or tokens a batch)"
             )
         self.batch_size, self.batch_tokens = batch_size, batch_tokens
+        check_int("data.batch_sessions", batch_sessions, minimum=1, optional=True)
+        check_int("data.batch_supervised_tokens", batch_supervised_tokens, minimum=1, optional=True)
+        if batch_sessions is not None and batch_supervised_tokens is not None:
+            raise ConfigError(
+                "data.batch_supervised_tokens", batch_supervised_tokens, "null with data.batch_sessions"
+            )
+        self.batch_sessions, self.batch_supervised_tokens = batch_sessions, batch_supervised_tokens
+        if validation_strategy is not None:
+            check_choice("data.validation_strategy", validation_strategy, tuple(STRATEGIES))
+        self.validation_strategy = get_strategy(validation_strategy) if validation_strategy else self.strategy
         self.pad_to = check_choice("data.pad_to", pad_to, ("longest", "max_seq_len"))
         self.shuffle, self.seed = check_bool("data.shuffle", shuffle), check_int("data.seed", seed)
         self.num_workers = check_int("data.num_workers", num_workers, minimum=0)
+        self.pin_memory = check_bool("data.pin_memory", pin_memory)
         self.cache_dir, self.num_proc = cache_dir, check_int("data.num_proc", num_proc, minimum=1, optional=True)
         self._splits: dict[str, PreparedSplit] = {}
         self._reads: dict[str, ReadResult] = {}
@@ -221,15 +244,20 @@ class DialogueData:
         path.write_text(json.dumps(summary, ensure_ascii=False, indent=1))
         return summary
 
+    def strategy_of(self, split: str) -> Strategy:
+        """The strategy that builds the samples of ``split``."""
+        return self.validation_strategy if split in ("validation", "test") else self.strategy
+
     def prepared(self, split: str) -> PreparedSplit:
         """Samples and rows of ``split``, built once (from the ``datasets`` cache when it has them)."""
         if split not in self._splits:
+            strategy = self.strategy_of(split)
             fingerprint = samples_fingerprint(
-                f"{self.source_key()}-{split}", self.tokenizer, self.template, self.strategy, self.max_seq_len
+                f"{self.source_key()}-{split}", self.tokenizer, self.template, strategy, self.max_seq_len
             )
             cached = cache_file(fingerprint, self.cache_dir).exists()
             samples = build_samples(
-                [] if cached else self.read(split).sessions, self.tokenizer, self.template, self.strategy,
+                [] if cached else self.read(split).sessions, self.tokenizer, self.template, strategy,
                 self.max_seq_len, cache_dir=self.cache_dir, num_proc=self.num_proc, fingerprint=fingerprint,
             )  # fmt: skip
             lengths = samples.data.column("length").to_numpy()
@@ -239,25 +267,38 @@ class DialogueData:
                 rows = [[int(nonempty[j]) for j in row] for row in packed]
             else:
                 rows = [[i] for i in nonempty.tolist()]
-            all_lengths = lengths.tolist()
+            all_lengths, supervised = lengths.tolist(), samples.data.column("supervised_tokens").to_pylist()
             row_lengths = [sum(all_lengths[i] for i in row) for row in rows]
-            self._splits[split] = PreparedSplit(self.summary(split), samples, rows, row_lengths)
+            row_supervised = [sum(supervised[i] for i in row) for row in rows]
+            self._splits[split] = PreparedSplit(self.summary(split), samples, rows, row_lengths, row_supervised)
         return self._splits[split]
 
     # batches -------------------------------------------------------------------------------------
 
     def batch_sampler(self, split: str) -> RowBatchSampler:
         train = split in ("train", "all")
+        prepared = self.prepared(split)
+        replicas = {"num_replicas": self.world_size, "rank": self.rank}  # evaluation batches are shared out too
+        if train and self.batch_sessions is not None:
+            table = prepared.samples.data
+            return SessionGroupBatchSampler(
+                table.column("session_index").to_pylist(), table.column("length").to_pylist(), self.batch_sessions,
+                self.max_seq_len, self.packing, shuffle=self.shuffle, seed=self.seed, drop_last=True, **replicas,
+            )  # fmt: skip
+        budget = {"batch_size": self.batch_size, "batch_tokens": self.batch_tokens}
+        if train and self.batch_supervised_tokens is not None:
+            budget = {
+                "batch_supervised_tokens": self.batch_supervised_tokens,
+                "supervised": prepared.row_supervised,
+            }
         return RowBatchSampler(
-            self.prepared(split).row_lengths,
-            batch_size=self.batch_size,
-            batch_tokens=self.batch_tokens,
+            prepared.row_lengths,
             shuffle=self.shuffle and train,
             seed=self.seed,
-            num_replicas=self.world_size,  # evaluation batches are shared out too; losses are summed over ranks
-            rank=self.rank,
             drop_last=train,
             fixed_width=self.max_seq_len if self.pad_to == "max_seq_len" else None,
+            **budget,
+            **replicas,
         )
 
     def collator(self) -> Collator:
@@ -280,6 +321,7 @@ class DialogueData:
             collate_fn=self.collator(),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
         )
 
     # statistics ----------------------------------------------------------------------------------
@@ -294,18 +336,18 @@ class DialogueData:
         sampler.num_replicas, sampler.rank = 1, 0
         batches = sampler.all_batches(epoch=0)
         width = self.max_seq_len if self.pad_to == "max_seq_len" else None
-        padded = sum(len(b) * (width or max(prepared.row_lengths[i] for i in b)) for b in batches)
-        rows_tokens = sum(prepared.row_lengths[i] for b in batches for i in b)
+        padded = sum(len(b) * (width or max(sampler.row_length(i) for i in b)) for b in batches)
+        rows_tokens = sum(sampler.row_length(i) for b in batches for i in b)
         return {
             "split": split,
             "template": self.template.name,
-            "strategy": self.strategy.name,
+            "strategy": self.strategy_of(split).name,
             "packing": self.packing,
             "max_seq_len": self.max_seq_len,
             "sessions": prepared.summary["sessions"],
             "turns": prepared.summary["turns"],
             "samples": int((columns["length"] > 0).sum()),
-            "rows": len(prepared.rows),
+            "rows": sum(len(b) for b in batches),
             "batches": len(batches),
             "input_tokens": int(columns["length"].sum()),
             "supervised_tokens": int(columns["supervised_tokens"].sum()),

@@ -9,6 +9,8 @@ Padding, and recomputation for activation checkpointing, are not useful work and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from transformers import GlmConfig
 
@@ -25,9 +27,9 @@ def segment_lengths(sample_index: torch.Tensor) -> torch.Tensor:
     return torch.cat(lengths) if lengths else torch.zeros(0, dtype=torch.long)
 
 
-def training_flops(config: GlmConfig, parameters: int, sample_index: torch.Tensor) -> float:
-    """FLOPs of one forward and backward pass over a batch (module docstring)."""
-    lengths = segment_lengths(sample_index).double()
+def training_flops(config: GlmConfig, parameters: int, sample_lengths: Sequence[int]) -> float:
+    """FLOPs of one forward and backward pass over a batch whose samples have ``sample_lengths`` tokens (module
+    docstring)."""
     width = config.num_attention_heads * config.head_dim
-    attention = 6.0 * config.num_hidden_layers * width * float((lengths**2).sum())
-    return 6.0 * parameters * float(lengths.sum()) + attention
+    attention = 6.0 * config.num_hidden_layers * width * float(sum(n * n for n in sample_lengths))
+    return 6.0 * parameters * float(sum(sample_lengths)) + attention

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from glm_session.constants import IGNORE_INDEX
+from glm_session.supervision import LossWeights, loss_weights, supervised
 
 REDUCTIONS = ("token", "sample", "turn", "sum")
 COUNT_NAMES = ("tokens", "samples", "turns")
@@ -37,13 +38,15 @@ class LossTerms:
     Attributes:
         numerator: ``sum_t w_t * loss_t`` (a scalar that carries the gradient).
         counts: (3,) supervised tokens, samples and answer turns in this micro-batch.
-        losses: (N,) the loss of every supervised token, detached.
-        turns: (N,) the turn index of every supervised token.
+        losses: (B, T-1) the loss of every position, detached; 0 where nothing is trained.
+        mask: (B, T-1) the trained positions.
+        turns: (B, T-1) the turn index of every position.
     """
 
     numerator: torch.Tensor
     counts: torch.Tensor
     losses: torch.Tensor
+    mask: torch.Tensor
     turns: torch.Tensor
 
 
@@ -68,18 +71,13 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return losses.view(shift_labels.shape)
 
 
-def _inverse_group_sizes(keys: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """For each key, 1 / (how often it occurs); and the number of distinct keys."""
-    _, inverse, sizes = torch.unique(keys, return_inverse=True, return_counts=True)
-    return 1.0 / sizes[inverse].to(torch.float32), sizes.numel()
-
-
 def loss_terms(
     logits: torch.Tensor,
     labels: torch.Tensor,
     turn_ids: torch.Tensor,
     sample_index: torch.Tensor,
     reduction: str,
+    weights: LossWeights | None = None,
 ) -> LossTerms:
     """The numerator and counts of one micro-batch (see the module docstring).
 
@@ -89,22 +87,17 @@ def loss_terms(
         turn_ids: (B, T) the session turn of every token.
         sample_index: (B, T) a sample id, unique within the step, of every token.
         reduction: ``token``, ``sample``, ``turn`` or ``sum``.
+        weights: the batch's ``supervision.loss_weights`` when the collator has computed them (on the CPU, so that
+            the step needs no synchronisation); computed here otherwise.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown loss reduction {reduction!r}: choose one of {', '.join(REDUCTIONS)}")
-    losses = token_losses(logits, labels)  # (B, T-1)
-    mask = labels[:, 1:] != IGNORE_INDEX  # (B, T-1)
-    losses = losses[mask]  # (N,)
-    turns = turn_ids[:, 1:][mask]  # (N,)
-    samples = sample_index[:, 1:][mask]  # (N,)
-    # A turn is trained in exactly one sample, so (sample, turn) names it within the step.
-    turn_keys = samples * (int(turn_ids.max()) + 1) + turns
-    per_sample, n_samples = _inverse_group_sizes(samples)
-    per_turn, n_turns = _inverse_group_sizes(turn_keys)
-    weights = {"token": None, "sum": None, "sample": per_sample, "turn": per_turn}[reduction]
-    numerator = losses.sum() if weights is None else (weights * losses).sum()
-    counts = torch.tensor([losses.numel(), n_samples, n_turns], dtype=torch.float64, device=losses.device)
-    return LossTerms(numerator, counts, losses.detach(), turns)
+    if weights is None:
+        weights = loss_weights(labels, turn_ids, sample_index)
+    losses = token_losses(logits, labels)  # (B, T-1), 0 where not trained
+    weight = {"token": None, "sum": None, "sample": weights.sample, "turn": weights.turn}[reduction]
+    numerator = losses.sum() if weight is None else (weight * losses).sum()
+    return LossTerms(numerator, weights.counts, losses.detach(), supervised(labels), turn_ids[:, 1:])
 
 
 def denominator(counts: torch.Tensor, reduction: str) -> torch.Tensor:

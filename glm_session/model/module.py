@@ -19,11 +19,11 @@ import torch
 from transformers import GlmConfig, GlmForCausalLM
 
 from glm_session.checkpoints import check_init_from, initial_state, load_weights_into
-from glm_session.constants import IGNORE_INDEX
 from glm_session.errors import UserError
 from glm_session.model.loss import REDUCTIONS, denominator, loss_terms, token_losses
 from glm_session.model.presets import chatglm2_config, padded_vocab_size
 from glm_session.run_info import RunInfo
+from glm_session.supervision import LossWeights, supervised
 
 MAX_TURNS = 64  # turn indices above this are logged together with it
 
@@ -144,10 +144,13 @@ class ChatGLM2Module(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["position_ids"])  # (B, T, V)
-        terms = loss_terms(logits, batch["labels"], batch["turn_ids"], batch["sample_index"], self.reduction)
+        weights = LossWeights(batch["sample_weight"], batch["turn_weight"], batch["loss_counts"])
+        terms = loss_terms(
+            logits, batch["labels"], batch["turn_ids"], batch["sample_index"], self.reduction, weights
+        )
         self._step_numerator += terms.numerator.detach()
         self._step_counts += terms.counts
-        self._add_turn_losses("train", terms.losses, terms.turns)
+        self._add_turn_losses("train", terms.losses, terms.mask, terms.turns)
         return terms.numerator
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -172,8 +175,7 @@ class ChatGLM2Module(L.LightningModule):
                 f"{grad_norms.item():.4g}; stopped before the optimizer step, and checkpoints written before it are "
                 "kept (lower optimizer.lr, or look for a corrupt checkpoint or bad data)"
             )
-        for gradient in grads:
-            gradient.mul_(scale_value)
+        torch._foreach_mul_(grads, scale_value)
         self.log("train/loss", loss.float(), on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
         self.log("train/supervised_tokens", counts[0].float(), on_step=True, on_epoch=False, reduce_fx="sum")
         self._step_numerator.zero_()
@@ -186,19 +188,20 @@ class ChatGLM2Module(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits = self(batch["input_ids"], batch["position_ids"])
-        losses = token_losses(logits, batch["labels"])
-        mask = batch["labels"][:, 1:] != IGNORE_INDEX
-        self._add_turn_losses("val", losses[mask], batch["turn_ids"][:, 1:][mask])
+        losses = token_losses(logits, batch["labels"])  # (B, T-1), 0 where not trained
+        self._add_turn_losses("val", losses, supervised(batch["labels"]), batch["turn_ids"][:, 1:])
 
     def on_validation_epoch_end(self) -> None:
         self._log_turn_losses("val")
 
     # per-turn losses -----------------------------------------------------------------------------
 
-    def _add_turn_losses(self, split: str, losses: torch.Tensor, turns: torch.Tensor) -> None:
-        index = turns.clamp(max=MAX_TURNS)
-        getattr(self, f"_{split}_turn_sum").index_add_(0, index, losses.detach().double())
-        getattr(self, f"_{split}_turn_count").index_add_(0, index, torch.ones_like(losses, dtype=torch.float64))
+    def _add_turn_losses(self, split: str, losses: torch.Tensor, mask: torch.Tensor, turns: torch.Tensor) -> None:
+        """Add the losses (B, T-1) of the trained positions (``mask``) to their turn's sum and count, on the
+        device (no synchronisation)."""
+        index = turns.flatten().clamp(max=MAX_TURNS)
+        getattr(self, f"_{split}_turn_sum").index_add_(0, index, (losses.detach() * mask).flatten().double())
+        getattr(self, f"_{split}_turn_count").index_add_(0, index, mask.flatten().double())
 
     def _log_turn_losses(self, split: str) -> None:
         """Log ``{split}/loss`` (token mean) and ``{split}/loss_turn_k`` over the epoch, on all devices."""

@@ -10,7 +10,6 @@ from typing import Any
 import lightning as L
 import torch
 
-from glm_session.constants import IGNORE_INDEX
 from glm_session.model.flops import H100_BF16_PEAK_FLOPS, training_flops
 
 
@@ -19,7 +18,9 @@ class RunMetrics(L.Callback):
     a GPU its peak memory and model FLOPs utilisation (``glm_session.model.flops``, over ``peak_flops`` per GPU).
 
     Training time counts every training batch from the end of the previous one (or the start of the epoch, or
-    the end of a validation): data loading included, validation excluded. Token counts are summed over devices.
+    the end of a validation): data loading included, validation excluded. The device is waited for only where an
+    interval of training ends (before a validation, at the end of training), so timing adds no synchronisation to
+    the steps. Token counts are summed over devices.
     The counters are saved in checkpoints, so a resumed run reports the whole run. Throughput and MFU leave out the
     first ``warmup_batches`` training batches of a fit (allocator warm-up, kernel selection): their time, tokens
     and FLOPs are not in the rates, their tokens are in the totals.
@@ -68,31 +69,51 @@ class RunMetrics(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._since = time.perf_counter()
 
+    def _clock(self, pl_module: L.LightningModule) -> float:
+        """Wait for the device's queued work, then read the clock: only where an interval of training ends."""
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return time.perf_counter()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if (
+            self._since is not None
+            and not trainer.sanity_checking
+            and self._batches_this_fit > self.warmup_batches
+        ):
+            self.counters["train_seconds"] += self._clock(pl_module) - self._since
+        self._since = None
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         history = pl_module.history
         if not trainer.sanity_checking and history and history[-1]["split"] == "val":
             self.val_curve.append({"step": trainer.global_step, "epoch": history[-1]["epoch"],
                                    "train_seconds": self.counters["train_seconds"], "train_flops": self.counters["flops"],
+                                   "supervised_tokens": self.counters["supervised_tokens"],
                                    "loss": history[-1]["loss"]})  # fmt: skip
         self._since = time.perf_counter()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx
     ) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-        now = time.perf_counter()
-        input_tokens = int((batch["sample_index"] >= 0).sum())
-        supervised_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        # The counts are the collator's plain numbers (no synchronisation); the time of a batch is read without
+        # waiting for the device, and intervals end where the device is waited for (warm-up end, validation, fit end).
+        lengths = batch["sample_lengths"]
+        input_tokens, supervised_tokens = sum(lengths), batch["supervised_tokens"]
         self.counters["input_tokens"] += input_tokens
         self.counters["supervised_tokens"] += supervised_tokens
         self._batches_this_fit += 1
-        if self._batches_this_fit > self.warmup_batches:
-            self.counters["train_seconds"] += now - (self._since or now)
-            self.counters["timed_input_tokens"] += input_tokens
-            self.counters["timed_supervised_tokens"] += supervised_tokens
-            sample_index = batch["sample_index"].cpu()
-            self.counters["flops"] += training_flops(pl_module.config, self._parameter_count, sample_index)
+        if self._batches_this_fit == self.warmup_batches:  # the timed interval starts after the warm-up
+            self._since = self._clock(pl_module)
+            return
+        if self._batches_this_fit < self.warmup_batches:
+            return
+        now = time.perf_counter()
+        self.counters["train_seconds"] += now - (self._since or now)
+        self._since = now
+        self.counters["timed_input_tokens"] += input_tokens
+        self.counters["timed_supervised_tokens"] += supervised_tokens
+        self.counters["flops"] += training_flops(pl_module.config, self._parameter_count, lengths)
         if self.counters["train_seconds"] > 0:  # this device's running throughput
             seconds = self.counters["train_seconds"]
             pl_module.log("train/tokens_per_second", self.counters["timed_input_tokens"] / seconds, on_step=True)
@@ -101,12 +122,16 @@ class RunMetrics(L.Callback):
                 self.counters["timed_supervised_tokens"] / seconds,
                 on_step=True,
             )
-        self._since = time.perf_counter()  # this bookkeeping is not training time
 
     @staticmethod
     def _parameters(pl_module: L.LightningModule) -> int:
         """The model's parameter count (whole, also when sharded: a DTensor's numel is its global size)."""
         return sum(p.numel() for p in pl_module.model.parameters())
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._since is not None and self._batches_this_fit > self.warmup_batches:
+            self.counters["train_seconds"] += self._clock(pl_module) - self._since
+        self._since = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         strategy = trainer.strategy
