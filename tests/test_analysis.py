@@ -54,28 +54,26 @@ def model(tokenizer):
     return GlmForCausalLM(config).eval()
 
 
+# The toy as real dialogues whose answers differ in length: a = 1 token, b = 6, c = 11 (each + its stop).
+TOY = {
+    "a": ("你好", "你好"),
+    "b": ("你知道", "知道呀，是一部很好看的电影。"),
+    "c": ("谢谢", "好的，没问题，我马上就去办。"),
+}
+TOY_TOKENS = {"a": 2, "b": 7, "c": 12}  # trained tokens of each answer, its stop included
+
+
 def toy_batch(tokenizer, strategy, tmp_path):
-    """The toy as real dialogues: every answer is one token (+ its stop), a is the same turn in both."""
-    a, b, c = ("你好", "你好"), ("你知道", "知道呀"), ("谢谢", "不客气")
+    """The toy batch (session 1 = a, session 2 = a, b, c), and every token's content key (a 0, b 1, c 2)."""
     path = tmp_path / f"toy-{strategy}.jsonl"
     lines = []
-    for session in ([a], [a, b, c]):
-        messages = [
-            m
-            for q, ans in session
-            for m in ({"role": "user", "content": q}, {"role": "assistant", "content": ans})
-        ]
+    for session in ("a", "abc"):
+        messages = [m for name in session
+                    for m in ({"role": "user", "content": TOY[name][0]}, {"role": "assistant", "content": TOY[name][1]})]  # fmt: skip
         lines.append(json.dumps({"messages": messages}, ensure_ascii=False))
     path.write_text("\n".join(lines))
-    data = DialogueData(
-        tokenizer,
-        "chatglm2",
-        strategy,
-        train_path=str(path),
-        batch_size=100,
-        shuffle=False,
-        cache_dir=str(tmp_path),
-    )
+    data = DialogueData(tokenizer, "chatglm2", strategy, train_path=str(path), batch_size=100, shuffle=False,
+                        cache_dir=str(tmp_path))  # fmt: skip
     batch = next(iter(data.dataloader("train")))
     content = {(0, 1): 0, (1, 1): 0, (1, 2): 1, (1, 3): 2}  # a, a, b, c
     keys = torch.tensor([[content.get((s, t), -1) for s, t in zip(srow, trow, strict=True)]
@@ -83,15 +81,39 @@ def toy_batch(tokenizer, strategy, tmp_path):
     return batch, keys
 
 
+def test_toy_shares_with_unequal_answers_by_hand():
+    weights = exact_toy(tokens=TOY_TOKENS)
+    # token: a 2 + 2, b 7, c 12 of 23 tokens, for both strategies.
+    assert weights["session+token"] == weights["split+token"] == {"a": F(4, 23), "b": F(7, 23), "c": F(12, 23)}
+    # session+sample: (1 + 2/21) / 2 for a, (7/21) / 2 for b, (12/21) / 2 for c.
+    assert weights["session+sample"] == {"a": F(23, 42), "b": F(1, 6), "c": F(2, 7)}
+    # A turn's token mean counts once among the 4 trained turns (a twice). Split samples hold one turn each, so
+    # split+sample and split+turn are the same reduction.
+    assert weights["session+turn"] == weights["split+sample"] == weights["split+turn"]
+    assert weights["session+turn"] == {"a": F(1, 2), "b": F(1, 4), "c": F(1, 4)}
+
+
 @pytest.mark.parametrize("strategy,reduction", [("split", "sample"), ("session", "turn"), ("session", "sample"),
                                                 ("split", "token"), ("session", "token")])  # fmt: skip
 def test_measured_weights_of_the_toy(model, tokenizer, tmp_path, strategy, reduction):
     batch, keys = toy_batch(tokenizer, strategy, tmp_path)
+    trained = batch["labels"][:, 1:] != -100
+    assert {name: int((keys[:, 1:][trained] == k).sum()) for k, name in enumerate("abc")} == {
+        "a": 4,
+        "b": 7,
+        "c": 12,
+    }
     measured, residual = measured_weights(model, batch, reduction, keys=keys)
-    exact = exact_toy(tokens=2)[f"{strategy}+{reduction}"]  # each answer: its token and its stop
+    exact = exact_toy(tokens=TOY_TOKENS)
+    expected = exact[f"{strategy}+{reduction}"]
+    others = {r for r in ("token", "sample", "turn") if r != reduction and {r, reduction} != {"sample", "turn"}}
+    if strategy == "session" or reduction == "token":
+        assert all(exact[f"{strategy}+{other}"] != expected for other in others)  # the check can tell them apart
     assert residual < 1e-4
+    # The coefficients are not normalised: a loss at another scale (x3, say) would fail here.
     for key, name in enumerate("abc"):
-        assert measured[key] == pytest.approx(float(exact[name]), abs=1e-4)
+        assert measured[key] == pytest.approx(float(expected[name]), abs=1e-4)
+    assert sum(measured.values()) == pytest.approx(1.0, abs=1e-4)
 
 
 @pytest.mark.slow
@@ -113,7 +135,9 @@ def test_report_command(tmp_path, cache_dir):
     report = json.loads((tmp_path / "weights.json").read_text())
     full = report["full_batch"]
     assert sum(full["split+token"].values()) == pytest.approx(1.0)
-    assert full["split+token"] == full["session+token"]  # the invariant, on a whole dataset
+    # The exact weights of the whole dataset as one step (no gradient here: the measure command and
+    # test_invariant_gradients.py check them against autograd): the reduction, not the strategy, sets them.
+    assert full["split+token"] == full["session+token"]
     assert full["split+sample"] == full["session+turn"]
     assert full["split+token"] != full["session+sample"]
     assert (tmp_path / "weights.png").stat().st_size > 10_000 and "| split+token |" in (

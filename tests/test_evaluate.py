@@ -3,6 +3,7 @@ and a training checkpoint evaluates end to end."""
 
 import json
 
+import pytest
 import torch
 from transformers import GlmForCausalLM
 
@@ -10,8 +11,10 @@ from glm_session.config import RESOURCES_DIR, compose_config
 from glm_session.data import CHATGLM2, Session, Turn
 from glm_session.data.readers import read_sessions
 from glm_session.data.samples import SegmentEncoder
-from glm_session.evaluate import evaluate
+from glm_session.evaluate import evaluate, sample_sessions
 from glm_session.evaluation.generation import build_prompts, generate_answers
+from glm_session.evaluation.official import official_scores, pair_scores
+from glm_session.evaluation.rouge import RougeByTurn
 from glm_session.model import chatglm2_config, padded_vocab_size
 from glm_session.train import train
 
@@ -70,7 +73,16 @@ def test_evaluate_a_training_checkpoint(tmp_path, cache_dir):
     assert metrics["template"] == "chatglm2"
     assert set(metrics["rouge"]) == {"rouge1", "rouge2", "rougeL"}
     assert set(metrics["rouge_by_turn"]) == {p["turn"] for p in predictions}
-    assert set(metrics["teacher_forced"]["loss_by_turn"]) == set(metrics["rouge_by_turn"])
+    # The loss covers the whole split (teacher-forced, cheap); generation the sampled sessions.
+    assert set(metrics["teacher_forced"]["loss_by_turn"]) >= set(metrics["rouge_by_turn"])
+    assert (
+        metrics["teacher_forced"]["sessions"] == metrics["sessions"] == 90 and metrics["generated_sessions"] == 2
+    )
+    losses = json.loads((out / "test_losses.json").read_text())
+    assert len(losses) == 90
+    tokens = sum(count for turns in losses.values() for _, count in turns.values())
+    assert tokens == metrics["teacher_forced"]["tokens"]
+    assert set(metrics["chatglm2_official"]) == {"rouge-1", "rouge-2", "rouge-l", "bleu-4", "empty_predictions"}
     assert json.loads((out / "metrics.json").read_text())["prompts"] == metrics["prompts"]
 
 
@@ -134,3 +146,27 @@ def test_the_issue_repro_evaluates(tmp_path, cache_dir):
         len(s.turns) for s in read_sessions(KDCONV_TEST, limit=2).sessions
     )
     assert written["prompt_tokens_max"] == 40
+
+
+def test_official_metric_counts_distinct_ngrams_and_survives_empty_predictions():
+    # Words as jieba cuts them (spaces keep them apart). Prediction 我 爱 你 你, reference 我 爱 他:
+    # distinct unigrams {我, 爱, 你} vs {我, 爱, 他}: P = R = 2/3; bigrams {我爱, 爱你, 你你} vs {我爱, 爱他}: P 1/3,
+    # R 1/2, F 0.4; LCS 2: P 2/4, R 2/3, F 4/7.
+    scores = pair_scores("我 爱 你 你", "我 爱 他")
+    assert (scores["rouge-1"], scores["rouge-2"], scores["rouge-l"]) == (66.6667, 40.0, 57.1429)
+    assert pair_scores("今天天气很好", "今天天气很好")["bleu-4"] == 100.0
+    # torchmetrics' ROUGE counts the repeated 你: unigram P 2/4, R 2/3, F 4/7.
+    torchmetrics = RougeByTurn()
+    torchmetrics.update(["我 爱 你 你"], ["我 爱 他"], [1])
+    assert torchmetrics.compute()["overall"]["rouge1"] == pytest.approx(400 / 7, abs=1e-3)
+    # ChatGLM2's script crashes on an empty prediction; here it scores 0 and is counted.
+    summary = official_scores(["", "我 爱 你 你"], ["我 爱 他", "我 爱 他"])
+    assert summary["empty_predictions"] == 1 and summary["rouge-1"] == pytest.approx(66.6667 / 2)
+
+
+def test_generation_samples_sessions_by_id_hash():
+    sessions = [Session(f"s{i}", (Turn("q", "a"),)) for i in range(10)]
+    chosen = sample_sessions(sessions, 3)
+    assert [s.id for s in chosen] == ["s5", "s7", "s8"]  # the 3 first by sha256 (s7, s8, s5), in file order
+    assert sample_sessions(list(reversed(sessions)), 3) == list(reversed(chosen))  # whatever the file order
+    assert sample_sessions(sessions, None) == sessions

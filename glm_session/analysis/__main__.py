@@ -52,7 +52,7 @@ def measure(cfg: DictConfig) -> dict:
     from transformers import GlmForCausalLM
 
     from glm_session.analysis.measured import measured_weights
-    from glm_session.analysis.weights import exact_weights, trained_turns
+    from glm_session.analysis.weights import exact_coefficients, trained_turns
     from glm_session.model import chatglm2_config, padded_vocab_size
 
     results = {}
@@ -77,7 +77,7 @@ def measure(cfg: DictConfig) -> dict:
             [batch["session_index"][r, 0].item() for r in rows], [batch["sample_index"][r, 0].item() for r in rows],
         )  # fmt: skip
         for reduction in ("token", "sample", "turn"):
-            exact = {k: float(v) for k, v in exact_weights(turns, reduction).items()}
+            exact = {k: float(v) for k, v in exact_coefficients(turns, reduction).items()}
             measured, residual = measured_weights(model, batch, reduction)
             error = max(abs(measured[k] - exact[k]) for k in exact)
             results[f"{strategy}+{reduction}"] = {

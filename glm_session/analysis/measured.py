@@ -3,7 +3,8 @@
 For a batch and a reduction, the step gradient is ``g = grad L`` with ``L`` the training loss (``loss.py``). For
 each trained turn k (turns with the same content key merged), ``h_k`` is the gradient of the mean token loss of
 that turn. The coefficients c with ``g = sum_k c_k h_k`` are found by least squares (normal equations in float64);
-their normalised values are the measured weights, to be compared with ``weights.exact_weights``.
+they are the measured weights, to be compared with ``weights.exact_coefficients`` (not normalised, so that a wrong
+scale of the loss shows).
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ def measured_weights(
         keys: (B, T) integer content key of every token (equal keys merge); default (session, turn).
 
     Returns:
-        The shares by key (``(session, turn)`` tuples by default, else the key integers), and the relative
-        residual ``|g - sum_k c_k h_k| / |g|`` (0 when the decomposition is exact).
+        The coefficients c_k by key (``(session, turn)`` tuples by default, else the key integers), not normalised,
+        so that they show the gradient's scale too (``weights.exact_coefficients``), and the relative residual
+        ``|g - sum_k c_k h_k| / |g|`` (0 when the decomposition is exact).
     """
     parameters = [p for p in model.parameters() if p.requires_grad]
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
@@ -69,5 +71,4 @@ def measured_weights(
     gram = directions @ directions.T  # (K, K)
     coefficients = torch.linalg.solve(gram, directions @ step_gradient)  # (K,)
     residual = (step_gradient - coefficients @ directions).norm() / step_gradient.norm()
-    shares = coefficients / coefficients.sum()
-    return {name: share.item() for name, share in zip(names, shares, strict=True)}, residual.item()
+    return {name: c.item() for name, c in zip(names, coefficients, strict=True)}, residual.item()

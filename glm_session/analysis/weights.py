@@ -54,6 +54,19 @@ def exact_weights(turns: Sequence[TrainedTurn], reduction: str) -> dict[Hashable
     return dict(shares)
 
 
+def exact_coefficients(turns: Sequence[TrainedTurn], reduction: str) -> dict[Hashable, Fraction]:
+    """The coefficient c_k of each content key in the step gradient ``g = sum_k c_k h_k``, h_k the gradient of the
+    token-mean loss of its turns: ``w_k n_k / D`` with the step's D (tokens, samples, turns, or 1 for ``sum``). For
+    ``token``, ``sample`` and ``turn`` they sum to 1 and equal ``exact_weights``; they also fix the gradient's scale."""
+    masses = turn_masses(turns, reduction)
+    d = {"token": sum(t.tokens for t in turns), "sample": len({t.sample for t in turns}),
+         "turn": len(turns), "sum": 1}[reduction]  # fmt: skip
+    coefficients: dict[Hashable, Fraction] = defaultdict(Fraction)
+    for t, mass in zip(turns, masses, strict=True):
+        coefficients[t.key] += mass / d
+    return dict(coefficients)
+
+
 def weights_by_turn_index(turns: Sequence[TrainedTurn], reduction: str) -> dict[int, Fraction]:
     """Share of the step's gradient carried by each turn index (1 = first answer)."""
     masses = turn_masses(turns, reduction)
