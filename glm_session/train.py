@@ -118,12 +118,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             "data": stats["train"],
         },
     )
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [run_metrics]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + [run_metrics]
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=_loggers(cfg), plugins=[AtomicCheckpointIO()]
     )
     for callback in trainer.checkpoint_callbacks:  # what a kill during an earlier save of this run left
-        for name in remove_stale_saves(callback.dirpath):
+        for name in remove_stale_saves(callback.dirpath) if callback.dirpath else []:
             log.info("removed %s/%s, left by an interrupted save", callback.dirpath, name)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metrics = dict(run_metrics.metrics)

@@ -4,10 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from glm_session.config import CONFIG_DIR, compose_config
+from glm_session.config import CONFIG_DIR, RESOURCES_DIR, compose_config
 from glm_session.train import train
 
-EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+EXPERIMENTS = sorted(
+    str(p.relative_to(CONFIG_DIR / "experiment").with_suffix(""))
+    for p in (CONFIG_DIR / "experiment").rglob("*.yaml")
+)
 RUNS = ["default", *EXPERIMENTS]  # "default": conf/train.yaml as it is, the default job
 FAST = [
     "model=chatglm2-tiny",
@@ -16,21 +19,18 @@ FAST = [
     "trainer.limit_train_batches=1",
     "trainer.limit_val_batches=1",
     "trainer.enable_progress_bar=false",
-    "trainer.val_check_interval=1.0",
-    "model.init_from=null",  # the fine-tuning arms start from an exported pretrained folder
+    "trainer.val_check_interval=1",
+    "trainer.check_val_every_n_epoch=1",
+    "model.init_from=null",  # the comparison's arms start from a pretrained base ($GLM_SESSION_INIT)
     "evaluate.limit=1",
     "generation.max_new_tokens=2",
 ]
 
 
 def test_there_are_experiments():
-    assert {
-        "kdconv_session_packed",
-        "kdconv_split_padded",
-        "pretrain_lm",
-        "finetune_split",
-        "finetune_session",
-    } <= set(EXPERIMENTS)
+    arms = ("session", "split_grouped", "split_shuffled", "split_equal_compute", "session_unpacked", "pretrain")
+    assert {"kdconv_session_packed", "kdconv_split_padded", *(f"comparison/smile_{arm}" for arm in arms),
+            "comparison/kdconv_session", "comparison/kdconv_split_shuffled", "comparison/kdconv_pretrain"} <= set(EXPERIMENTS)  # fmt: skip
 
 
 def test_an_experiment_overrides_the_default_job():
@@ -42,7 +42,9 @@ def test_an_experiment_overrides_the_default_job():
 @pytest.mark.parametrize("experiment", RUNS)
 def test_experiment_runs_one_step(experiment, tmp_path, cache_dir):
     chosen = [] if experiment == "default" else [f"experiment={experiment}"]
-    cfg = compose_config("train", [*chosen, *FAST, f"output_dir={tmp_path}", f"data.cache_dir={cache_dir}"])
+    if "smile" in experiment:  # SMILE is not bundled: the bundled KdConv file in its place, split by the holdout
+        chosen += [f"data.path={RESOURCES_DIR / 'kdconv' / 'train.jsonl'}", "data.limit=60"]
+    cfg = compose_config("train", [*FAST, *chosen, f"output_dir={tmp_path}", f"data.cache_dir={cache_dir}"])
     metrics, objects = train(cfg)
     assert objects["trainer"].global_step == 1
     assert metrics["strategy"] == objects["datamodule"].strategy.name

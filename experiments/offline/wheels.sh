@@ -17,7 +17,8 @@ python_version=${PYTHON_VERSION:-3.12}
 wheels=(
     hydra-core==1.3.8 omegaconf==2.3.1                                 # configs
     datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19                  # cached data preparation
-    nltk==3.10.4                                                       # rouge-score's tokenizer module
+    nltk==3.10.4                                                       # rouge-score's tokenizer module, BLEU-4
+    rouge-chinese==1.0.3                                               # ChatGLM2's official ROUGE
 )
 sources=(antlr4-python3-runtime==4.9.3 rouge-score==0.1.2 jieba==0.42.1)
 case $action in

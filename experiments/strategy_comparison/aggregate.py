@@ -1,242 +1,352 @@
-"""Aggregate a strategy x reduction sweep into results.json, README tables and plots.
+"""Aggregate the strategy comparison (``run.py``'s ``comparison.tgz``) into results.json, tables and plots.
 
-    python experiments/strategy_comparison/aggregate.py SWEEP_DIR [--out DIR] [--weights WEIGHTS_JSON]
-        [--context context.md] [--discussion discussion.md]
+    python experiments/strategy_comparison/aggregate.py ARCHIVE_OR_FOLDER [--out experiments/strategy_comparison]
 
-SWEEP_DIR holds one folder per job (``python -m glm_session.train -m +sweep=strategy_x_reduction``), each with
-``.hydra/overrides.yaml``, and ``metrics.json`` and ``evaluation/metrics.json`` once it has finished. A job with a
-``failed.txt``, or without its metrics, is reported as failed with the reason; the others are aggregated.
+For every arm + reduction (seed 0 is the learning-rate sweep's job at the chosen rate, seeds 1-4 the seed jobs):
 
-Per arm (strategy + reduction), mean ± std over seeds of: time per epoch, input tokens per epoch, answer tokens/s,
-final validation loss overall and by turn, ROUGE-1/2/L overall and by turn; validation loss at equal epochs (the
-last) and at equal training time and equal FLOPs (interpolated between validations, at the soonest last
-validation of any job). Plots: validation
-loss against training time, ROUGE-L by turn, gradient weight by turn (WEIGHTS_JSON, from
-``python -m glm_session.analysis report``).
+- the primary metric, the test answer loss (token mean over every answer token of the whole test split), overall
+  and by turn position (1..8, 9+): mean and std over seeds, and a 95% bootstrap interval over test sessions and
+  seeds (2,000 resamples; the same resampled sessions for every arm, so that differences are paired);
+- the generation metrics on the sampled test sessions: torchmetrics ROUGE-1/2/L on jieba words, ChatGLM2's official
+  ROUGE-1/2/L and BLEU-4 (``glm_session/evaluation/official.py``), the mean prediction and reference lengths;
+- beside them: the bases (the starting checkpoints) and two fixed answers scored by the same metrics on the same
+  prompts (the most frequent training answer; the question copied back); a metric that a fixed answer reaches is
+  flagged: it does not measure quality here;
+- the matched pair (split_grouped vs session under matched reductions) along the whole validation curve, against the
+  noise floor (session with unpacked rows); paired differences of the main comparisons.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
-import statistics
-from collections import defaultdict
+import math
+import tarfile
+import tempfile
 from pathlib import Path
 
-import yaml
+import numpy as np
 
-MAX_TURN = 8  # turns above this are few in KdConv's test split (columns 1..MAX_TURN)
-COLORS = {"split": "tab:orange", "session": "tab:blue"}
-STYLES = {"token": "-", "sample": "--", "turn": ":"}
+from glm_session.config import build_datamodule, compose_config
+from glm_session.evaluation.official import official_scores
+from glm_session.evaluation.rouge import RougeByTurn
+
+HERE = Path(__file__).parent
+BUCKETS = [str(t) for t in range(1, 9)] + ["9+"]
+RESAMPLES = 2000
+CORPORA = {
+    "smile": ["data=smile", "data.holdout={validation: 0.02, test: 0.05}"],
+    "kdconv": [],
+}
 
 
-def read_job(folder: Path) -> dict:
-    overrides = yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text())
-    choice = dict(o.split("=", 1) for o in overrides if "=" in o)
-    job = {
-        "folder": folder.name,
-        "strategy": choice.get("experiment", "?").removeprefix("finetune_"),
-        "reduction": choice.get("loss", "token"),
-        "seed": int(choice.get("seed", 0)),
-        "overrides": overrides,
+def load(folder: Path) -> dict:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    runs = {}
+    for job in manifest["jobs"]:
+        path = folder / job["name"]
+        run = {"status": job["status"], "name": job["name"]}
+        for key, file in (("metrics", "metrics.json"), ("evaluation", "evaluation/metrics.json"),
+                          ("test_losses", "evaluation/test_losses.json")):  # fmt: skip
+            if (path / file).exists():
+                run[key] = json.loads((path / file).read_text())
+        if job["name"].startswith("base_eval/"):
+            for key, file in (("evaluation", "metrics.json"), ("test_losses", "test_losses.json")):
+                if (path / file).exists():
+                    run[key] = json.loads((path / file).read_text())
+        predictions = path / (
+            "predictions.jsonl" if job["name"].startswith("base_eval/") else "evaluation/predictions.jsonl"
+        )
+        if predictions.exists():
+            run["predictions"] = [json.loads(line) for line in predictions.read_text().splitlines()]
+        runs[job["name"]] = run
+    return {"manifest": manifest, "runs": runs}
+
+
+def final_runs(data: dict) -> dict[str, dict[int, dict]]:
+    """arm + reduction -> seed -> run (finished ones only)."""
+    rates = data["manifest"]["rates"]
+    arms: dict[str, dict[int, dict]] = collections.defaultdict(dict)
+    for name, run in data["runs"].items():
+        if run["status"] != "done" or "test_losses" not in run:
+            continue
+        kind, _, rest = name.partition("/")
+        if kind == "lr":
+            arm, rate = rest.rsplit("_lr", 1)
+            if rates.get(arm, {}).get("lr") == rate:
+                arms[arm][0] = run
+        elif kind in ("seeds", "matched"):
+            arm, seed = rest.rsplit("_seed", 1)
+            arms[arm][int(seed)] = run
+    return arms
+
+
+def bucket(turn: str) -> str:
+    return turn if int(turn) <= 8 else "9+"
+
+
+class Losses:
+    """Per-session loss sums and counts of every run, on one list of test sessions, for bootstrap resampling."""
+
+    def __init__(self, runs: list[dict]) -> None:
+        self.sessions = sorted(runs[0]["test_losses"])
+        self.index = {s: i for i, s in enumerate(self.sessions)}
+
+    def arrays(self, run: dict, which: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        sums, counts = np.zeros(len(self.sessions)), np.zeros(len(self.sessions))
+        for session, turns in run["test_losses"].items():
+            for turn, (total, count) in turns.items():
+                if which is None or bucket(turn) == which:
+                    sums[self.index[session]] += total
+                    counts[self.index[session]] += count
+        return sums, counts
+
+
+def summarise(values: list[float]) -> dict:
+    array = np.array(values)
+    return {
+        "mean": float(array.mean()),
+        "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0,
+        "n": len(array),
     }
-    failed = folder / "failed.txt"
-    metrics, evaluation = folder / "metrics.json", folder / "evaluation" / "metrics.json"
-    if failed.exists():
-        job["error"] = failed.read_text().strip().splitlines()[-1]
-    elif not metrics.exists():
-        job["error"] = "no metrics.json: the job did not finish training"
-    elif not evaluation.exists():
-        job["error"] = "no evaluation/metrics.json: the job did not finish its evaluation"
-    if "error" in job:
-        return job
-    m, e = json.loads(metrics.read_text()), json.loads(evaluation.read_text())
-    curve = m.get("val_curve", [])
-    job.update(
-        epochs=m["history"][-1]["epoch"] + 1 if m["history"] else 1,
-        train_seconds=m["train_seconds"],
-        train_flops=m.get("train_flops"),
-        input_tokens_per_epoch=m["data"]["input_tokens"],
-        supervised_tokens_per_epoch=m["data"]["supervised_tokens"],
-        answer_tokens_per_second=m["supervised_tokens_per_second"],
-        val_loss=m["val_loss_by_epoch"][-1],
-        val_loss_by_turn={int(k): v for k, v in m["val_loss_by_turn"].items()},
-        val_curve=curve,
-        rouge=e["rouge"],
-        rouge_by_turn={int(k): v for k, v in e["rouge_by_turn"].items()},
-        teacher_forced=e.get("teacher_forced"),
-    )
-    job["seconds_per_epoch"] = job["train_seconds"] / job["epochs"]
-    return job
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None]
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def bootstrap(
+    per_seed: list[tuple[np.ndarray, np.ndarray]], weights: np.ndarray, rng: np.random.Generator
+) -> list:
+    """95% interval of the seeds' mean token-mean loss, resampling sessions (``weights``: B x sessions counts) and
+    seeds."""
+    sums = np.stack([s for s, _ in per_seed])  # (R, n)
+    counts = np.stack([c for _, c in per_seed])
+    losses = (weights @ sums.T) / np.maximum(weights @ counts.T, 1)  # (B, R)
+    picks = rng.integers(0, len(per_seed), size=(len(weights), len(per_seed)))
+    means = np.take_along_axis(losses, picks, axis=1).mean(axis=1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
 
 
-def interpolate(curve: list[dict], key: str, at: float) -> float | None:
-    """The validation loss at ``key`` = ``at`` (linear between validations; None beyond the last)."""
-    points = [(p[key], p["loss"]) for p in curve if p.get(key) is not None]
-    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
-        if x0 <= at <= x1:
-            return y0 + (y1 - y0) * (at - x0) / (x1 - x0) if x1 > x0 else y1
-    return None  # before the first validation or after the last
+def paired(a: list, b: list, weights: np.ndarray, rng: np.random.Generator) -> dict:
+    """Mean difference a - b over the seeds both have (paired by seed), with its 95% bootstrap interval."""
+    la = (weights @ np.stack([s for s, _ in a]).T) / np.maximum(weights @ np.stack([c for _, c in a]).T, 1)
+    lb = (weights @ np.stack([s for s, _ in b]).T) / np.maximum(weights @ np.stack([c for _, c in b]).T, 1)
+    diff = la - lb  # (B, seeds)
+    picks = rng.integers(0, diff.shape[1], size=diff.shape)
+    means = np.take_along_axis(diff, picks, axis=1).mean(axis=1)
+    full = [(sa.sum() / ca.sum()) - (sb.sum() / cb.sum()) for (sa, ca), (sb, cb) in zip(a, b, strict=True)]
+    return {"difference": float(np.mean(full)), "ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))],
+            "seeds": len(full)}  # fmt: skip
 
 
-def aggregate(jobs: list[dict]) -> dict:
-    ok = [j for j in jobs if "error" not in j]
-    arms: dict[str, list[dict]] = defaultdict(list)
-    for job in ok:
-        arms[f"{job['strategy']}+{job['reduction']}"].append(job)
-    # equal time / FLOPs: the last validation of the job that got there soonest (every job has a curve up to it)
-    ended = [j["val_curve"][-1] for j in ok if j["val_curve"]]
-    equal_seconds = min((p["train_seconds"] for p in ended), default=None)
-    equal_flops = min((p["train_flops"] for p in ended), default=None)
-    summary = {}
-    for arm, js in sorted(arms.items()):
-        turns = sorted({t for j in js for t in j["rouge_by_turn"]})
-        summary[arm] = {
-            "seeds": sorted(j["seed"] for j in js),
-            "seconds_per_epoch": mean_std([j["seconds_per_epoch"] for j in js]),
-            "input_tokens_per_epoch": mean_std([j["input_tokens_per_epoch"] for j in js]),
-            "answer_tokens_per_second": mean_std([j["answer_tokens_per_second"] for j in js]),
-            "train_seconds": mean_std([j["train_seconds"] for j in js]),
-            "val_loss": mean_std([j["val_loss"] for j in js]),
-            "val_loss_at_equal_seconds": mean_std(
-                [interpolate(j["val_curve"], "train_seconds", equal_seconds) for j in js]
-            ),
-            "val_loss_at_equal_flops": mean_std(
-                [interpolate(j["val_curve"], "train_flops", equal_flops) for j in js]
-            ),
-            "val_loss_by_turn": {t: mean_std([j["val_loss_by_turn"].get(t) for j in js]) for t in turns},
-            "rouge": {k: mean_std([j["rouge"][k] for j in js]) for k in ("rouge1", "rouge2", "rougeL")},
-            "rouge_by_turn": {
-                t: {k: mean_std([j["rouge_by_turn"].get(t, {}).get(k) for j in js]) for k in ("rouge1", "rougeL")}
-                for t in turns
-            },
+def generation_scores(predictions: list[dict]) -> dict:
+    answers, references = [p["prediction"] for p in predictions], [p["reference"] for p in predictions]
+    rouge = RougeByTurn()
+    rouge.update(answers, references, [p["turn"] for p in predictions])
+    return {
+        "rouge": rouge.compute()["overall"],
+        "chatglm2_official": official_scores(answers, references),
+        "prediction_chars_mean": sum(map(len, answers)) / len(answers),
+        "reference_chars_mean": sum(map(len, references)) / len(references),
+    }
+
+
+def fixed_answers(corpus: str, predictions: list[dict]) -> dict:
+    """The generation metrics of two fixed answers on the prompts of ``predictions``."""
+    data = build_datamodule(compose_config("data_tool", CORPORA[corpus]), lightning=False)
+    train_answers = collections.Counter(t.answer for s in data.read("train").sessions for t in s.turns)
+    frequent, count = train_answers.most_common(1)[0]
+    questions = {(s.id, k + 1): t.question for s in data.read("test").sessions for k, t in enumerate(s.turns)}
+    out = {}
+    for name, answer in (
+        ("most_frequent_answer", lambda p: frequent),
+        ("question_copy", lambda p: questions[(p["session_id"], p["turn"])]),
+    ):
+        out[name] = generation_scores([{**p, "prediction": answer(p)} for p in predictions])
+    out["most_frequent_answer"]["answer"] = frequent
+    out["most_frequent_answer"]["count_in_training"] = count
+    return out
+
+
+def curve_diff(a: dict, b: dict) -> float:
+    ca, cb = a["metrics"]["val_curve"], b["metrics"]["val_curve"]
+    assert [p["step"] for p in ca] == [p["step"] for p in cb], "the two curves are validated at other steps"
+    return max(abs(p["loss"] - q["loss"]) for p, q in zip(ca, cb, strict=True))
+
+
+def corpus_results(data: dict, corpus: str, rng: np.random.Generator) -> dict:
+    arms = {arm: seeds for arm, seeds in final_runs(data).items() if arm.startswith(corpus + "_")}
+    all_runs = [run for seeds in arms.values() for run in seeds.values()]
+    bases = {name.removeprefix("base_eval/"): run for name, run in data["runs"].items()
+             if name.startswith(f"base_eval/{corpus}") and "test_losses" in run}  # fmt: skip
+    if not all_runs:
+        return {"arms": {}, "note": "no finished run"}
+    losses = Losses(all_runs)
+    n = len(losses.sessions)
+    weights = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(RESAMPLES)]).astype(float)
+    result: dict = {"test_sessions": n, "arms": {}, "comparisons": {}, "baselines": {}}
+    rates = data["manifest"]["rates"]
+    for arm, seeds in sorted(arms.items()):
+        order = sorted(seeds)
+        per_seed = [losses.arrays(seeds[s]) for s in order]
+        entry = {
+            "seeds": order,
+            "lr": float(rates.get(arm, rates.get(arm.replace("split_grouped", "session"), {})).get("lr", "nan")),
+            "test_answer_loss": {
+                **summarise([s.sum() / c.sum() for s, c in per_seed]),
+                "ci95": bootstrap(per_seed, weights, rng),
+            },  # fmt: skip
+            "test_answer_loss_by_turn": {},
         }
-    return {"equal_seconds": equal_seconds, "equal_flops": equal_flops, "arms": summary}
+        for which in BUCKETS:
+            arrays = [losses.arrays(seeds[s], which) for s in order]
+            if all(c.sum() > 0 for _, c in arrays):
+                entry["test_answer_loss_by_turn"][which] = {
+                    **summarise([s.sum() / c.sum() for s, c in arrays]), "ci95": bootstrap(arrays, weights, rng)}  # fmt: skip
+        gens = [generation_scores(seeds[s]["predictions"]) for s in order if "predictions" in seeds[s]]
+        for key in ("rouge", "chatglm2_official"):
+            entry[key] = {k: summarise([g[key][k] for g in gens]) for k in gens[0][key]} if gens else {}
+        entry["prediction_chars_mean"] = summarise([g["prediction_chars_mean"] for g in gens]) if gens else None
+        entry["reference_chars_mean"] = gens[0]["reference_chars_mean"] if gens else None
+        curves = [seeds[s]["metrics"]["val_curve"] for s in order]
+        entry["val_curve"] = [{"step": p["step"], "supervised_tokens": p["supervised_tokens"], "train_flops": p["train_flops"],
+                               "loss": float(np.mean([c[i]["loss"] for c in curves]))}
+                              for i, p in enumerate(curves[0]) if all(len(c) > i for c in curves)]  # fmt: skip
+        first = seeds[order[0]]["metrics"]
+        entry["steps"] = first["global_steps"]
+        entry["answer_tokens_per_step"] = first["supervised_tokens"] / max(1, first["global_steps"])
+        entry["input_tokens_per_step"] = first["input_tokens"] / max(1, first["global_steps"])
+        entry["train_flops"] = first["train_flops"]
+        result["arms"][arm] = entry
+
+    def pair(a: str, b: str) -> None:
+        if a in arms and b in arms:
+            common = sorted(set(arms[a]) & set(arms[b]))
+            if common:
+                result["comparisons"][f"{a} - {b}"] = paired(
+                    [losses.arrays(arms[a][s]) for s in common],
+                    [losses.arrays(arms[b][s]) for s in common],
+                    weights,
+                    rng,
+                )
+
+    for reduction in ("token", "sample", "turn"):
+        pair(f"{corpus}_session+{reduction}", f"{corpus}_split_shuffled+{reduction}")
+    pair(f"{corpus}_session+token", f"{corpus}_split_equal_compute+token")
+    pair(f"{corpus}_session+token", f"{corpus}_session+turn")
+    pair(f"{corpus}_session+token", f"{corpus}_session+sample")
+    pair(f"{corpus}_split_shuffled+token", f"{corpus}_split_shuffled+sample")
+
+    matched = {}
+    for session, split, unpacked in (("token", "token", "token"), ("turn", "sample", "turn")):
+        a, b, c = (arms.get(f"{corpus}_{x}", {}).get(0) for x in
+                   (f"session+{session}", f"split_grouped+{split}", f"session_unpacked+{unpacked}"))  # fmt: skip
+        if a and b:
+            entry = {
+                "max_abs_val_loss_diff": curve_diff(a, b),
+                "steps": [p["step"] for p in a["metrics"]["val_curve"]],
+            }
+            if c:
+                entry["noise_floor"] = curve_diff(a, c)
+                entry["tolerance"] = max(2 * entry["noise_floor"], 1e-3)
+                entry["agree"] = entry["max_abs_val_loss_diff"] <= entry["tolerance"]
+            matched[f"session+{session} vs split_grouped+{split}"] = entry
+    if matched:
+        result["matched_pair"] = {**matched.get("session+token vs split_grouped+token", {}), "pairs": matched}
+
+    for name, run in sorted(bases.items()):
+        sums, counts = losses.arrays(run)
+        result["baselines"][f"base_model_{name.removeprefix(corpus + '_')}"] = {
+            "test_answer_loss": float(sums.sum() / counts.sum()),
+            "test_answer_loss_by_turn": {
+                w: float(s.sum() / c.sum()) for w in BUCKETS for s, c in [losses.arrays(run, w)] if c.sum() > 0
+            },  # fmt: skip
+            **generation_scores(run["predictions"]),
+        }
+    reference_prompts = next(iter(bases.values()))["predictions"] if bases else all_runs[0]["predictions"]
+    result["baselines"].update(fixed_answers(corpus, reference_prompts))
+    # A metric that a fixed answer reaches (mean of the best arm) does not measure quality here.
+    flags = {}
+    for family, keys in (
+        ("rouge", ("rouge1", "rouge2", "rougeL")),
+        ("chatglm2_official", ("rouge-1", "rouge-2", "rouge-l", "bleu-4")),
+    ):
+        for key in keys:
+            best = max(
+                (e[family][key]["mean"] for e in result["arms"].values() if e.get(family)), default=math.nan
+            )
+            fixed = max(result["baselines"][f][family][key] for f in ("most_frequent_answer", "question_copy"))
+            flags[f"{family}.{key}"] = {
+                "best_arm": best,
+                "best_fixed_answer": fixed,
+                "fixed_answer_reaches_it": fixed >= best,
+            }
+    result["fixed_answer_check"] = flags
+    return result
 
 
-def fmt(pair: tuple[float, float], digits: int = 3, scale: float = 1.0) -> str:
-    mean, std = pair
-    if mean != mean:  # nan
-        return "–"
-    return f"{mean * scale:,.{digits}f} ± {std * scale:,.{digits}f}"
-
-
-def tables(result: dict, jobs: list[dict]) -> str:
-    arms = result["arms"]
-    out = ["| arm | seeds | time / epoch (s) | input tokens / epoch | answer tokens/s | final val loss | "
-           f"val loss at {result['equal_seconds'] or 0:.0f} s | val loss at equal FLOPs | ROUGE-1 | ROUGE-2 | ROUGE-L |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for arm, a in arms.items():
-        out.append(
-            f"| {arm} | {len(a['seeds'])} | {fmt(a['seconds_per_epoch'], 1)} | {fmt(a['input_tokens_per_epoch'], 0)} | "
-            f"{fmt(a['answer_tokens_per_second'], 0)} | {fmt(a['val_loss'])} | {fmt(a['val_loss_at_equal_seconds'])} | "
-            f"{fmt(a['val_loss_at_equal_flops'])} | {fmt(a['rouge']['rouge1'], 2)} | {fmt(a['rouge']['rouge2'], 2)} | "
-            f"{fmt(a['rouge']['rougeL'], 2)} |"
-        )
-    turns = range(1, MAX_TURN + 1)
-    out += ["", "Final validation loss by turn index (mean ± std over seeds):", "",
-            "| arm | " + " | ".join(str(t) for t in turns) + " |", "|---" * (MAX_TURN + 1) + "|"]  # fmt: skip
-    for arm, a in arms.items():
-        out.append(
-            f"| {arm} | "
-            + " | ".join(fmt(a["val_loss_by_turn"].get(t, (float("nan"),) * 2), 3) for t in turns)
-            + " |"
-        )
-    out += ["", "ROUGE-L by turn index (test split, mean ± std over seeds):", "",
-            "| arm | " + " | ".join(str(t) for t in turns) + " |", "|---" * (MAX_TURN + 1) + "|"]  # fmt: skip
-    for arm, a in arms.items():
-        cells = [fmt(a["rouge_by_turn"][t]["rougeL"], 2) if t in a["rouge_by_turn"] else "–" for t in turns]
-        out.append(f"| {arm} | " + " | ".join(cells) + " |")
-    failed = [j for j in jobs if "error" in j]
-    out += ["", f"Jobs: {len(jobs)}, finished {len(jobs) - len(failed)}, failed {len(failed)}."]
-    for j in failed:
-        out.append(f"- failed: `{j['folder']}`: {j['error']}")
-    return "\n".join(out) + "\n"
-
-
-def by_turn_plot(series: dict[str, dict[int, float]], ylabel: str, path: Path) -> str:
-    """One line per arm (``strategy+reduction``) of a value by turn index, turns 1..MAX_TURN; returns the file name."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for arm, by_turn in series.items():
-        strategy, reduction = arm.split("+")
-        turns = [t for t in sorted(by_turn) if t <= MAX_TURN]
-        ax.plot(turns, [by_turn[t] for t in turns], STYLES[reduction], color=COLORS.get(strategy), marker="o",
-                label=arm)  # fmt: skip
-    ax.set_xlabel("turn index")
-    ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path.name
-
-
-def plots(result: dict, jobs: list[dict], weights: dict | None, out: Path) -> list[str]:
+def plot(results: dict, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = []
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for job in (j for j in jobs if "error" not in j):
-        xs = [p["train_seconds"] for p in job["val_curve"]]
-        ys = [p["loss"] for p in job["val_curve"]]
-        label = f"{job['strategy']}+{job['reduction']}" if job["seed"] == 0 else None
-        ax.plot(
-            xs, ys, STYLES[job["reduction"]], color=COLORS.get(job["strategy"]), alpha=0.8, label=label, marker="."
-        )
-    ax.set_xlabel("training time (s)")
-    ax.set_ylabel("validation loss (answer tokens)")
-    ax.legend(fontsize=8)
+    arms = results["arms"]
+    shown = [a for a in ("smile_session+token", "smile_split_shuffled+token", "smile_split_grouped+token",
+                         "smile_split_equal_compute+token", "smile_session+turn", "smile_split_shuffled+turn") if a in arms]  # fmt: skip
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for arm in shown:
+        curve = arms[arm]["val_curve"]
+        for ax, key, scale in zip(axes, ("step", "supervised_tokens", "train_flops"), (1, 1e6, 1e15), strict=True):
+            ax.plot(
+                [p[key] / scale for p in curve],
+                [p["loss"] for p in curve],
+                marker="o",
+                label=arm.removeprefix("smile_"),
+            )
+    for ax, label in zip(
+        axes, ("optimizer steps", "answer tokens seen (M)", "training FLOPs (1e15)"), strict=True
+    ):
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation answer loss (mean over seeds)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "val_loss_vs_time.png", dpi=120)
-    names.append("val_loss_vs_time.png")
-    plt.close(fig)
-
-    rouge = {arm: {t: v["rougeL"][0] for t, v in a["rouge_by_turn"].items()} for arm, a in result["arms"].items()}
-    names.append(by_turn_plot(rouge, "ROUGE-L (test)", out / "rouge_by_turn.png"))
-    if weights:
-        shares = {arm: {int(t): w for t, w in by_turn.items()} for arm, by_turn in weights["per_step"].items()}
-        names.append(by_turn_plot(shares, "share of the gradient weight", out / "gradient_weight_by_turn.png"))
-    return names
+    fig.savefig(out / "val_loss_curves.png", dpi=110)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep", type=Path)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent)
-    parser.add_argument("--weights", type=Path, help="weights.json of python -m glm_session.analysis report")
-    parser.add_argument("--context", type=Path, help="markdown put before the tables (commands, machine, date)")
-    parser.add_argument("--discussion", type=Path, help="markdown put after the tables")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("source", type=Path, help="comparison.tgz, or the folder run.py wrote")
+    parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args()
-    folders = sorted(p.parent.parent for p in args.sweep.glob("*/.hydra/overrides.yaml"))
-    jobs = [read_job(folder) for folder in folders]
-    result = aggregate(jobs)
-    weights = json.loads(args.weights.read_text()) if args.weights else None
+    folder = args.source
+    if folder.is_file():
+        folder = Path(tempfile.mkdtemp())
+        with tarfile.open(args.source) as tar:
+            tar.extractall(folder, filter="data")
+    data = load(folder)
+    rng = np.random.default_rng(0)
+    smile = corpus_results(data, "smile", rng)
+    results = {
+        "data": [
+            "SMILE 20k (CC0): 18,529 / 370 / 926 train / validation / test sessions, split by a hash of the id",
+            "KdConv (Apache-2.0): 720 / 90 / 90 sessions",
+        ],
+        "primary_metric": "test_answer_loss",
+        **smile,
+        "kdconv": corpus_results(data, "kdconv", rng),
+        "rates": data["manifest"]["rates"],
+        "jobs": {
+            status: sum(j["status"].startswith(status) for j in data["manifest"]["jobs"])
+            for status in ("done", "failed", "skipped")
+        },  # fmt: skip
+        "not_run": [j["name"] for j in data["manifest"]["jobs"] if j["status"] != "done"],
+        "seconds": data["manifest"]["seconds"],
+    }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(
-        json.dumps({"summary": result, "jobs": jobs, "gradient_weights": weights}, indent=2) + "\n"
-    )
-    figures = plots(result, jobs, weights, args.out)
-    parts = ["# Strategy comparison: split vs session samples x loss reduction", ""]
-    if args.context and args.context.exists():
-        parts += [args.context.read_text().strip(), ""]
-    parts += ["## Results", "", tables(result, jobs)]
-    parts += [f"![{name}]({name})" for name in figures] + [""]
-    if args.discussion and args.discussion.exists():
-        parts += [args.discussion.read_text().strip(), ""]
-    (args.out / "README.md").write_text("\n".join(parts))
-    print(tables(result, jobs))
+    (args.out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    plot(results, args.out)
+    print(json.dumps({arm: e["test_answer_loss"] for arm, e in results["arms"].items()}, indent=1))
+    print(f"wrote {args.out / 'results.json'} and val_loss_curves.png")
 
 
 if __name__ == "__main__":

@@ -176,8 +176,11 @@ class ChatGLM2Module(L.LightningModule):
                 "kept (lower optimizer.lr, or look for a corrupt checkpoint or bad data)"
             )
         torch._foreach_mul_(grads, scale_value)
-        self.log("train/loss", loss.float(), on_step=True, on_epoch=True, prog_bar=True, sync_dist=True)
-        self.log("train/supervised_tokens", counts[0].float(), on_step=True, on_epoch=False, reduce_fx="sum")
+        # batch_size=1: a step is one value of the epoch mean (and Lightning need not look for a batch size).
+        self.log(
+            "train/loss", loss.float(), on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=1
+        )
+        self.log("train/supervised_tokens", counts[0].float(), on_step=True, on_epoch=False, batch_size=1)
         self._step_numerator.zero_()
         self._step_counts.zero_()
 
@@ -219,9 +222,9 @@ class ChatGLM2Module(L.LightningModule):
                  "loss_by_turn": by_turn, "tokens": int(counts.sum().item())}
             )  # fmt: skip
         if split == "val":  # the training loss per step is logged by on_before_optimizer_step
-            self.log("val/loss", mean, prog_bar=True, sync_dist=True)
+            self.log("val/loss", mean, prog_bar=True, sync_dist=True, batch_size=1)
         for turn, value in by_turn.items():
-            self.log(f"{split}/loss_turn_{turn}", value, sync_dist=True)  # already global: syncing keeps it
+            self.log(f"{split}/loss_turn_{turn}", value, sync_dist=True, batch_size=1)  # already global: kept
 
     # optimizer -----------------------------------------------------------------------------------
 

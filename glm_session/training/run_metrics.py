@@ -116,12 +116,9 @@ class RunMetrics(L.Callback):
         self.counters["flops"] += training_flops(pl_module.config, self._parameter_count, lengths)
         if self.counters["train_seconds"] > 0:  # this device's running throughput
             seconds = self.counters["train_seconds"]
-            pl_module.log("train/tokens_per_second", self.counters["timed_input_tokens"] / seconds, on_step=True)
-            pl_module.log(
-                "train/supervised_tokens_per_second",
-                self.counters["timed_supervised_tokens"] / seconds,
-                on_step=True,
-            )
+            rates = {"train/tokens_per_second": self.counters["timed_input_tokens"] / seconds,
+                     "train/supervised_tokens_per_second": self.counters["timed_supervised_tokens"] / seconds}  # fmt: skip
+            pl_module.log_dict(rates, on_step=True, batch_size=1)
 
     @staticmethod
     def _parameters(pl_module: L.LightningModule) -> int:
