@@ -42,6 +42,17 @@ QUIET = ["trainer.enable_progress_bar=false"]
 SMILE_DATA = ["data=smile", "data.holdout={validation: 0.02, test: 0.05}"]
 
 
+def memory_gib(name: str) -> float:
+    """What a job holds on its GPU at its peak, reserved memory included (measured on an H200, 2026-11-29: a split
+    step of ~47,000 tokens 19.4 GiB allocated; a session step 6.3; the bases 21.4; evaluation's batches of 65,536
+    tokens and generation of 256 prompts)."""
+    if name.startswith("data/"):
+        return 0.0
+    if any(arm in name for arm in ("smile_split", "base/smile", "base_eval/smile")):
+        return 27.0
+    return 10.0
+
+
 @dataclass
 class Job:
     name: str  # also its folder under --root
@@ -51,6 +62,7 @@ class Job:
     base: str | None = None  # the job whose last.ckpt is GLM_SESSION_INIT
     lr_of: str | None = None  # an arm + reduction whose chosen rate this job takes
     status: str = "pending"
+    attempts: int = 0
     gpu: int | None = None
     started: float | None = None
     ended: float | None = None
@@ -101,7 +113,7 @@ def plan(root: Path, only: str | None, extra: list[str], data_extra: list[str]) 
                         *SMILE_DATA, "data.batch_tokens=65536", "split=test", "limit=150", "generation.batch_size=256",
                         "generation.max_new_tokens=64", *data_extra,
                         f"hydra.run.dir={root / 'base_eval' / f'smile_seed{seed}'}"]  # fmt: skip
-            jobs.append(Job(f"base_eval/smile_seed{seed}", evaluate, priority=30, needs=[name]))
+            jobs.append(Job(f"base_eval/smile_seed{seed}", evaluate, priority=18, needs=[name]))
         for sweep in ("comparison_lr", "comparison_equal_compute"):
             for params in grid(sweep):
                 name = f"lr/{arm_of(params)}_lr{params['optimizer.lr']}"
@@ -124,6 +136,8 @@ def plan(root: Path, only: str | None, extra: list[str], data_extra: list[str]) 
             arm = arm_of(params)
             if arm.startswith("smile_session+"):
                 continue  # the sweep's seed-0 job at the chosen rate
+            if arm in ("smile_split_grouped+turn", "smile_session_unpacked+sample"):
+                continue  # split+turn is split+sample (one turn a sample); the pairs need the token and turn floors
             # The pairs that Invariant 2 makes equal: split+token = session+token, split+sample = session+turn
             # (and split+turn = split+sample: a split sample trains one turn): each at that session run's rate.
             session = "smile_session+" + {"token": "token", "sample": "turn", "turn": "turn"}[params["loss"]]
@@ -180,7 +194,9 @@ def chosen_rates(jobs: list[Job], root: Path) -> dict[str, dict]:
     return rates
 
 
-def run(jobs: list[Job], root: Path, gpus: int, per_gpu: int, deadline: float, grace: float) -> dict[str, dict]:
+def run(
+    jobs: list[Job], root: Path, gpus: int, per_gpu: int, memory: float, deadline: float, grace: float
+) -> dict[str, dict]:
     start = time.monotonic()
     running: dict[int, list[Job]] = {g: [] for g in range(gpus)}
     rates: dict[str, dict] = {}
@@ -198,6 +214,8 @@ def run(jobs: list[Job], root: Path, gpus: int, per_gpu: int, deadline: float, g
                     job.status = "done" if code == 0 else f"failed ({code})"
                     job.ended = now
                     gpu_jobs.remove(job)
+                    if code not in (0, "killed") and job.attempts < 2 and now < deadline:
+                        job.status = "pending"  # once more (a GPU short of memory at its start, say)
                     print(f"[{now:6.0f}s] {job.name}: {job.status}", flush=True)
         rates = chosen_rates(jobs, root)
         ready = []
@@ -218,13 +236,15 @@ def run(jobs: list[Job], root: Path, gpus: int, per_gpu: int, deadline: float, g
                 job.status = "skipped (deadline)"
             ready = []
         for job in sorted(ready, key=lambda j: j.priority):
-            gpu = min(running, key=lambda g: len(running[g]))
-            if len(running[gpu]) >= per_gpu:
-                break
+            free = {g: memory - sum(memory_gib(j.name) for j in running[g]) for g in running}
+            gpu = max(free, key=free.get)
+            if len(running[gpu]) >= per_gpu or free[gpu] < memory_gib(job.name):
+                continue  # a smaller job further down may fit
             command = list(job.command)
             if job.lr_of is not None:
                 command.insert(3, f"optimizer.lr={rates[job.lr_of]['lr']}")
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu), "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu), "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1",
+                   "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # fmt: skip
             if job.base is not None:
                 env["GLM_SESSION_INIT"] = str(root / job.base / "checkpoints" / "last.ckpt")
             log = root / "logs" / f"{job.name.replace('/', '__')}.log"
@@ -233,6 +253,7 @@ def run(jobs: list[Job], root: Path, gpus: int, per_gpu: int, deadline: float, g
                 command, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT
             )
             job.status, job.gpu, job.started = "running", gpu, now
+            job.attempts += 1
             running[gpu].append(job)
         if not any(running.values()) and not any(j.status == "pending" for j in jobs):
             return rates
@@ -291,7 +312,8 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=ROOT / "outputs" / "strategy_comparison")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--gpus", type=int, default=1)
-    parser.add_argument("--jobs-per-gpu", type=int, default=12)
+    parser.add_argument("--jobs-per-gpu", type=int, default=10)
+    parser.add_argument("--memory", type=float, default=125.0, help="GiB of each GPU the jobs may hold together")
     parser.add_argument("--deadline", type=float, default=540.0, help="seconds after which no job starts")
     parser.add_argument("--grace", type=float, default=25.0, help="then seconds before running jobs are stopped")
     parser.add_argument("--only", choices=("smile", "kdconv"))
@@ -301,7 +323,7 @@ def main() -> None:
     start = time.monotonic()
     jobs = plan(args.root, args.only, args.extra, args.data_extra)
     print(f"{len(jobs)} jobs on {args.gpus} GPUs, {args.jobs_per_gpu} at a time on each", flush=True)
-    rates = run(jobs, args.root, args.gpus, args.jobs_per_gpu, args.deadline, args.grace)
+    rates = run(jobs, args.root, args.gpus, args.jobs_per_gpu, args.memory, args.deadline, args.grace)
     archive = pack(jobs, rates, args.root, args.out or args.root, time.monotonic() - start)
     counts = {}
     for job in jobs:
