@@ -1,6 +1,8 @@
 """Aggregate the strategy comparison (``run.py``'s ``comparison.tgz``) into results.json, tables and plots.
 
-    python experiments/strategy_comparison/aggregate.py ARCHIVE_OR_FOLDER [--out experiments/strategy_comparison]
+    python experiments/strategy_comparison/aggregate.py smile=ARCHIVE kdconv=ARCHIVE [--out experiments/strategy_comparison]
+
+Each corpus is read from the archive (or folder) given for it: one ``run.py`` call may hold both, or each its own.
 
 For every arm + reduction (seed 0 is the learning-rate sweep's job at the chosen rate, seeds 1-4 the seed jobs):
 
@@ -184,12 +186,13 @@ def corpus_results(data: dict, corpus: str, rng: np.random.Generator) -> dict:
     weights = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(RESAMPLES)]).astype(float)
     result: dict = {"test_sessions": n, "arms": {}, "comparisons": {}, "baselines": {}}
     rates = data["manifest"]["rates"]
+    lr_of = {job["name"]: job["lr_of"] for job in data["manifest"]["jobs"]}  # matched runs take a session run's
     for arm, seeds in sorted(arms.items()):
         order = sorted(seeds)
         per_seed = [losses.arrays(seeds[s]) for s in order]
         entry = {
             "seeds": order,
-            "lr": float(rates.get(arm, rates.get(arm.replace("split_grouped", "session"), {})).get("lr", "nan")),
+            "lr": float((rates.get(arm) or rates.get(lr_of.get(seeds[order[0]]["name"]), {})).get("lr", "nan")),
             "test_answer_loss": {
                 **summarise([s.sum() / c.sum() for s, c in per_seed]),
                 "ci95": bootstrap(per_seed, weights, rng),
@@ -313,38 +316,97 @@ def plot(results: dict, out: Path) -> None:
     fig.savefig(out / "val_loss_curves.png", dpi=110)
 
 
+def tables(results: dict) -> str:
+    """The README's tables, from ``results``."""
+    lines = []
+    for corpus, part in (("SMILE", results), ("KdConv", results.get("kdconv") or {"arms": {}})):
+        lines += [f"### {corpus}: test answer loss (primary) and generation", "",
+                  "| arm + reduction | lr | seeds | test answer loss, mean ± std | 95% CI (sessions × seeds) | ROUGE-1 (torchmetrics) | ROUGE-1 / ROUGE-L / BLEU-4 (ChatGLM2 official) | prediction chars |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for arm, e in part["arms"].items():
+            t, o = e["test_answer_loss"], e["chatglm2_official"]
+            lines.append(f"| {arm} | {e['lr']:.0e} | {len(e['seeds'])} | {t['mean']:.4f} ± {t['std']:.4f} | "
+                         f"[{t['ci95'][0]:.4f}, {t['ci95'][1]:.4f}] | {e['rouge']['rouge1']['mean']:.2f} | "
+                         f"{o['rouge-1']['mean']:.2f} / {o['rouge-l']['mean']:.2f} / {o['bleu-4']['mean']:.2f} | "
+                         f"{e['prediction_chars_mean']['mean']:.1f} |")  # fmt: skip
+        for name, b in part.get("baselines", {}).items():
+            loss = f"{b['test_answer_loss']:.4f}" if "test_answer_loss" in b else "—"
+            o = b["chatglm2_official"]
+            lines.append(f"| *{name}* | | | {loss} | | {b['rouge']['rouge1']:.2f} | {o['rouge-1']:.2f} / {o['rouge-l']:.2f} / "
+                         f"{o['bleu-4']:.2f} | {b['prediction_chars_mean']:.1f} |")  # fmt: skip
+        reference = next(iter(part["arms"].values()), {}).get("reference_chars_mean")
+        lines += ["", f"Reference answers: {reference:.1f} characters on average." if reference else "", ""]
+        lines += [
+            "| paired difference (a - b) | seeds | test answer loss difference | 95% CI |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, c in part.get("comparisons", {}).items():
+            lines.append(
+                f"| {name} | {c['seeds']} | {c['difference']:+.4f} | [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] |"
+            )
+        lines.append("")
+        if part["arms"]:
+            lines += [f"### {corpus}: test answer loss by turn position (mean over seeds)", "",
+                      "| arm + reduction | " + " | ".join(BUCKETS) + " |", "|---|" + "---:|" * len(BUCKETS)]  # fmt: skip
+            rows = [
+                (arm, {k: v["mean"] for k, v in e["test_answer_loss_by_turn"].items()})
+                for arm, e in part["arms"].items()
+            ]
+            rows += [(f"*{n}*", b["test_answer_loss_by_turn"]) for n, b in part.get("baselines", {}).items()
+                     if "test_answer_loss_by_turn" in b]  # fmt: skip
+            for arm, by_turn in rows:
+                lines.append(
+                    f"| {arm} | "
+                    + " | ".join(f"{by_turn[b]:.3f}" if b in by_turn else "—" for b in BUCKETS)
+                    + " |"
+                )
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("source", type=Path, help="comparison.tgz, or the folder run.py wrote")
+    parser.add_argument(
+        "sources", nargs="+", help="corpus=comparison.tgz (or the folder run.py wrote), per corpus"
+    )
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args()
-    folder = args.source
-    if folder.is_file():
-        folder = Path(tempfile.mkdtemp())
-        with tarfile.open(args.source) as tar:
-            tar.extractall(folder, filter="data")
-    data = load(folder)
     rng = np.random.default_rng(0)
-    smile = corpus_results(data, "smile", rng)
+    per_corpus, manifests = {}, {}
+    for source in args.sources:
+        corpus, _, path = source.partition("=")
+        folder = Path(path)
+        if folder.is_file():
+            folder = Path(tempfile.mkdtemp())
+            with tarfile.open(path) as tar:
+                tar.extractall(folder, filter="data")
+        data = load(folder)
+        per_corpus[corpus] = corpus_results(data, corpus, rng)
+        manifests[corpus] = data["manifest"]
+    smile = per_corpus.get("smile", {"arms": {}})
     results = {
         "data": [
-            "SMILE 20k (CC0): 18,529 / 370 / 926 train / validation / test sessions, split by a hash of the id",
+            "SMILE 20k (CC0): 18,529 / 373 / 977 train / validation / test sessions, split by a hash of the id",
             "KdConv (Apache-2.0): 720 / 90 / 90 sessions",
         ],
         "primary_metric": "test_answer_loss",
         **smile,
-        "kdconv": corpus_results(data, "kdconv", rng),
-        "rates": data["manifest"]["rates"],
-        "jobs": {
-            status: sum(j["status"].startswith(status) for j in data["manifest"]["jobs"])
-            for status in ("done", "failed", "skipped")
-        },  # fmt: skip
-        "not_run": [j["name"] for j in data["manifest"]["jobs"] if j["status"] != "done"],
-        "seconds": data["manifest"]["seconds"],
-    }
+        "kdconv": per_corpus.get("kdconv"),
+        "runs": {
+            corpus: {
+                "rates": {arm: r for arm, r in m["rates"].items() if arm.startswith(corpus)},
+                "jobs": {status: sum(j["status"].startswith(status) for j in m["jobs"] if corpus in j["name"])
+                         for status in ("done", "failed", "skipped")},
+                "not_run": [f"{j['name']}: {j['status']}" for j in m["jobs"] if j["status"] != "done" and corpus in j["name"]],
+                "seconds": m["seconds"],
+            }
+            for corpus, m in manifests.items()
+        },
+    }  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     plot(results, args.out)
+    (args.out / "tables.md").write_text(tables(results))
     print(json.dumps({arm: e["test_answer_loss"] for arm, e in results["arms"].items()}, indent=1))
     print(f"wrote {args.out / 'results.json'} and val_loss_curves.png")
 
