@@ -36,7 +36,7 @@ TRAINING_ONLY = [
     "trainer.limit_val_batches=0",
     "trainer.max_epochs=-1",
     "trainer.limit_train_batches=1.0",
-    "+trainer.enable_checkpointing=false",
+    "trainer.enable_checkpointing=false",
     "trainer.enable_progress_bar=false",
     "~callbacks",
     "~logger",

@@ -56,7 +56,7 @@ FAST = ["model=chatglm2-tiny", "data.limit=16", "data.batch_sessions=4", "data.p
 
 def val_curve(tmp_path, cache_dir, name: str, *overrides: str) -> list[float]:
     cfg = compose_config("train", [*FAST, *overrides, f"data.cache_dir={cache_dir}", f"output_dir={tmp_path / name}",
-                                   "+trainer.enable_checkpointing=false"])  # fmt: skip
+                                   "trainer.enable_checkpointing=false"])  # fmt: skip
     metrics, _ = train(cfg)
     assert metrics["global_steps"] == 3
     return [point["loss"] for point in metrics["val_curve"]]

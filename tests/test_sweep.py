@@ -1,65 +1,88 @@
-"""The strategy x reduction sweep on a tiny scale: a multirun of the fine-tuning arms from a pretrained checkpoint, one job failing on purpose; the aggregate reports it and keeps the other jobs' results."""
+"""The strategy comparison's sweeps: every arm differs from the session arm in the one factor it is about, the driver
+plans the jobs the sweeps define, and the aggregate's paired statistics behave on hand-made losses."""
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
 from glm_session.config import CONFIG_DIR, compose_config
 
-TESTS = Path(__file__).parent
-ROOT = TESTS.parent
-TINY = ["model=chatglm2-tiny", "data.limit=6", "data.max_seq_len=512", "data.batch_tokens=1024",
-        "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2",
-        "trainer.enable_progress_bar=false", "trainer.val_check_interval=1.0", "evaluate.limit=2",
-        "generation.max_new_tokens=4"]  # fmt: skip
+ROOT = Path(__file__).parent.parent
+sys.path.insert(0, str(ROOT / "experiments" / "strategy_comparison"))
+import aggregate  # noqa: E402
+import run  # noqa: E402
 
 
-def test_sweep_has_18_jobs_of_the_two_arms():
-    params = OmegaConf.load(CONFIG_DIR / "sweep" / "strategy_x_reduction.yaml").hydra.sweeper.params
-    assert params.experiment.split(",") == ["finetune_split", "finetune_session"]
-    assert params.loss.split(",") == ["token", "sample", "turn"] and params.seed.split(",") == ["0", "1", "2"]
-    for arm in ("split", "session"):
-        arm_cfg = compose_config("train", [f"experiment=finetune_{arm}"])
-        assert arm_cfg.strategy._target_.endswith(f"{arm.capitalize()}Strategy")
-        assert arm_cfg.evaluate.enabled and arm_cfg.trainer.limit_train_batches == 1.0
+def flat(experiment: str, *overrides: str) -> dict:
+    cfg = compose_config("train", [f"experiment=comparison/{experiment}", "model.init_from=null", *overrides])
+    container = OmegaConf.to_container(cfg, resolve=False)
+    out = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            out[prefix.rstrip(".")] = node
+
+    walk(container, "")
+    return out
 
 
-def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-                   **(env or {})}  # fmt: skip
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=environment, capture_output=True, text=True)
+def differences(a: str, b: str) -> set[str]:
+    x, y = flat(a), flat(b)
+    return {key for key in set(x) | set(y) if x.get(key) != y.get(key)}
 
 
-@pytest.mark.slow
-def test_pretrain_export_sweep_with_a_failed_job_and_aggregate(tmp_path, cache_dir):
-    cache = f"data.cache_dir={cache_dir}"
-    pretrain = run(
-        "-m", "glm_session.train", "experiment=pretrain_lm", *TINY, cache, f"hydra.run.dir={tmp_path / 'pre'}"
+@pytest.mark.parametrize(
+    "arm,factor",
+    [
+        ("smile_split_grouped", {"strategy._target_"}),
+        ("smile_session_unpacked", {"data.packing"}),
+        ("smile_split_shuffled", {"strategy._target_", "data.batch_sessions", "data.batch_supervised_tokens"}),
+    ],
+)
+def test_each_arm_changes_one_factor(arm, factor):
+    assert differences("smile_session", arm) == factor
+    assert flat(arm)["optimizer.lr"] == flat("smile_session")["optimizer.lr"]  # set per job by the sweep
+
+
+def test_equal_compute_is_split_shuffled_with_its_own_schedule():
+    assert differences("smile_split_shuffled", "smile_split_equal_compute") == {
+        "trainer.max_steps", "trainer.val_check_interval"}  # fmt: skip
+    assert flat("smile_split_equal_compute")["trainer.max_steps"] == round(100 * 3.0222e15 / 1.0381e16)
+
+
+def test_the_driver_plans_the_sweeps_jobs():
+    jobs = {job.name: job for job in run.plan(Path("/r"), None, [], [])}
+    assert len([n for n in jobs if n.startswith("lr/smile")]) == len(run.grid("comparison_lr")) + 3 == 21
+    # Seeds 1-4 of every arm (seed 0 is the sweep's job at the chosen rate), from alternating bases.
+    seeds = [n for n in jobs if n.startswith("seeds/smile_session+token")]
+    assert sorted(seeds) == [f"seeds/smile_session+token_seed{s}" for s in range(1, 5)]
+    assert jobs["seeds/smile_session+token_seed3"].base == "base/smile_seed1"
+    # The matched runs take the rate of the session run they must equal: split+sample = session+turn.
+    assert jobs["matched/smile_split_grouped+token_seed0"].lr_of == "smile_session+token"
+    assert jobs["matched/smile_split_grouped+sample_seed0"].lr_of == "smile_session+turn"
+    assert jobs["matched/smile_session_unpacked+turn_seed0"].lr_of == "smile_session+turn"
+    assert all(
+        OmegaConf.load(CONFIG_DIR / "sweep" / f"{s}.yaml") for s in ("comparison_seeds", "comparison_kdconv")
     )
-    assert pretrain.returncode == 0, pretrain.stderr[-3000:]
-    (checkpoint,) = (tmp_path / "pre" / "checkpoints").glob("best-*.ckpt")  # every arm's init_from
 
-    sweep = tmp_path / "sweep"
-    result = run("-m", "glm_session.train", "-m", "+sweep=strategy_x_reduction", "experiment=finetune_session",
-                 "loss=token", "seed=0,1", *TINY, cache, f"hydra.sweep.dir={sweep}",
-                 "+callbacks.fail._target_=helpers.FailIfSeed", "+callbacks.fail.seed=${seed}",
-                 "+callbacks.fail.failing=1", env={"GLM_SESSION_INIT": str(checkpoint)})  # fmt: skip
-    assert result.returncode != 0  # Hydra raises the failure at the end, after every job ran
-    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert jobs == ["finetune_session_token_seed0", "finetune_session_token_seed1"]
-    assert (sweep / jobs[0] / "evaluation" / "metrics.json").exists()
-    assert "planned failure" in (sweep / jobs[1] / "failed.txt").read_text()
 
-    out = tmp_path / "report"
-    aggregated = run("experiments/strategy_comparison/aggregate.py", str(sweep), "--out", str(out))
-    assert aggregated.returncode == 0, aggregated.stderr[-3000:]
-    report = json.loads((out / "results.json").read_text())
-    assert [j.get("error", "") for j in report["jobs"]][1].endswith("planned failure of the job with seed 1")
-    assert report["summary"]["arms"]["session+token"]["seeds"] == [0]
-    readme = (out / "README.md").read_text()
-    assert "finished 1, failed 1" in readme and "finetune_session_token_seed1" in readme
+def test_paired_differences_by_hand():
+    rng = np.random.default_rng(0)
+    sessions = 50
+    counts = rng.integers(1, 30, sessions).astype(float)
+    sums = counts * rng.uniform(2.0, 3.0, sessions)
+    weights = np.stack([np.bincount(rng.integers(0, sessions, sessions), minlength=sessions) for _ in range(200)])
+    same = aggregate.paired([(sums, counts)] * 3, [(sums, counts)] * 3, weights.astype(float), rng)
+    assert same["difference"] == 0 and same["ci95"] == [0.0, 0.0]
+    shifted = aggregate.paired(
+        [(sums + 0.1 * counts, counts)] * 3, [(sums, counts)] * 3, weights.astype(float), rng
+    )
+    assert shifted["difference"] == pytest.approx(0.1) and shifted["ci95"] == pytest.approx([0.1, 0.1])
+    interval = aggregate.bootstrap([(sums, counts)], weights.astype(float), rng)
+    assert interval[0] < sums.sum() / counts.sum() < interval[1]
