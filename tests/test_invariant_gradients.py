@@ -18,7 +18,14 @@ VALIDATION = str(RESOURCES_DIR / "kdconv/validation.jsonl")
 SESSIONS = 4
 
 
-def one_step_gradient(tokenizer, cache_dir, strategy: str, reduction: str, packing: bool = False) -> torch.Tensor:
+def one_step_gradient(
+    tokenizer,
+    cache_dir,
+    strategy: str,
+    reduction: str,
+    packing: bool = False,
+    loss_chunk_tokens: int | None = None,
+) -> torch.Tensor:
     datamodule = DialogueDataModule(
         tokenizer, "chatglm2", strategy, train_path=VALIDATION, limit=SESSIONS, max_seq_len=2048, packing=packing,
         batch_size=1, cache_dir=cache_dir,
@@ -26,7 +33,11 @@ def one_step_gradient(tokenizer, cache_dir, strategy: str, reduction: str, packi
     rows = len(datamodule.prepared("train").rows)
     datamodule.batch_size = -(-rows // 2)  # two micro-batches hold every sample of the 4 sessions
     module = ChatGLM2Module.from_preset(
-        "chatglm2-tiny", len(tokenizer), optimizer=functools.partial(torch.optim.SGD, lr=1.0), reduction=reduction
+        "chatglm2-tiny",
+        len(tokenizer),
+        optimizer=functools.partial(torch.optim.SGD, lr=1.0),
+        reduction=reduction,
+        loss_chunk_tokens=loss_chunk_tokens,
     )
     torch.manual_seed(0)
     module.configure_model()
@@ -56,6 +67,11 @@ def gradients(tokenizer, cache_dir):
         tokenizer, cache_dir, "session", "token", packing=True
     )
     results["split", "sample", "packed"] = one_step_gradient(tokenizer, cache_dir, "split", "sample", packing=True)
+    # The chunked loss (logits at the trained positions only, 100 at a time, made again in the backward pass).
+    for strategy, reduction in (("session", "token"), ("split", "sample")):
+        results[strategy, reduction, "chunked"] = one_step_gradient(
+            tokenizer, cache_dir, strategy, reduction, packing=True, loss_chunk_tokens=100
+        )
     return results
 
 
@@ -74,6 +90,11 @@ def test_split_sample_equals_session_turn(gradients):
     reference = gradients["split", "sample"]
     assert max_difference(gradients["session", "turn"], reference) < 1e-5
     assert max_difference(gradients["split", "sample", "packed"], reference) < 1e-5
+
+
+def test_the_chunked_loss_gives_the_same_gradient(gradients):
+    assert max_difference(gradients["session", "token", "chunked"], gradients["split", "token"]) < 1e-5
+    assert max_difference(gradients["split", "sample", "chunked"], gradients["split", "sample"]) < 1e-5
 
 
 def test_reductions_do_differ(gradients):

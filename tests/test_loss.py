@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from glm_session.model.loss import loss_terms, reduce_loss
+from glm_session.model.loss import chunked_token_losses, loss_terms, reduce_loss, token_losses
 
 X = -100
 
@@ -75,3 +75,23 @@ def test_global_count_over_micro_batches(reduction):
 def test_unknown_reduction():
     with pytest.raises(ValueError, match="unknown loss reduction 'mean'"):
         loss_terms(toy_logits(), LABELS, TURNS, SAMPLES, "mean")
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 1000])
+def test_chunked_losses_equal_the_logits_losses(chunk):
+    """Logits only at the trained positions, a few at a time, made again in the backward pass: the same losses and
+    the same gradients as the (B, T, V) logits."""
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 7, 5, requires_grad=True)
+    weight = torch.randn(11, 5, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 7))
+    labels[:, :2] = X
+    labels[1, 4:] = X
+    reference = token_losses(hidden @ weight.T, labels)
+    chunked = chunked_token_losses(hidden, weight, labels, chunk)
+    assert torch.allclose(chunked, reference, atol=1e-6) and (chunked[labels[:, 1:] == X] == 0).all()
+    probe = torch.randn(3, 6)
+    expected = torch.autograd.grad((reference * probe).sum(), (hidden, weight))
+    got = torch.autograd.grad((chunked * probe).sum(), (hidden, weight))
+    for a, b in zip(got, expected, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)

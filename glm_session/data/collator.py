@@ -12,7 +12,7 @@ import torch
 
 from glm_session.constants import IGNORE_INDEX
 from glm_session.data.batching import ghost
-from glm_session.supervision import loss_weights
+from glm_session.supervision import loss_weights, supervised
 
 ROW_COLUMNS = ("input_ids", "labels", "turn_ids", "session_index", "length")
 # The per-token fields of a batch: the rows as the model is fed (``python -m glm_session.data export`` writes these).
@@ -64,7 +64,8 @@ class Collator:
     needed); the padded positions come after every real token, so they never change a real token's logits.
 
     Besides ``ROW_FIELDS`` a batch holds the loss weights of ``supervision.loss_weights`` (``sample_weight``,
-    ``turn_weight``, ``loss_counts``), and as plain Python numbers, which stay on the CPU when Lightning moves the
+    ``turn_weight``, ``loss_counts``), the trained positions flattened over (B, T-1) (``supervised_positions``, for
+    the chunked loss), and as plain Python numbers, which stay on the CPU when Lightning moves the
     batch: ``sample_lengths`` (every sample's tokens) and ``supervised_tokens``.
     """
 
@@ -96,6 +97,7 @@ class Collator:
             batch["position_ids"][b, n:] = torch.arange(last + 1, last + 1 + width - n)
         weights = loss_weights(batch["labels"], batch["turn_ids"], batch["sample_index"])
         batch.update(sample_weight=weights.sample, turn_weight=weights.turn, loss_counts=weights.counts)
+        batch["supervised_positions"] = supervised(batch["labels"]).flatten().nonzero().squeeze(1)
         batch["sample_lengths"] = [n for row in rows for n in row.get("sample_lengths") or _run_lengths(row)]
         batch["supervised_tokens"] = int(weights.counts[0])
         return batch

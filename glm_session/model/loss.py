@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from glm_session.constants import IGNORE_INDEX
 from glm_session.supervision import LossWeights, loss_weights, supervised
@@ -71,6 +72,48 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return losses.view(shift_labels.shape)
 
 
+def chunked_token_losses(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int,
+    positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``token_losses(hidden @ weight.T, labels)``, with logits made only at the trained positions, ``chunk_tokens``
+    of them at a time, and made again in the backward pass: the (B, T, V) logits never exist.
+
+    Args:
+        hidden: (B, T, d) the final hidden states (after the last norm).
+        weight: (V, d) the output layer.
+        labels: (B, T).
+        chunk_tokens: trained positions per chunk.
+        positions: the trained positions, flattened over (B, T-1) (the collator's ``supervised_positions``);
+            ``None``: computed here (a host synchronisation).
+
+    Returns:
+        (B, T - 1), 0 where the label is ignored.
+    """
+    batch, length, width = hidden.shape
+    if positions is None:
+        positions = supervised(labels).flatten().nonzero().squeeze(1)
+    trained = hidden[:, :-1].reshape(-1, width).index_select(0, positions)  # (N, d)
+    targets = labels[:, 1:].reshape(-1).index_select(0, positions)  # (N,)
+    chunks = [
+        checkpoint(_cross_entropy, trained[i : i + chunk_tokens], weight, targets[i : i + chunk_tokens],
+                   use_reentrant=False)
+        for i in range(0, positions.numel(), chunk_tokens)
+    ]  # fmt: skip
+    losses = torch.zeros(batch * (length - 1), dtype=torch.float32, device=hidden.device)
+    if chunks:
+        losses = losses.index_put((positions,), torch.cat(chunks))
+    return losses.view(batch, length - 1)
+
+
+def _cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, weight)  # (n, V), in the autocast dtype as the model's own output layer
+    return F.cross_entropy(logits.float(), targets, reduction="none")
+
+
 def loss_terms(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -79,10 +122,23 @@ def loss_terms(
     reduction: str,
     weights: LossWeights | None = None,
 ) -> LossTerms:
-    """The numerator and counts of one micro-batch (see the module docstring).
+    """The numerator and counts of one micro-batch from its logits (see the module docstring and ``reduce``)."""
+    return reduce(token_losses(logits, labels), labels, turn_ids, sample_index, reduction, weights)
+
+
+def reduce(
+    losses: torch.Tensor,
+    labels: torch.Tensor,
+    turn_ids: torch.Tensor,
+    sample_index: torch.Tensor,
+    reduction: str,
+    weights: LossWeights | None = None,
+) -> LossTerms:
+    """The numerator and counts of one micro-batch from the loss of every position.
 
     Args:
-        logits: (B, T, V).
+        losses: (B, T-1) the loss of the label at t+1 (``token_losses`` or ``chunked_token_losses``), 0 where it
+            is ignored.
         labels: (B, T), ``IGNORE_INDEX`` where nothing is trained.
         turn_ids: (B, T) the session turn of every token.
         sample_index: (B, T) a sample id, unique within the step, of every token.
@@ -94,7 +150,6 @@ def loss_terms(
         raise ValueError(f"unknown loss reduction {reduction!r}: choose one of {', '.join(REDUCTIONS)}")
     if weights is None:
         weights = loss_weights(labels, turn_ids, sample_index)
-    losses = token_losses(logits, labels)  # (B, T-1), 0 where not trained
     weight = {"token": None, "sum": None, "sample": weights.sample, "turn": weights.turn}[reduction]
     numerator = losses.sum() if weight is None else (weight * losses).sum()
     return LossTerms(numerator, weights.counts, losses.detach(), supervised(labels), turn_ids[:, 1:])

@@ -19,8 +19,8 @@ import torch
 from transformers import GlmConfig, GlmForCausalLM
 
 from glm_session.checkpoints import check_init_from, initial_state, load_weights_into
-from glm_session.errors import UserError
-from glm_session.model.loss import REDUCTIONS, denominator, loss_terms, token_losses
+from glm_session.errors import UserError, check_int
+from glm_session.model.loss import REDUCTIONS, chunked_token_losses, denominator, reduce, token_losses
 from glm_session.model.presets import chatglm2_config, padded_vocab_size
 from glm_session.run_info import RunInfo
 from glm_session.supervision import LossWeights, supervised
@@ -53,6 +53,10 @@ class ChatGLM2Module(L.LightningModule):
             shapes stay static with ``data.pad_to=max_seq_len``).
         run_info: how the run was made (template, tokenizer, strategy, data, ...); saved in every checkpoint with
             the model's config.
+        loss_chunk_tokens: ``None``: the reference loss (the model's logits, then fp32 cross-entropy). A number:
+            logits only at the trained positions, that many at a time, made again in the backward pass
+            (``loss.chunked_token_losses``): the (B, T, V) logits never exist, the output layer's work shrinks to
+            the trained tokens' share, and the per-token losses are the same.
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class ChatGLM2Module(L.LightningModule):
         attn_implementation: str = "sdpa",
         compile_layers: bool = False,
         run_info: RunInfo | None = None,
+        loss_chunk_tokens: int | None = None,
     ) -> None:
         super().__init__()
         if reduction not in REDUCTIONS:
@@ -74,6 +79,7 @@ class ChatGLM2Module(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.weight_decay, self.init_from = weight_decay, check_init_from(init_from)
         self.compile_layers = compile_layers
+        self.loss_chunk_tokens = check_int("model.loss_chunk_tokens", loss_chunk_tokens, minimum=1, optional=True)
         self.config._attn_implementation = attn_implementation
         self.model: GlmForCausalLM | None = None
         # Step accumulators: numerator and (tokens, samples, turns) of the micro-batches since the last step.
@@ -142,11 +148,32 @@ class ChatGLM2Module(L.LightningModule):
 
     # training ------------------------------------------------------------------------------------
 
+    def token_losses(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T-1) the loss of every position's next label, 0 where it is not trained."""
+        if self.loss_chunk_tokens is None:
+            return token_losses(self(batch["input_ids"], batch["position_ids"]), batch["labels"])  # via (B, T, V)
+        # Through the model's own forward (so that FSDP gathers and frees its parameters as usual), keeping the
+        # logits of one position only; the output layer is applied chunk by chunk to the trained positions.
+        output = self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                            logits_to_keep=1, output_hidden_states=True)  # fmt: skip
+        hidden = output.hidden_states[-1]  # (B, T, d), after the final norm
+        return chunked_token_losses(
+            hidden,
+            self.model.lm_head.weight,
+            batch["labels"],
+            self.loss_chunk_tokens,
+            batch.get("supervised_positions"),
+        )
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self(batch["input_ids"], batch["position_ids"])  # (B, T, V)
         weights = LossWeights(batch["sample_weight"], batch["turn_weight"], batch["loss_counts"])
-        terms = loss_terms(
-            logits, batch["labels"], batch["turn_ids"], batch["sample_index"], self.reduction, weights
+        terms = reduce(
+            self.token_losses(batch),
+            batch["labels"],
+            batch["turn_ids"],
+            batch["sample_index"],
+            self.reduction,
+            weights,
         )
         self._step_numerator += terms.numerator.detach()
         self._step_counts += terms.counts
@@ -190,8 +217,7 @@ class ChatGLM2Module(L.LightningModule):
     # validation ----------------------------------------------------------------------------------
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        logits = self(batch["input_ids"], batch["position_ids"])
-        losses = token_losses(logits, batch["labels"])  # (B, T-1), 0 where not trained
+        losses = self.token_losses(batch)  # (B, T-1), 0 where not trained
         self._add_turn_losses("val", losses, supervised(batch["labels"]), batch["turn_ids"][:, 1:])
 
     def on_validation_epoch_end(self) -> None:
