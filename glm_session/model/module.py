@@ -211,6 +211,20 @@ class ChatGLM2Module(L.LightningModule):
         self._step_numerator.zero_()
         self._step_counts.zero_()
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip by norm directly: Lightning's mixed-precision plugin refuses to clip for a fused optimizer (fused
+        AdamW unscales fp16 gradients itself), which bf16 and fp32 training, having no gradient scaler, never need."""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and scaler is None:
+            torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def on_train_epoch_end(self) -> None:
         self._log_turn_losses("train")
 
