@@ -9,7 +9,7 @@ from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from glm_session.errors import ConfigError, UserError
@@ -50,29 +50,26 @@ def compose_config(config_name: str, overrides: Sequence[str] = ()) -> DictConfi
 
 
 def build(node: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate(node, **kwargs)``, raising a config group's own ``UserError`` (Hydra wraps it)."""
+    """The object a config node describes (its ``_target_`` called with its keys), ``kwargs`` passed on as they are.
+
+    Unlike ``hydra.utils.instantiate(node, **kwargs)``, objects in ``kwargs`` are not merged into the config first
+    (which would turn a dataclass, a template or a strategy, into config keys). A key the target does not take is a
+    ``ConfigError`` naming it; a ``UserError`` of the target is raised as it is.
+    """
     try:
-        return instantiate(node, **kwargs)
+        factory = instantiate(node, _partial_=True)
     except InstantiationException as err:
         if isinstance(err.__cause__, UserError):
             raise err.__cause__ from None
         raise
-
-
-def build_datamodule(cfg: DictConfig, lightning: bool = True):
-    """The DataModule of ``cfg``: its ``data`` group, with the ``tokenizer``, ``template`` and ``strategy`` groups.
-
-    ``lightning=False``: the same pipeline without Lightning (``DialogueData``), for the command-line tools.
-    """
-    kwargs = OmegaConf.to_container(cfg.data, resolve=True)
-    target = kwargs.pop("_target_")
-    if lightning:
-        cls = get_class(target)
-    else:
-        from glm_session.data.pipeline import DialogueData as cls
-    parts = {name: build(cfg[name]) for name in ("tokenizer", "template", "strategy")}
-    known = inspect.signature(cls.__init__).parameters
-    for key, value in kwargs.items():
-        if key not in known:
-            raise ConfigError(f"data.{key}", value, f"left out: the data group has no key {key!r}")
-    return cls(**parts, **kwargs)
+    parameters = inspect.signature(factory.func).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        group = node._key() if hasattr(node, "_key") else None
+        for key, value in {**factory.keywords, **kwargs}.items():
+            if key not in parameters:
+                raise ConfigError(
+                    f"{group}.{key}" if group else key,
+                    value,
+                    f"left out: the {group or 'config'} group has no key {key!r}",
+                )
+    return factory(**kwargs)

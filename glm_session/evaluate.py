@@ -20,25 +20,29 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from glm_session.checkpoints import CheckpointError, load_model
-from glm_session.config import CONFIG_DIR, build, build_datamodule
-from glm_session.data.pipeline import DialogueData, EmptySplitError
+from glm_session.config import CONFIG_DIR, build
+from glm_session.data.datamodule import DialogueDataModule
+from glm_session.data.pipeline import EmptySplitError
 from glm_session.data.session import Session
+from glm_session.data.strategy import SessionStrategy
+from glm_session.data.template import get_template
 from glm_session.errors import run_hydra_app
 from glm_session.evaluation.generation import GenerationSettings, build_prompts, generate_answers
 from glm_session.evaluation.official import official_scores
 from glm_session.evaluation.rouge import RougeByTurn
 from glm_session.model.loss import token_losses
 from glm_session.supervision import supervised
+from glm_session.tokenizer import ChatGLM2Tokenizer
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
 def teacher_forced_by_session(
-    model: torch.nn.Module, data: DialogueData, split: str
+    model: torch.nn.Module, data: DialogueDataModule, split: str
 ) -> dict[int, dict[int, list]]:
     """Summed loss and count of the trained tokens of every session of ``split``, by turn:
     ``{session_index: {turn: [loss sum, tokens]}}`` (the answers, teacher-forced)."""
@@ -92,7 +96,7 @@ def sample_sessions(sessions: list[Session], limit: int | None) -> list[Session]
 
 def evaluate_model(
     model: torch.nn.Module,
-    data: DialogueData,
+    data: DialogueDataModule,
     split: str,
     output_dir: str | Path,
     generation: GenerationSettings,
@@ -107,7 +111,7 @@ def evaluate_model(
     generation.check_room(data.max_seq_len, data.tokenizer, data.template)
     all_sessions = data.read(split).sessions
     if not all_sessions:
-        data.require_batches(split)  # says what reading the split found
+        data.pipeline.require_batches(split)  # says what reading the split found
     sessions = sample_sessions(all_sessions, limit)
     budget = generation.prompt_budget(data.max_seq_len)
     prompts, skipped_turns = build_prompts(sessions, data.template, data.tokenizer, budget)
@@ -164,17 +168,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.split``, with the template and tokenizer the run was trained with."""
     generation = build(cfg.generation)
     model, info = load_model(cfg.ckpt_path)
-    with open_dict(cfg):  # the run's template and (unless given) tokenizer; session samples for the loss
-        cfg.template = {"_target_": "glm_session.data.template.get_template", "name": info.template}
-        cfg.strategy = {"_target_": "glm_session.data.strategy.SessionStrategy"}
-        if cfg.tokenizer.get("path") is None:
-            cfg.tokenizer.path = info.tokenizer_path
-    data = build_datamodule(cfg, lightning=False)
-    if data.tokenizer.fingerprint != info.tokenizer_fingerprint:
+    # The run's template and (unless tokenizer.path is given) tokenizer; session samples for the loss.
+    tokenizer = (
+        build(cfg.tokenizer)
+        if cfg.tokenizer.get("path")
+        else ChatGLM2Tokenizer.from_pretrained(info.tokenizer_path)
+    )
+    if tokenizer.fingerprint != info.tokenizer_fingerprint:
         raise CheckpointError(
             f"{cfg.ckpt_path}: trained with tokenizer {info.tokenizer_fingerprint}, not with "
-            f"tokenizer.path={cfg.tokenizer.path} ({data.tokenizer.fingerprint})"
+            f"{tokenizer.vocab_file} ({tokenizer.fingerprint})"
         )
+    data = build(cfg.data, tokenizer=tokenizer, template=get_template(info.template), strategy=SessionStrategy())
     device = (
         "cuda"
         if cfg.device == "auto" and torch.cuda.is_available()

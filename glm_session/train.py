@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from glm_session.checkpoints import check_resumable
-from glm_session.config import CONFIG_DIR, build, build_datamodule
+from glm_session.config import CONFIG_DIR, build
 from glm_session.errors import ConfigError, run_hydra_app
 from glm_session.run_info import RunInfo
 from glm_session.training.checkpoint_io import AtomicCheckpointIO, remove_stale_saves
@@ -51,7 +51,8 @@ def _experiment_name() -> str | None:
 def run_info_of(cfg: DictConfig, datamodule: Any) -> RunInfo:
     """The ``RunInfo`` of a run of ``cfg`` on ``datamodule`` (the model config is added by the module)."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    data.pop("_target_", None)
+    for key in ("_target_", "tokenizer", "template", "strategy"):  # recorded on their own
+        data.pop(key, None)
     tokenizer_path = cfg.tokenizer.get("path")
     return RunInfo(
         template=datamodule.template.name,
@@ -62,7 +63,7 @@ def run_info_of(cfg: DictConfig, datamodule: Any) -> RunInfo:
         max_seq_len=datamodule.max_seq_len,
         packing=datamodule.packing,
         data=data,
-        data_source=datamodule.source_key(),
+        data_source=datamodule.pipeline.source.key(),
         model_preset=cfg.model.get("preset"),
         seed=cfg.seed,
         experiment=_experiment_name(),
@@ -84,19 +85,20 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule = build_datamodule(cfg)
+    datamodule = build(cfg.data)
     if generation is not None:
         generation.check_room(datamodule.max_seq_len, datamodule.tokenizer, datamodule.template)
     stats = {split: datamodule.statistics(split) for split in ("train", "validation")}
     (output_dir / "data_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    datamodule.require_batches("train")
+    datamodule.pipeline.require_batches("train")
     if cfg.trainer.get("limit_val_batches") != 0:
-        datamodule.require_batches("validation")
-    warning = datamodule.window_warning("train")
+        datamodule.pipeline.require_batches("validation")
+    warning = datamodule.pipeline.window_warning("train")
     if warning:
         log.warning("%s", warning)
 
-    module = build(cfg.model, _partial_=True)(
+    module = build(
+        cfg.model,
         tokenizer_size=len(datamodule.tokenizer),
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,

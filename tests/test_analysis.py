@@ -13,7 +13,7 @@ from glm_session.analysis.article import ARTICLE_TOY, attribution_weights
 from glm_session.analysis.measured import measured_weights
 from glm_session.analysis.toy import exact_toy
 from glm_session.analysis.weights import exact_weights, trained_turns
-from glm_session.data import DialogueData
+from glm_session.data import DialogueDataModule
 from glm_session.model import chatglm2_config, padded_vocab_size
 
 F = Fraction
@@ -72,7 +72,7 @@ def toy_batch(tokenizer, strategy, tmp_path):
                     for m in ({"role": "user", "content": TOY[name][0]}, {"role": "assistant", "content": TOY[name][1]})]  # fmt: skip
         lines.append(json.dumps({"messages": messages}, ensure_ascii=False))
     path.write_text("\n".join(lines))
-    data = DialogueData(tokenizer, "chatglm2", strategy, train_path=str(path), batch_size=100, shuffle=False,
+    data = DialogueDataModule(tokenizer, "chatglm2", strategy, train_path=str(path), batch_size=100, shuffle=False,
                         cache_dir=str(tmp_path))  # fmt: skip
     batch = next(iter(data.dataloader("train")))
     content = {(0, 1): 0, (1, 1): 0, (1, 2): 1, (1, 3): 2}  # a, a, b, c

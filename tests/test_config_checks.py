@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from glm_session.config import build_datamodule, compose_config
+from glm_session.config import build, compose_config
 from glm_session.data.pipeline import EmptySplitError
 from glm_session.errors import ConfigError
 from glm_session.train import train
@@ -55,7 +55,7 @@ FAST = ["model=chatglm2-tiny", "trainer.max_steps=1", "trainer.limit_train_batch
 def test_bad_data_values_name_the_key_and_the_range(override, message):
     cfg = compose_config("data_tool", [override])
     with pytest.raises(ConfigError) as err:
-        build_datamodule(cfg, lightning=False)
+        build(cfg.data)
     assert message in str(err.value)
 
 

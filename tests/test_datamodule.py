@@ -42,16 +42,16 @@ def test_kdconv_targets(tokenizer, cache_dir):
 
 
 def test_second_build_reads_the_cache(tokenizer, tmp_path, monkeypatch):
-    first = kdconv(tokenizer, str(tmp_path), strategy="session", limit=20).prepared("train")
+    first = kdconv(tokenizer, str(tmp_path), strategy="session", limit=20).pipeline.prepared("train")
 
     def tokenize_again(*args, **kwargs):
         raise AssertionError("tokenized again")
 
     monkeypatch.setattr(build, "_build_batch", tokenize_again)
-    second = kdconv(tokenizer, str(tmp_path), strategy="session", limit=20).prepared("train")
+    second = kdconv(tokenizer, str(tmp_path), strategy="session", limit=20).pipeline.prepared("train")
     assert second.samples["input_ids"] == first.samples["input_ids"]
     with pytest.raises(AssertionError, match="tokenized again"):  # a different input does build
-        kdconv(tokenizer, str(tmp_path), strategy="session", limit=21).prepared("train")
+        kdconv(tokenizer, str(tmp_path), strategy="session", limit=21).pipeline.prepared("train")
 
 
 def test_holdout_is_deterministic_by_session(tokenizer, tmp_path):
@@ -172,10 +172,10 @@ def test_long_sessions_cut_into_windows_are_reported_with_what_split_would_cost(
     assert session["cut_sessions"] == 1 and session["windows"] > 10
     assert session["window_tokens"] == session["input_tokens"]  # the one session is all windows
     assert session["window_split_tokens"] == split["input_tokens"]  # exactly what its split samples take
-    warning = data("session", 256).window_warning("train")
+    warning = data("session", 256).pipeline.window_warning("train")
     assert warning.startswith(
         f"1 train sessions longer than data.max_seq_len=256 were cut into {session['windows']}"
     )
     assert session["window_tokens"] > 0.5 * session["window_split_tokens"]
     whole = data("session", 4096)
-    assert whole.statistics("train")["windows"] == 0 and whole.window_warning("train") is None
+    assert whole.statistics("train")["windows"] == 0 and whole.pipeline.window_warning("train") is None

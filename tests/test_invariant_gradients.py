@@ -4,6 +4,7 @@ Lightning loop) give the same gradient for split+token and session+token, and fo
 The optimizer is SGD with lr 1 and nothing else, so a parameter's change in that one step is minus its gradient.
 """
 
+import dataclasses
 import functools
 
 import lightning as L
@@ -30,8 +31,9 @@ def one_step_gradient(
         tokenizer, "chatglm2", strategy, train_path=VALIDATION, limit=SESSIONS, max_seq_len=2048, packing=packing,
         batch_size=1, cache_dir=cache_dir,
     )  # fmt: skip
-    rows = len(datamodule.prepared("train").rows)
-    datamodule.batch_size = -(-rows // 2)  # two micro-batches hold every sample of the 4 sessions
+    rows = len(datamodule.pipeline.prepared("train").rows.samples)
+    datamodule.pipeline.batching = dataclasses.replace(datamodule.pipeline.batching, batch_size=-(-rows // 2))
+    # two micro-batches hold every sample of the 4 sessions
     module = ChatGLM2Module.from_preset(
         "chatglm2-tiny",
         len(tokenizer),

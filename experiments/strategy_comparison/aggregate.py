@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from glm_session.config import build_datamodule, compose_config
+from glm_session.config import build, compose_config
 from glm_session.evaluation.official import official_scores
 from glm_session.evaluation.rouge import RougeByTurn
 
@@ -153,7 +153,7 @@ def generation_scores(predictions: list[dict]) -> dict:
 
 def fixed_answers(corpus: str, predictions: list[dict]) -> dict:
     """The generation metrics of two fixed answers on the prompts of ``predictions``."""
-    data = build_datamodule(compose_config("data_tool", CORPORA[corpus]), lightning=False)
+    data = build(compose_config("data_tool", CORPORA[corpus]).data)
     train_answers = collections.Counter(t.answer for s in data.read("train").sessions for t in s.turns)
     frequent, count = train_answers.most_common(1)[0]
     questions = {(s.id, k + 1): t.question for s in data.read("test").sessions for k, t in enumerate(s.turns)}

@@ -17,20 +17,18 @@ import json
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from glm_session.analysis.article import article_toy
 from glm_session.analysis.toy import exact_toy
-from glm_session.config import build_datamodule, compose_config
+from glm_session.config import build, compose_config
+from glm_session.data.strategy import get_strategy
 from glm_session.errors import cli_errors
 
 
 def data_for(cfg: DictConfig, strategy: str, **data_overrides):
-    with open_dict(cfg):
-        cfg.strategy = {"_target_": f"glm_session.data.strategy.{strategy.capitalize()}Strategy"}
-        for key, value in data_overrides.items():
-            cfg.data[key] = value
-    return build_datamodule(cfg, lightning=False)
+    """The data of ``cfg`` built with ``strategy`` (and other data settings)."""
+    return build(cfg.data, strategy=get_strategy(strategy), **data_overrides)
 
 
 def report(cfg: DictConfig) -> dict:

@@ -19,28 +19,32 @@ from pathlib import Path
 
 from glm_session.analysis.article import attribution_weights
 from glm_session.analysis.weights import TrainedTurn, trained_turns, weights_by_turn_index
-from glm_session.data.pipeline import DialogueData
+from glm_session.data.datamodule import DialogueDataModule
 
 STRATEGIES = ("split", "session")
 REDUCTIONS = ("token", "sample", "turn")
 
 
-def dataset_turns(data: DialogueData, split: str = "train") -> list[TrainedTurn]:
+def dataset_turns(data: DialogueDataModule, split: str = "train") -> list[TrainedTurn]:
     """Every trained turn of ``split`` (the sample id is the sample's row in the samples dataset)."""
-    samples = data.prepared(split).samples
+    samples = data.pipeline.prepared(split).samples
     table = samples.select_columns(["labels", "turn_ids", "session_index"])[:]
     return trained_turns(table["labels"], table["turn_ids"], table["session_index"], range(len(samples)))
 
 
 def per_step_weights(
-    data: DialogueData, turns: Sequence[TrainedTurn], reduction: str, accumulate: int = 1, split: str = "train"
+    data: DialogueDataModule,
+    turns: Sequence[TrainedTurn],
+    reduction: str,
+    accumulate: int = 1,
+    split: str = "train",
 ) -> dict[int, float]:
     """Mean over the optimizer steps of epoch 0 of each step's weight by turn index."""
     by_sample: dict[int, list[TrainedTurn]] = defaultdict(list)
     for t in turns:
         by_sample[t.sample].append(t)
-    rows = data.prepared(split).rows
-    batches = data.batch_sampler(split).all_batches(epoch=0)
+    rows = data.pipeline.prepared(split).rows.samples
+    batches = data.pipeline.batch_sampler(split).all_batches(epoch=0)
     steps = [batches[i : i + accumulate] for i in range(0, len(batches), accumulate)]
     totals: dict[int, Fraction] = defaultdict(Fraction)
     for step in steps:
@@ -50,7 +54,7 @@ def per_step_weights(
     return {turn: float(total / len(steps)) for turn, total in sorted(totals.items())}
 
 
-def article_model_by_turn(data: DialogueData, strategy: str, split: str = "train") -> dict[int, float]:
+def article_model_by_turn(data: DialogueDataModule, strategy: str, split: str = "train") -> dict[int, float]:
     """The article's attribution model on the dialogues of ``split``, by turn index."""
     sessions = [
         [(index, k) for k in range(1, len(s.turns) + 1)] for index, s in enumerate(data.read(split).sessions)
@@ -61,7 +65,7 @@ def article_model_by_turn(data: DialogueData, strategy: str, split: str = "train
     return {turn: float(w) for turn, w in sorted(by_turn.items())}
 
 
-def weight_report(datas: dict[str, DialogueData], accumulate: int = 1, split: str = "train") -> dict:
+def weight_report(datas: dict[str, DialogueDataModule], accumulate: int = 1, split: str = "train") -> dict:
     """Weights by turn index for each strategy (``datas[strategy]``) and reduction."""
     report: dict = {"full_batch": {}, "per_step": {}, "article_model": {}}
     for strategy, data in datas.items():

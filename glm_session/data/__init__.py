@@ -1,9 +1,7 @@
-"""Dialogue data: readers, templates, sample strategies, packing, batching and the LightningDataModule.
+"""Dialogue data: source (readers, holdout), samples (templates, strategies), rows (packing), batches (samplers,
+collator, loader), chained by ``DialoguePipeline`` and held by the LightningDataModule ``DialogueDataModule``."""
 
-``DialogueDataModule`` is imported on first use, so that the command-line tools start without Lightning.
-"""
-
-from glm_session.data.pipeline import DialogueData
+from glm_session.data.datamodule import DialogueDataModule
 from glm_session.data.session import DataError, Session, Turn
 from glm_session.data.template import CHATGLM2, CHATGLM2_ARTICLE, Template, get_template
 
@@ -11,18 +9,9 @@ __all__ = [
     "CHATGLM2",
     "CHATGLM2_ARTICLE",
     "DataError",
-    "DialogueData",
     "DialogueDataModule",
     "Session",
     "Template",
     "Turn",
     "get_template",
 ]
-
-
-def __getattr__(name: str):
-    if name == "DialogueDataModule":
-        from glm_session.data.datamodule import DialogueDataModule
-
-        return DialogueDataModule
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from glm_session.config import build_datamodule, compose_config
+from glm_session.config import build, compose_config
 from glm_session.data.collator import ROW_FIELDS
 from glm_session.errors import ConfigError, cli_errors
 
@@ -42,9 +42,9 @@ def stats(datamodule, split: str, out: str | None) -> dict:
     result = datamodule.statistics(split)
     result["seconds"] = round(time.perf_counter() - start, 3)
     print(format_table(result))
-    for message in datamodule.describe_skips(split):
+    for message in datamodule.pipeline.describe_skips(split):
         print(f"skipped: {message}", file=sys.stderr)
-    warning = datamodule.window_warning(split)
+    warning = datamodule.pipeline.window_warning(split)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     if out:
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     command, overrides = argv[0], argv[1:]
     with cli_errors():
         cfg = compose_config("data_tool", overrides)
-        datamodule = build_datamodule(cfg, lightning=False)
+        datamodule = build(cfg.data)
         if command == "stats":
             stats(datamodule, cfg.split, cfg.out)
         else:

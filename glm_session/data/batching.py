@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
-from glm_session.data.packing import pack_first_fit_decreasing
-from glm_session.errors import ConfigError
+from glm_session.data.packing import Rows, pack_first_fit_decreasing
+from glm_session.errors import ConfigError, check_bool, check_choice, check_int
 
 RowKey = int | tuple[int, ...]  # a row of the prepared split, or the samples of a row packed for one batch
 
@@ -207,3 +208,70 @@ class SessionGroupBatchSampler(RowBatchSampler):
             else:
                 batches.append([(i,) for i in samples])
         return batches
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How rows become batches, checked when built (the data group's keys of the same names).
+
+    Args:
+        batch_size: rows per batch; or ``batch_tokens``: padded tokens per batch (it wins when both are given).
+        batch_sessions: training batches hold every sample of this many sessions (``SessionGroupBatchSampler``); or
+        batch_supervised_tokens: training batches hold about this many trained tokens. Either replaces
+            ``batch_size``/``batch_tokens`` for the training split; the other splits keep those.
+        pad_to: ``longest`` (row of the batch) or ``max_seq_len`` (every row, as the article's code does).
+        max_seq_len, packing: the rows' most tokens, and whether rows pack several samples.
+        shuffle, seed: training order, new every epoch, the same on every run.
+    """
+
+    batch_size: int | None = 8
+    batch_tokens: int | None = None
+    batch_sessions: int | None = None
+    batch_supervised_tokens: int | None = None
+    pad_to: str = "longest"
+    max_seq_len: int = 2048
+    packing: bool = False
+    shuffle: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_int("data.batch_size", self.batch_size, minimum=1, optional=True)
+        check_int("data.batch_tokens", self.batch_tokens, minimum=1, optional=True)
+        if self.batch_tokens is not None:
+            object.__setattr__(self, "batch_size", None)
+        elif self.batch_size is None:
+            raise ConfigError(
+                "data.batch_size", None, "given when data.batch_tokens is null (rows or tokens a batch)"
+            )
+        check_int("data.batch_sessions", self.batch_sessions, minimum=1, optional=True)
+        check_int("data.batch_supervised_tokens", self.batch_supervised_tokens, minimum=1, optional=True)
+        if self.batch_sessions is not None and self.batch_supervised_tokens is not None:
+            raise ConfigError(
+                "data.batch_supervised_tokens", self.batch_supervised_tokens, "null with data.batch_sessions"
+            )
+        check_choice("data.pad_to", self.pad_to, ("longest", "max_seq_len"))
+        check_bool("data.packing", self.packing)
+        check_bool("data.shuffle", self.shuffle)
+        check_int("data.seed", self.seed)
+
+    @property
+    def width(self) -> int | None:
+        """The width every batch is padded to, or ``None``: its longest row."""
+        return self.max_seq_len if self.pad_to == "max_seq_len" else None
+
+    def sampler(
+        self, train: bool, rows: Rows, sample_sessions: Sequence[int], sample_lengths: Sequence[int],
+        num_replicas: int = 1, rank: int = 0,
+    ) -> RowBatchSampler:  # fmt: skip
+        """The batch sampler of a split's ``rows`` (``train``: shuffled, the training batch sizes, last batches of
+        an uneven share left out; otherwise in order, ghost batches filling the ranks' shares)."""
+        replicas = {"num_replicas": num_replicas, "rank": rank}
+        if train and self.batch_sessions is not None:
+            return SessionGroupBatchSampler(sample_sessions, sample_lengths, self.batch_sessions, self.max_seq_len,
+                                            self.packing, shuffle=self.shuffle, seed=self.seed, drop_last=True,
+                                            **replicas)  # fmt: skip
+        budget = {"batch_size": self.batch_size, "batch_tokens": self.batch_tokens}
+        if train and self.batch_supervised_tokens is not None:
+            budget = {"batch_supervised_tokens": self.batch_supervised_tokens, "supervised": rows.supervised}
+        return RowBatchSampler(rows.lengths, shuffle=self.shuffle and train, seed=self.seed, drop_last=train,
+                               fixed_width=self.width, **budget, **replicas)  # fmt: skip

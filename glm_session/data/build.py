@@ -1,16 +1,17 @@
 """Sessions -> samples through ``datasets.map``, cached on disk: a second run does not tokenize again.
 
+``SampleSpec`` is what decides a session's samples: the tokenizer, the template, the strategy and ``max_seq_len``.
 One row per sample: ``input_ids``, ``labels``, ``turn_ids``, the session's index and its counters. The cache key
-(``samples_fingerprint``) covers the sessions (their content, or the files they come from), the tokenizer model,
-the template, the strategy, ``max_seq_len`` and the source of this package's data code, so that a change to any
-of them builds anew.
+(``SampleSpec.fingerprint``) covers the sessions (their content, or the files they come from), the spec, and the
+source of every module that shapes samples (reading, sessions, templates, strategies, samples, this file, the
+tokenizer), so that a change to any of them builds anew.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import datasets
@@ -51,7 +52,9 @@ SESSION_FEATURES = datasets.Features(
         "answers": datasets.Sequence(datasets.Value("string")),
     }
 )
-_CODE_FILES = ("build.py", "samples.py", "strategy.py", "template.py", "session.py")
+# Every module whose code shapes a sample, from the file's bytes to the sample's ids and labels.
+CODE_FILES = ("data/readers.py", "data/session.py", "data/source.py", "data/template.py", "data/strategy.py",
+              "data/samples.py", "data/build.py", "tokenizer.py")  # fmt: skip
 
 
 def sessions_fingerprint(sessions: list[Session]) -> str:
@@ -65,31 +68,35 @@ def sessions_fingerprint(sessions: list[Session]) -> str:
     return digest.hexdigest()
 
 
-def _code_fingerprint() -> str:
-    here = Path(__file__).parent
-    digest = hashlib.sha256(Path(here.parent / "tokenizer.py").read_bytes())
-    for name in _CODE_FILES:
-        digest.update((here / name).read_bytes())
+def code_fingerprint() -> str:
+    """Hash of the source of every module in ``CODE_FILES``."""
+    package = Path(__file__).parent.parent
+    digest = hashlib.sha256()
+    for name in CODE_FILES:
+        digest.update((package / name).read_bytes())
     return digest.hexdigest()
 
 
-def samples_fingerprint(
-    sessions_key: str,
-    tokenizer: ChatGLM2Tokenizer,
-    template: Template,
-    strategy: Strategy,
-    max_seq_len: int,
-) -> str:
-    """The cache key of the samples of the sessions identified by ``sessions_key``."""
-    key = {
-        "sessions": sessions_key,
-        "tokenizer": tokenizer.fingerprint,
-        "template": asdict(template),
-        "strategy": strategy.name,
-        "max_seq_len": max_seq_len,
-        "code": _code_fingerprint(),
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+@dataclass(frozen=True)
+class SampleSpec:
+    """What decides the samples of a session: tokenizer, template, strategy and the most tokens in a sample."""
+
+    tokenizer: ChatGLM2Tokenizer
+    template: Template
+    strategy: Strategy
+    max_seq_len: int
+
+    def fingerprint(self, sessions_key: str) -> str:
+        """The cache key of the samples of the sessions identified by ``sessions_key``."""
+        key = {
+            "sessions": sessions_key,
+            "tokenizer": self.tokenizer.fingerprint,
+            "template": asdict(self.template),
+            "strategy": self.strategy.name,
+            "max_seq_len": self.max_seq_len,
+            "code": code_fingerprint(),
+        }
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def cache_file(fingerprint: str, cache_dir: str | Path | None = None) -> Path:
@@ -98,25 +105,20 @@ def cache_file(fingerprint: str, cache_dir: str | Path | None = None) -> Path:
 
 def build_samples(
     sessions: list[Session],
-    tokenizer: ChatGLM2Tokenizer,
-    template: Template,
-    strategy: Strategy,
-    max_seq_len: int,
+    spec: SampleSpec,
     cache_dir: str | Path | None = None,
     num_proc: int | None = None,
     fingerprint: str | None = None,
 ) -> datasets.Dataset:
     """The samples of ``sessions`` (a ``datasets.Dataset``, memory-mapped from the cache).
 
-    ``fingerprint``: the cache key, when the caller knows one (``samples_fingerprint`` of the files the sessions
-    come from); by default it is computed from the sessions' content.
+    ``fingerprint``: the cache key, when the caller knows one (``spec.fingerprint`` of the files the sessions come
+    from); by default it is computed from the sessions' content.
     """
     if not sessions and not (fingerprint and cache_file(fingerprint, cache_dir).exists()):
         return datasets.Dataset.from_dict({name: [] for name in FEATURES}, features=FEATURES)
     if fingerprint is None:
-        fingerprint = samples_fingerprint(
-            sessions_fingerprint(sessions), tokenizer, template, strategy, max_seq_len
-        )
+        fingerprint = spec.fingerprint(sessions_fingerprint(sessions))
     path = cache_file(fingerprint, cache_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():  # what map would load, without building its input first
@@ -133,16 +135,11 @@ def build_samples(
         with_indices=True,
         remove_columns=records.column_names,
         features=FEATURES,
-        fn_kwargs={
-            "tokenizer": tokenizer,
-            "template": template,
-            "strategy": strategy,
-            "max_seq_len": max_seq_len,
-        },
+        fn_kwargs={"spec": spec},
         cache_file_name=str(path),
         new_fingerprint=fingerprint,
         num_proc=num_proc,
-        desc=f"Building {strategy.name} samples",
+        desc=f"Building {spec.strategy.name} samples",
     )
 
 
@@ -159,19 +156,12 @@ def session_samples(
     return [build_sample(layout, view) for view in plan.views], plan
 
 
-def _build_batch(
-    batch: dict[str, list],
-    indices: list[int],
-    tokenizer: ChatGLM2Tokenizer,
-    template: Template,
-    strategy: Strategy,
-    max_seq_len: int,
-) -> dict[str, list]:
+def _build_batch(batch: dict[str, list], indices: list[int], spec: SampleSpec) -> dict[str, list]:
     out: dict[str, list] = {name: [] for name in FEATURES}
     for row, session_index in enumerate(indices):
         session = Session.from_record({key: values[row] for key, values in batch.items()})
-        samples, plan = session_samples(session, tokenizer, template, strategy, max_seq_len)
-        windows = len(plan.views) if strategy.name != "split" and len(plan.views) > 1 else 0
+        samples, plan = session_samples(session, spec.tokenizer, spec.template, spec.strategy, spec.max_seq_len)
+        windows = len(plan.views) if spec.strategy.name != "split" and len(plan.views) > 1 else 0
         for number, (view, sample) in enumerate(zip(plan.views, samples, strict=True)):
             out["input_ids"].append(sample.input_ids)
             out["labels"].append(sample.labels)

@@ -1,8 +1,32 @@
-"""First-fit-decreasing packing of samples into rows of at most ``capacity`` tokens."""
+"""Samples -> rows: one sample a row, or first-fit-decreasing packing of samples into rows of at most ``capacity``
+tokens."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The rows of one split: the sample indices of every row, its tokens and its trained tokens."""
+
+    samples: list[list[int]]
+    lengths: list[int]
+    supervised: list[int]
+
+
+def make_rows(lengths: Sequence[int], supervised: Sequence[int], capacity: int, packing: bool) -> Rows:
+    """Rows of the samples with ``lengths`` tokens (``supervised`` of them trained); empty samples are left out."""
+    nonempty = [i for i, n in enumerate(lengths) if n > 0]
+    if packing:
+        packed = pack_first_fit_decreasing([lengths[i] for i in nonempty], capacity)
+        rows = [[nonempty[j] for j in row] for row in packed]
+    else:
+        rows = [[i] for i in nonempty]
+    return Rows(
+        rows, [sum(lengths[i] for i in row) for row in rows], [sum(supervised[i] for i in row) for row in rows]
+    )
 
 
 def pack_first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:

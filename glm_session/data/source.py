@@ -1,0 +1,145 @@
+"""Where the sessions come from: the files, how they are read, and how they are split into train, validation and test.
+
+``DialogueSource`` reads each split once (``readers.read_sessions``) and keys what it reads (``key``: the files'
+bytes and the settings), so that the samples built from it are cached under that key, and keeps a summary of each
+read (sessions, turns, skipped records) beside the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from glm_session.data.readers import ReadResult, read_sessions
+from glm_session.data.session import ROLES
+from glm_session.errors import ConfigError, check_bool, check_choice, check_fraction, check_int
+
+SPLITS = ("train", "validation", "test")
+SKIPS_KEPT = 20  # skipped records whose messages the summary keeps
+
+
+class DialogueSource:
+    """The sessions of every split.
+
+    Args:
+        train_path, validation_path, test_path: one file per split.
+        path: one file whose sessions are all used, in file order (the split files are then not used); ``holdout``
+            moves a deterministic share of them (by a hash of the session id) to validation and test, e.g.
+            ``{"validation": 0.05, "test": 0.05}``.
+        format, role_map, on_error, drop_trailing_question: how files are read (``readers.read_sessions``).
+        limit: the first ``limit`` sessions of each file.
+    """
+
+    def __init__(
+        self,
+        train_path: str | None = None,
+        validation_path: str | None = None,
+        test_path: str | None = None,
+        path: str | None = None,
+        holdout: Mapping[str, float] | None = None,
+        format: str = "auto",
+        role_map: Mapping[str, str] | None = None,
+        on_error: str = "raise",
+        drop_trailing_question: bool = False,
+        limit: int | None = None,
+    ) -> None:
+        self.files = {"train": train_path, "validation": validation_path, "test": test_path}
+        self.path, self.holdout = path, _check_holdout(holdout)
+        self.read_options = {
+            "format": check_choice("data.format", format, ("auto", "sharegpt", "openai", "chatglm")),
+            "role_map": _check_role_map(role_map),
+            "on_error": check_choice("data.on_error", on_error, ("raise", "skip")),
+            "limit": check_int("data.limit", limit, minimum=1, optional=True),
+            "drop_trailing_question": check_bool("data.drop_trailing_question", drop_trailing_question),
+        }
+        self._reads: dict[str, ReadResult] = {}
+
+    def read(self, split: str) -> ReadResult:
+        """The sessions of ``split`` (``train``, ``validation``, ``test``, or ``all`` of them)."""
+        if split == "all":
+            parts = [self.read(s) for s in SPLITS]
+            return ReadResult([x for p in parts for x in p.sessions], [x for p in parts for x in p.skipped])
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)} or all")
+        if split not in self._reads:
+            if self.path is not None:
+                self._reads.update(self._split_by_holdout(read_sessions(self.path, **self.read_options)))
+            else:
+                path = self.files[split]
+                self._reads[split] = read_sessions(path, **self.read_options) if path else ReadResult()
+        return self._reads[split]
+
+    def _split_by_holdout(self, result: ReadResult) -> dict[str, ReadResult]:
+        splits = {name: ReadResult() for name in SPLITS}
+        splits["train"].skipped = result.skipped
+        validation, test = self.holdout.get("validation", 0.0), self.holdout.get("test", 0.0)
+        for session in result.sessions:
+            u = int(hashlib.sha256(session.id.encode()).hexdigest()[:8], 16) / 2**32
+            name = "validation" if u < validation else "test" if u < validation + test else "train"
+            splits[name].sessions.append(session)
+        return splits
+
+    def key(self) -> str:
+        """Hash of the input files' bytes and of how they are read and split."""
+        digest = hashlib.sha256()
+        paths = [self.path] if self.path is not None else [p for p in self.files.values() if p]
+        for path in paths:
+            file = Path(path)
+            digest.update(str(file.resolve()).encode())
+            digest.update(hashlib.sha256(file.read_bytes()).digest() if file.is_file() else b"missing")
+        settings = {"files": self.files, "path": self.path, "holdout": self.holdout, "read": self.read_options}
+        digest.update(json.dumps(settings, sort_keys=True).encode())
+        return digest.hexdigest()[:32]
+
+    def describe(self, split: str) -> str:
+        """The file ``split`` comes from, as an error message names it."""
+        if self.path is None:
+            return str(self.files.get(split))
+        return (
+            self.path if split == "train" else f"{self.path} (data.holdout.{split}={self.holdout.get(split, 0.0)})"
+        )
+
+    def summary(self, split: str, cache_dir: Path) -> dict[str, Any]:
+        """What reading ``split`` found (from the cache when the same files were read before)."""
+        path = cache_dir / f"read-{self.key()}-{split}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        read = self.read(split)
+        summary = {
+            "sessions": len(read.sessions),
+            "turns": sum(len(s.turns) for s in read.sessions),
+            "skipped_records": len(read.skipped),
+            "skipped": [str(e) for e in read.skipped[:SKIPS_KEPT]],
+            "dropped_trailing_questions": read.dropped_trailing_questions,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        temporary.write_text(json.dumps(summary, ensure_ascii=False, indent=1))
+        temporary.replace(path)  # whole or absent: runs side by side read it while another writes it
+        return summary
+
+
+def _check_holdout(holdout: Mapping[str, float] | None) -> dict[str, float]:
+    if holdout is not None and not isinstance(holdout, Mapping):
+        raise ConfigError("data.holdout", holdout, "null or a mapping like {validation: 0.05, test: 0.05}")
+    holdout = dict(holdout or {})
+    for name, fraction in holdout.items():
+        if name not in ("validation", "test"):
+            raise ConfigError(f"data.holdout.{name}", fraction, "left out: holdout takes validation and test")
+        check_fraction(f"data.holdout.{name}", fraction)
+    if sum(holdout.values()) >= 1:
+        raise ConfigError("data.holdout", holdout, "fractions whose sum is below 1 (some sessions must train)")
+    return holdout
+
+
+def _check_role_map(role_map: Mapping[str, str] | None) -> dict[str, str]:
+    if role_map is not None and not isinstance(role_map, Mapping):
+        raise ConfigError("data.role_map", role_map, "null or a mapping like {client: user, counselor: assistant}")
+    role_map = dict(role_map or {})
+    for name, role in role_map.items():
+        check_choice(f"data.role_map.{name}", role, ROLES)
+    return role_map
