@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources
 import inspect
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +15,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from glm_session.errors import ConfigError, UserError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+def _config_dir() -> Path:
+    """``conf/``: the installed package ``glm_session.conf`` (a wheel carries it), or the repository's folder."""
+    try:
+        return Path(str(importlib.resources.files("glm_session.conf")))
+    except ModuleNotFoundError:  # a source checkout that is not installed
+        return Path(__file__).resolve().parent.parent / "conf"
+
+
+CONFIG_DIR = _config_dir()
 RESOURCES_DIR = Path(__file__).resolve().parent / "resources"
 
 

@@ -16,7 +16,8 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from glm_session.checkpoints import check_resumable
@@ -72,7 +73,8 @@ def run_info_of(cfg: DictConfig, datamodule: Any) -> RunInfo:
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit the model of ``cfg`` on its data; return the run's metrics and the objects that produced them."""
-    sharded = str(OmegaConf.select(cfg, "trainer.strategy._target_", default="")).endswith("FSDP2Strategy")
+    strategy_target = OmegaConf.select(cfg, "trainer.strategy._target_", default=None)
+    sharded = strategy_target is not None and issubclass(get_class(strategy_target), ModelParallelStrategy)
     evaluation = OmegaConf.select(cfg, "evaluate.enabled", default=False)
     if sharded and evaluation:
         raise ConfigError(
@@ -110,15 +112,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     run_metrics = RunMetrics(
         path=str(output_dir / "metrics.json"),
         warmup_batches=cfg.metrics.warmup_batches,
-        extra={
-            "strategy": datamodule.strategy.name,
-            "reduction": cfg.loss.reduction,
-            "template": datamodule.template.name,
-            "packing": datamodule.packing,
-            "model": cfg.model.preset,
-            "seed": cfg.seed,
-            "data": stats["train"],
-        },
+        extra={"run_info": module.run_info.to_dict(), "data": stats["train"]},
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + [run_metrics]
     trainer: L.Trainer = instantiate(
@@ -130,7 +124,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     metrics = dict(run_metrics.metrics)
     if generation is not None and trainer.is_global_zero:
-        from glm_session.evaluate import evaluate_model
+        from glm_session.evaluation.evaluator import evaluate_model
 
         # Lightning's teardown has moved the model back to the CPU: generate on the training device.
         module.model.to(trainer.strategy.root_device)

@@ -11,7 +11,8 @@ from glm_session.config import RESOURCES_DIR, compose_config
 from glm_session.data import CHATGLM2, Session, Turn
 from glm_session.data.readers import read_sessions
 from glm_session.data.samples import SegmentEncoder
-from glm_session.evaluate import evaluate, sample_sessions
+from glm_session.evaluate import evaluate
+from glm_session.evaluation.evaluator import sample_sessions
 from glm_session.evaluation.generation import build_prompts, generate_answers
 from glm_session.evaluation.official import official_scores, pair_scores
 from glm_session.evaluation.rouge import RougeByTurn

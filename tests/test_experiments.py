@@ -47,7 +47,7 @@ def test_experiment_runs_one_step(experiment, tmp_path, cache_dir):
     cfg = compose_config("train", [*FAST, *chosen, f"output_dir={tmp_path}", f"data.cache_dir={cache_dir}"])
     metrics, objects = train(cfg)
     assert objects["trainer"].global_step == 1
-    assert metrics["strategy"] == objects["datamodule"].strategy.name
+    assert metrics["run_info"]["strategy"] == objects["datamodule"].strategy.name
     assert len(metrics["val_loss_by_epoch"]) == 1 and metrics["val_loss_by_turn"]
     for name in ("metrics.json", "data_stats.json", "config.yaml"):
         assert (Path(tmp_path) / name).is_file()

@@ -22,10 +22,9 @@ from glm_session.checkpoints import check_init_from, initial_state, load_weights
 from glm_session.errors import UserError, check_int
 from glm_session.model.loss import REDUCTIONS, chunked_token_losses, denominator, reduce, token_losses
 from glm_session.model.presets import chatglm2_config, padded_vocab_size
+from glm_session.model.turn_losses import TurnLossMeter, summarise
 from glm_session.run_info import RunInfo
 from glm_session.supervision import LossWeights, supervised
-
-MAX_TURNS = 64  # turn indices above this are logged together with it
 
 
 class NonFiniteError(UserError):
@@ -85,14 +84,8 @@ class ChatGLM2Module(L.LightningModule):
         # Step accumulators: numerator and (tokens, samples, turns) of the micro-batches since the last step.
         self.register_buffer("_step_numerator", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("_step_counts", torch.zeros(3, dtype=torch.float64), persistent=False)
-        # Per-turn token-loss sums and counts (index = turn, capped at MAX_TURNS), for train and validation.
-        for split in ("train", "val"):
-            self.register_buffer(
-                f"_{split}_turn_sum", torch.zeros(MAX_TURNS + 1, dtype=torch.float64), persistent=False
-            )
-            self.register_buffer(
-                f"_{split}_turn_count", torch.zeros(MAX_TURNS + 1, dtype=torch.float64), persistent=False
-            )
+        # Per-turn token-loss sums and counts, for train and validation.
+        self.train_turn_losses, self.val_turn_losses = TurnLossMeter(), TurnLossMeter()
         # One entry per epoch and split: {"epoch", "step", "split", "loss", "loss_by_turn", "tokens"}.
         self.history: list[dict[str, Any]] = []
         self.run_info = replace(run_info, model_config=config.to_dict()) if run_info is not None else None
@@ -120,7 +113,7 @@ class ChatGLM2Module(L.LightningModule):
             return
         mesh = getattr(self, "_device_mesh", None)
         if mesh is not None:  # FSDP2: on the meta device, sharded per decoder layer, then materialised
-            from glm_session.training.fsdp import load_full_weights, shard_model
+            from glm_session.model.sharding import load_full_weights, shard_model
 
             strategy = self.trainer.strategy
             with torch.device("meta"):
@@ -177,7 +170,7 @@ class ChatGLM2Module(L.LightningModule):
         )
         self._step_numerator += terms.numerator.detach()
         self._step_counts += terms.counts
-        self._add_turn_losses("train", terms.losses, terms.mask, terms.turns)
+        self.train_turn_losses.add(terms.losses, terms.mask, terms.turns)
         return terms.numerator
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -232,38 +225,30 @@ class ChatGLM2Module(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         losses = self.token_losses(batch)  # (B, T-1), 0 where not trained
-        self._add_turn_losses("val", losses, supervised(batch["labels"]), batch["turn_ids"][:, 1:])
+        self.val_turn_losses.add(losses, supervised(batch["labels"]), batch["turn_ids"][:, 1:])
 
     def on_validation_epoch_end(self) -> None:
         self._log_turn_losses("val")
 
     # per-turn losses -----------------------------------------------------------------------------
 
-    def _add_turn_losses(self, split: str, losses: torch.Tensor, mask: torch.Tensor, turns: torch.Tensor) -> None:
-        """Add the losses (B, T-1) of the trained positions (``mask``) to their turn's sum and count, on the
-        device (no synchronisation)."""
-        index = turns.flatten().clamp(max=MAX_TURNS)
-        getattr(self, f"_{split}_turn_sum").index_add_(0, index, (losses.detach() * mask).flatten().double())
-        getattr(self, f"_{split}_turn_count").index_add_(0, index, mask.flatten().double())
-
     def _log_turn_losses(self, split: str) -> None:
         """Log ``{split}/loss`` (token mean) and ``{split}/loss_turn_k`` over the epoch, on all devices."""
-        sums = self.trainer.strategy.reduce(getattr(self, f"_{split}_turn_sum").clone(), reduce_op="sum")
-        counts = self.trainer.strategy.reduce(getattr(self, f"_{split}_turn_count").clone(), reduce_op="sum")
-        getattr(self, f"_{split}_turn_sum").zero_()
-        getattr(self, f"_{split}_turn_count").zero_()
+        meter = getattr(self, f"{split}_turn_losses")
+        sums = self.trainer.strategy.reduce(meter.sums.clone(), reduce_op="sum")
+        counts = self.trainer.strategy.reduce(meter.counts.clone(), reduce_op="sum")
+        meter.reset()
         if counts.sum() == 0:
             return
-        by_turn = {int(k): (sums[k] / counts[k]).item() for k in torch.nonzero(counts).flatten()}
-        mean = (sums.sum() / counts.sum()).item()
+        summary = summarise(sums, counts)
         if not self.trainer.sanity_checking:
             self.history.append(
-                {"epoch": self.current_epoch, "step": self.global_step, "split": split, "loss": mean,
-                 "loss_by_turn": by_turn, "tokens": int(counts.sum().item())}
+                {"epoch": self.current_epoch, "step": self.global_step, "split": split, "loss": summary["loss"],
+                 "loss_by_turn": summary["loss_by_turn"], "tokens": summary["tokens"]}
             )  # fmt: skip
         if split == "val":  # the training loss per step is logged by on_before_optimizer_step
-            self.log("val/loss", mean, prog_bar=True, sync_dist=True, batch_size=1)
-        for turn, value in by_turn.items():
+            self.log("val/loss", summary["loss"], prog_bar=True, sync_dist=True, batch_size=1)
+        for turn, value in summary["loss_by_turn"].items():
             self.log(f"{split}/loss_turn_{turn}", value, sync_dist=True, batch_size=1)  # already global: kept
 
     # optimizer -----------------------------------------------------------------------------------
@@ -290,9 +275,10 @@ class ChatGLM2Module(L.LightningModule):
                 )
         checkpoint["loss_history"] = self.history
         # The epoch's per-turn training loss so far (all devices), so that a resumed epoch reports all its batches.
+        meter = self.train_turn_losses
         checkpoint["train_turn_losses"] = [
-            self.trainer.strategy.reduce(getattr(self, f"_train_turn_{kind}").clone(), reduce_op="sum").cpu()
-            for kind in ("sum", "count")
+            self.trainer.strategy.reduce(buffer.clone(), reduce_op="sum").cpu()
+            for buffer in (meter.sums, meter.counts)
         ]
         info = self.run_info.to_dict() if self.run_info is not None else {"model_config": self.config.to_dict()}
         checkpoint["glm_session"] = info
@@ -301,8 +287,8 @@ class ChatGLM2Module(L.LightningModule):
         self.history = list(checkpoint.get("loss_history", []))
         saved = checkpoint.get("train_turn_losses")
         if saved is not None and (self._trainer is None or self.trainer.is_global_zero):  # others start from 0
-            self._train_turn_sum.copy_(saved[0])
-            self._train_turn_count.copy_(saved[1])
+            self.train_turn_losses.sums.copy_(saved[0])
+            self.train_turn_losses.counts.copy_(saved[1])
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write the model as a Hugging Face folder (config.json + model.safetensors)."""
