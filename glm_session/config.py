@@ -35,22 +35,17 @@ def _precision() -> str:
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
 
 
+def run_folder(checkpoint: str) -> Path:
+    """The run folder of a checkpoint (``<run>/checkpoints/last.ckpt`` -> ``<run>``), else the checkpoint's folder."""
+    path = Path(checkpoint)
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
 if not OmegaConf.has_resolver("glm_session.resources"):
     OmegaConf.register_new_resolver("glm_session.resources", lambda: str(RESOURCES_DIR))
     OmegaConf.register_new_resolver("glm_session.precision", _precision)
-
-
-# Overrides of a throughput measurement (experiments/bench, experiments/scale): training steps only, no validation,
-# checkpoints, loggers or progress bar; the run stops at trainer.max_steps.
-TRAINING_ONLY = [
-    "trainer.limit_val_batches=0",
-    "trainer.max_epochs=-1",
-    "trainer.limit_train_batches=1.0",
-    "trainer.enable_checkpointing=false",
-    "trainer.enable_progress_bar=false",
-    "~callbacks",
-    "~logger",
-]
+    OmegaConf.register_new_resolver("glm_session.run_name", lambda experiment, strategy: experiment or strategy)
+    OmegaConf.register_new_resolver("glm_session.run_folder", lambda checkpoint: str(run_folder(checkpoint)))
 
 
 def compose_config(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:

@@ -31,15 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def _loggers(cfg: DictConfig) -> list:
-    loggers = []
-    for name, logger_cfg in (cfg.get("logger") or {}).items():
-        try:
-            loggers.append(instantiate(logger_cfg))
-        except Exception as err:  # e.g. TensorBoard not installed
-            if not isinstance(err, ImportError) and not isinstance(getattr(err, "__cause__", None), ImportError):
-                raise
-            log.info("logger %s not used: %s", name, err)
-    return loggers
+    return [instantiate(logger) for logger in (cfg.get("logger") or {}).values() if logger is not None]
 
 
 def _experiment_name() -> str | None:
@@ -58,7 +50,7 @@ def run_info_of(cfg: DictConfig, datamodule: Any) -> RunInfo:
     return RunInfo(
         template=datamodule.template.name,
         strategy=datamodule.strategy.name,
-        reduction=cfg.loss.reduction,
+        reduction=cfg.model.reduction,
         tokenizer_fingerprint=datamodule.tokenizer.fingerprint,
         tokenizer_path=str(Path(tokenizer_path).resolve()) if tokenizer_path else None,
         max_seq_len=datamodule.max_seq_len,
@@ -104,7 +96,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         tokenizer_size=len(datamodule.tokenizer),
         optimizer=instantiate(cfg.optimizer),
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        reduction=cfg.loss.reduction,
         run_info=run_info_of(cfg, datamodule),
     )
     if cfg.get("ckpt_path"):
@@ -144,8 +135,23 @@ def hydra_app(cfg: DictConfig) -> float | None:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "failed.txt").write_text(traceback.format_exc())
         raise
+    print(summary_lines(cfg.output_dir, metrics), flush=True)
     losses = metrics.get("val_loss_by_epoch") or [None]
     return losses[-1]  # for sweepers that optimise
+
+
+def summary_lines(output_dir: str, metrics: dict[str, Any]) -> str:
+    """What a run ends with: its folder and headline figures."""
+    losses = ", ".join(f"{loss:.3f}" for loss in metrics.get("val_loss_by_epoch", []))
+    lines = [f"run folder: {output_dir}", f"validation loss by epoch: {losses or 'none'}"]
+    if metrics.get("tokens_per_second"):
+        lines.append(f"tokens/s: {metrics['tokens_per_second']:,.0f} ({metrics['supervised_tokens_per_second']:,.0f} "
+                     f"answer tokens/s), {metrics['global_steps']} optimizer steps")  # fmt: skip
+    if "evaluation" in metrics:
+        lines.append(
+            "evaluation ROUGE-1/2/L: " + " / ".join(f"{v:.2f}" for v in metrics["evaluation"]["rouge"].values())
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:

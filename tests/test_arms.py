@@ -65,15 +65,15 @@ def val_curve(tmp_path, cache_dir, name: str, *overrides: str) -> list[float]:
 @pytest.mark.slow
 def test_split_grouped_trains_like_session_under_matched_reductions(tmp_path, cache_dir):
     """DESIGN Invariant 2 at run scale (fp32): the whole validation curve agrees."""
-    session_token = val_curve(tmp_path, cache_dir, "a", "strategy=session", "loss=token")
-    split_token = val_curve(tmp_path, cache_dir, "b", "strategy=split", "loss=token")
+    session_token = val_curve(tmp_path, cache_dir, "a", "strategy=session", "model.reduction=token")
+    split_token = val_curve(tmp_path, cache_dir, "b", "strategy=split", "model.reduction=token")
     assert len(session_token) == 3
     assert max(abs(a - b) for a, b in zip(session_token, split_token, strict=True)) < 1e-5
-    session_turn = val_curve(tmp_path, cache_dir, "c", "strategy=session", "loss=turn")
-    split_sample = val_curve(tmp_path, cache_dir, "d", "strategy=split", "loss=sample")
+    session_turn = val_curve(tmp_path, cache_dir, "c", "strategy=session", "model.reduction=turn")
+    split_sample = val_curve(tmp_path, cache_dir, "d", "strategy=split", "model.reduction=sample")
     assert max(abs(a - b) for a, b in zip(session_turn, split_sample, strict=True)) < 1e-5
     # The check can fail: another reduction, or other sessions in a step, train otherwise.
     assert max(abs(a - b) for a, b in zip(session_token, session_turn, strict=True)) > 1e-4
-    shuffled = val_curve(tmp_path, cache_dir, "e", "strategy=split", "loss=token", "data.batch_sessions=null",
+    shuffled = val_curve(tmp_path, cache_dir, "e", "strategy=split", "model.reduction=token", "data.batch_sessions=null",
                          "data.batch_supervised_tokens=1500")  # fmt: skip
     assert max(abs(a - b) for a, b in zip(session_token, shuffled, strict=True)) > 1e-4

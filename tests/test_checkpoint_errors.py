@@ -115,7 +115,7 @@ def test_the_command_line_says_it_in_one_line(run, tmp_path):
 
 def test_resuming_another_run_is_refused_unless_allowed(run, tmp_path, cache_dir):
     last = run / "checkpoints" / "last.ckpt"
-    changed = ["strategy=split", "loss=turn", "data.packing=false"]
+    changed = ["strategy=split", "model.reduction=turn", "data.packing=false"]
     cfg = compose_config("train", [*FAST, *changed, f"ckpt_path={last}", f"output_dir={tmp_path / 'a'}",
                                    f"data.cache_dir={cache_dir}"])  # fmt: skip
     with pytest.raises(CheckpointError) as err:

@@ -9,6 +9,7 @@ import glm_session.data.build as build
 from glm_session.config import RESOURCES_DIR
 from glm_session.data import DialogueDataModule
 from glm_session.data.__main__ import main as data_main
+from glm_session.data.__main__ import show
 from glm_session.data.collator import ROW_FIELDS
 
 KDCONV = {split: str(RESOURCES_DIR / f"kdconv/{split}.jsonl") for split in ("train", "validation", "test")}
@@ -179,3 +180,17 @@ def test_long_sessions_cut_into_windows_are_reported_with_what_split_would_cost(
     assert session["window_tokens"] > 0.5 * session["window_split_tokens"]
     whole = data("session", 4096)
     assert whole.statistics("train")["windows"] == 0 and whole.pipeline.window_warning("train") is None
+
+
+def test_show_prints_a_sample_as_the_model_sees_it(tokenizer, tmp_path):
+    path = tmp_path / "three.jsonl"
+    messages = [{"role": r, "content": c} for q, a in (("你好", "你好！"), ("你知道", "知道呀"), ("谢谢", "不客气"))
+                for r, c in (("user", q), ("assistant", a))]  # fmt: skip
+    path.write_text(json.dumps({"id": "s0", "messages": messages}, ensure_ascii=False) + "\n")
+    data = DialogueDataModule(tokenizer, path=str(path), cache_dir=str(tmp_path))
+    shown = show(data, "train", 0, color=False)  # trained: 2 + 1 + 1 answer tokens and 3 stops
+    assert shown == (
+        "train sample 0 of 1: session 0, session samples, template chatglm2, 53 tokens, 7 trained\n"
+        "[gMASK]sop[Round 1]\n\n问：你好\n\n答：[[你好！]][[</s>]]\n\n[Round 2]\n\n问：你知道\n\n答：[[知道呀]][[</s>]]"
+        "\n\n[Round 3]\n\n问：谢谢\n\n答：[[不客气</s>]]"
+    )

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from glm_session.config import TRAINING_ONLY, compose_config
+from glm_session.config import compose_config
 from glm_session.train import train
 
 CONFIGURATIONS = {
@@ -60,7 +60,7 @@ def profiler_overrides(path: Path) -> list[str]:
 
 
 def run_one(name: str, overrides: list[str], runs: Path) -> dict:
-    cfg = compose_config("train", [*TRAINING_ONLY, *overrides, f"output_dir={runs / name}"])
+    cfg = compose_config("train", ["profile=throughput", *overrides, f"output_dir={runs / name}"])
     started = time.perf_counter()
     metrics, _ = train(cfg)
     data = metrics["data"]

@@ -23,15 +23,13 @@ from pathlib import Path
 
 import torch
 
-from glm_session.config import TRAINING_ONLY
-
 SCALE = [
     "trainer=fsdp",
     "model=chatglm2-6b",
     "strategy=session",
     "data.packing=true",
     "data.max_seq_len=2048",
-    *TRAINING_ONLY,
+    "profile=throughput",
 ]
 
 

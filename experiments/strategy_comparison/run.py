@@ -79,7 +79,7 @@ def grid(sweep: str) -> list[dict[str, str]]:
 
 def arm_of(params: dict[str, str]) -> str:
     """``smile_session+token``: the experiment's name and the reduction."""
-    return f"{params['experiment'].removeprefix('comparison/')}+{params.get('loss', 'token')}"
+    return f"{params['experiment'].removeprefix('comparison/')}+{params.get('model.reduction', 'token')}"
 
 
 def train_command(params: dict[str, str], directory: Path, extra: list[str]) -> list[str]:
@@ -140,9 +140,10 @@ def plan(root: Path, only: str | None, extra: list[str], data_extra: list[str]) 
                 continue  # split+turn is split+sample (one turn a sample); the pairs need the token and turn floors
             # The pairs that Invariant 2 makes equal: split+token = session+token, split+sample = session+turn
             # (and split+turn = split+sample: a split sample trains one turn): each at that session run's rate.
-            session = "smile_session+" + {"token": "token", "sample": "turn", "turn": "turn"}[params["loss"]]
+            reduction = params["model.reduction"]
+            session = "smile_session+" + {"token": "token", "sample": "turn", "turn": "turn"}[reduction]
             if arm.startswith("smile_session_unpacked+"):
-                session = "smile_session+" + params["loss"]
+                session = "smile_session+" + reduction
             name = f"matched/{arm}_seed0"
             sweep_jobs = [j.name for j in jobs if j.name.startswith(f"lr/{session}_lr")]
             jobs.append(Job(name, train_command(params, root / name, extra), priority=15 if "token" in arm else 22,

@@ -41,10 +41,10 @@ class ChatGLM2Module(L.LightningModule):
 
     Args:
         config: the model's ``GlmConfig`` (see ``glm_session.model.presets``).
-        optimizer: a partial taking the parameter groups (e.g. ``torch.optim.AdamW`` with lr).
+        optimizer: a partial taking the parameter groups (e.g. ``torch.optim.AdamW`` with lr and weight decay,
+            which biases and norm weights do not get).
         scheduler: a partial taking the optimizer and ``num_training_steps``; stepped every optimizer step.
         reduction: ``token``, ``sample``, ``turn`` or ``sum`` (see ``loss.py``).
-        weight_decay: AdamW decay of the matrices (biases and norm weights get none).
         init_from: initial weights instead of a random init: a converted or exported Hugging Face folder, a
             glm_session run's single-file checkpoint (``*.ckpt``), or ``hf://<id>`` for the Hugging Face Hub.
         attn_implementation: ``sdpa``, ``eager`` or ``flex_attention``.
@@ -64,7 +64,6 @@ class ChatGLM2Module(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
         reduction: str = "token",
-        weight_decay: float = 0.0,
         init_from: str | None = None,
         attn_implementation: str = "sdpa",
         compile_layers: bool = False,
@@ -76,7 +75,7 @@ class ChatGLM2Module(L.LightningModule):
             raise ValueError(f"unknown loss reduction {reduction!r}: choose one of {', '.join(REDUCTIONS)}")
         self.config, self.reduction = config, reduction
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.weight_decay, self.init_from = weight_decay, check_init_from(init_from)
+        self.init_from = check_init_from(init_from)
         self.compile_layers = compile_layers
         self.loss_chunk_tokens = check_int("model.loss_chunk_tokens", loss_chunk_tokens, minimum=1, optional=True)
         self.config._attn_implementation = attn_implementation
@@ -258,7 +257,7 @@ class ChatGLM2Module(L.LightningModule):
         for parameter in self.parameters():
             if parameter.requires_grad:
                 (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]  # decay: the optimizer's own
         optimizer = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
             return {"optimizer": optimizer}
