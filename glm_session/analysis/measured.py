@@ -13,8 +13,8 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
-from glm_session.constants import IGNORE_INDEX
 from glm_session.model.loss import loss_terms, reduce_loss, token_losses
+from glm_session.supervision import supervised
 
 
 def _flat_grad(loss: torch.Tensor, parameters: Sequence[torch.nn.Parameter]) -> torch.Tensor:
@@ -50,7 +50,7 @@ def measured_weights(
     step_gradient = _flat_grad(reduce_loss([terms], reduction), parameters).double()
 
     losses = token_losses(logits, batch["labels"])  # (B, T-1)
-    mask = batch["labels"][:, 1:] != IGNORE_INDEX
+    mask = supervised(batch["labels"])
     if keys is None:
         session, turn = batch["session_index"][:, 1:], batch["turn_ids"][:, 1:]
         key_of = {}
