@@ -106,12 +106,11 @@ class Losses:
 
 
 def summarise(values: list[float]) -> dict:
+    """Mean, std and a 95% bootstrap interval over the seeds' values."""
     array = np.array(values)
-    return {
-        "mean": float(array.mean()),
-        "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0,
-        "n": len(array),
-    }
+    means = np.random.default_rng(1).choice(array, size=(RESAMPLES, len(array))).mean(axis=1)
+    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0, "n": len(array),
+            "ci95": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]}  # fmt: skip
 
 
 def bootstrap(
@@ -257,7 +256,8 @@ def corpus_results(data: dict, corpus: str, rng: np.random.Generator) -> dict:
 
     for name, run in sorted(bases.items()):
         sums, counts = losses.arrays(run)
-        result["baselines"][f"base_model_{name.removeprefix(corpus + '_')}"] = {
+        seed = name.removeprefix(corpus + "_")  # the base pretrained with seed 0 is every seed-0 run's start
+        result["baselines"]["base_model" if seed == "seed0" else f"base_model_{seed}"] = {
             "test_answer_loss": float(sums.sum() / counts.sum()),
             "test_answer_loss_by_turn": {
                 w: float(s.sum() / c.sum()) for w in BUCKETS for s, c in [losses.arrays(run, w)] if c.sum() > 0
