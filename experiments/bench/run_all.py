@@ -12,7 +12,7 @@ On a host of 2 GPUs, three lanes (each step a subprocess with its own time limit
 - then both GPUs: ``fsdp_step.py`` (plain FSDP2, 6B shape) and ``experiments/scale/run.py`` (the project's
   ``trainer=fsdp``, chatglm2-6b) on 2 GPUs.
 
-It writes ``OUT/bench.json`` (the project's runs, the yardsticks, and ``ratios``: ``session_packing_over_reference_best``
+It writes ``OUT/results.json`` (the project's runs, the yardsticks, and ``ratios``: ``session_packing_over_reference_best``
 in tokens/s, ``session_packing_answer_over_trl`` in answer tokens/s, ``mfu_session_packing``,
 ``small_session_packing_tokens_per_second``) and ``OUT/scale.json`` (each GPU count with ``over_baseline``: tokens/s
 per GPU over ``fsdp_step.py``'s).
@@ -124,7 +124,7 @@ def summarise(out: Path) -> None:
         "best_session_packing": best["name"] if best else None,
         "reference_best_variant": ref_best["variant"] if ref_best else None,
     }  # fmt: skip
-    (out / "bench.json").write_text(json.dumps({"ratios": ratios, "project_1b": one_b, "project_small": small,
+    (out / "results.json").write_text(json.dumps({"ratios": ratios, "project_1b": one_b, "project_small": small,
                                                 "reference_step": reference, "trl_peer": trl}, indent=1) + "\n")  # fmt: skip
     fsdp_log = out / "logs" / "fsdp_step.log"
     lines = (
