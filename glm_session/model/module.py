@@ -19,7 +19,7 @@ import torch
 from transformers import GlmConfig, GlmForCausalLM
 
 from glm_session.checkpoints import check_init_from, initial_state, load_weights_into
-from glm_session.errors import UserError, check_int
+from glm_session.errors import ConfigError, UserError, check_choice, check_int
 from glm_session.model.loss import REDUCTIONS, chunked_token_losses, denominator, reduce, token_losses
 from glm_session.model.presets import chatglm2_config, padded_vocab_size
 from glm_session.model.turn_losses import TurnLossMeter, summarise
@@ -71,9 +71,7 @@ class ChatGLM2Module(L.LightningModule):
         loss_chunk_tokens: int | None = None,
     ) -> None:
         super().__init__()
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"unknown loss reduction {reduction!r}: choose one of {', '.join(REDUCTIONS)}")
-        self.config, self.reduction = config, reduction
+        self.config, self.reduction = config, check_choice("model.reduction", reduction, REDUCTIONS)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.init_from = check_init_from(init_from)
         self.compile_layers = compile_layers
@@ -102,7 +100,7 @@ class ChatGLM2Module(L.LightningModule):
         """The module of a ``presets.PRESETS`` model; the vocabulary defaults to the tokenizer's, padded to 64."""
         vocab_size = vocab_size or padded_vocab_size(tokenizer_size)
         if vocab_size < tokenizer_size:
-            raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer ({tokenizer_size} tokens)")
+            raise ConfigError("model.vocab_size", vocab_size, f"at least the tokenizer's {tokenizer_size} tokens")
         config = chatglm2_config(preset, vocab_size=vocab_size, **dict(config_overrides or {}))
         return cls(config=config, optimizer=optimizer, **kwargs)
 
