@@ -63,8 +63,9 @@ def run_info_of(cfg: DictConfig, datamodule: Any) -> RunInfo:
     )
 
 
-def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Fit the model of ``cfg`` on its data; return the run's metrics and the objects that produced them."""
+def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fit the model of ``cfg`` on its data; return the run's metrics and the objects that produced them.
+    ``extra_callbacks`` join the config's (e.g. a benchmark's profiler)."""
     strategy_target = OmegaConf.select(cfg, "trainer.strategy._target_", default=None)
     sharded = strategy_target is not None and issubclass(get_class(strategy_target), ModelParallelStrategy)
     evaluation = OmegaConf.select(cfg, "evaluate.enabled", default=False)
@@ -105,7 +106,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         warmup_batches=cfg.metrics.warmup_batches,
         extra={"run_info": module.run_info.to_dict(), "data": stats["train"]},
     )
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + [run_metrics]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + [
+        run_metrics,
+        *extra_callbacks,
+    ]
     trainer: L.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=_loggers(cfg), plugins=[AtomicCheckpointIO()]
     )

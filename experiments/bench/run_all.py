@@ -1,21 +1,27 @@
 """Every speed figure of issue 13 in one GPU call, beside the yardsticks measured in the same call.
 
-    python experiments/bench/run_all.py --out OUT --baselines DIR [--budget 540]
+    python experiments/bench/run_all.py --out OUT --baselines DIR [--parts tests variants profiles yardsticks fsdp]
+                                        [--deadline SECONDS]
 
-On a host of 2 GPUs, three lanes (each step a subprocess with its own time limit, results written as they come):
+Parts (each step a subprocess with its own time limit; results are written as they come):
 
-- GPU 0: ``bench.py`` on chatglm2-1b (KdConv rows of 2,048 tokens, 16,384 tokens a step): split+padding, and
-  session+packing on the reference path and on the fast path (``FAST``); then chatglm2-small on SMILE, session+packing,
-  both paths (the overhead of a step, not its arithmetic);
-- GPU 1: the yardsticks of ``DIR`` (``../shared/baselines``): ``reference_step.py`` (base and its best variant,
-  flex_liger) and ``trl_peer.py`` on the project's own session rows;
-- then both GPUs: ``fsdp_step.py`` (plain FSDP2, 6B shape) and ``experiments/scale/run.py`` (the project's
-  ``trainer=fsdp``, chatglm2-6b) on 2 GPUs.
+- ``tests``: ``tests/test_gpu_kernels.py`` (the fast paths' loss and gradients against the reference path's);
+- ``variants``: ``bench.py`` on chatglm2-1b (KdConv session rows of 2,048 tokens, 16,384 tokens a step),
+  session+packing on the reference path and on the fast paths (``FAST`` and what it adds), then chatglm2-small on
+  SMILE, session+packing, the same paths (a step's overhead, not its arithmetic);
+- ``profile_*``: ``profile_step.py`` on ``reference_step.py``'s base variant (``profile_reference``), the project's
+  1b step on the same rows on its reference path (``profile_1b_reference``) and its fast path (``profile_1b_fast``),
+  and the small model's fast path (``profile_small_fast``);
+- ``yardsticks``: ``reference_step.py`` (base and its best variant, flex_liger) and ``trl_peer.py`` on the project's
+  own session rows;
+- ``fsdp`` (2 GPUs or more): ``fsdp_step.py`` (plain FSDP2, 6B shape) and ``experiments/scale/run.py`` (the
+  project's ``trainer=fsdp``, chatglm2-6b) on all GPUs.
 
-It writes ``OUT/results.json`` (the project's runs, the yardsticks, and ``ratios``: ``session_packing_over_reference_best``
-in tokens/s, ``session_packing_answer_over_trl`` in answer tokens/s, ``mfu_session_packing``,
-``small_session_packing_tokens_per_second``) and ``OUT/scale.json`` (each GPU count with ``over_baseline``: tokens/s
-per GPU over ``fsdp_step.py``'s).
+With two GPUs, the project's single-GPU runs go to GPU 0 while the yardsticks run on GPU 1; with one, in turn.
+``OUT/results.json`` holds the project's runs, the yardsticks, the profiles and ``ratios``
+(``session_packing_over_reference_best`` in tokens/s, ``session_packing_answer_over_trl`` in answer tokens/s,
+``mfu_session_packing``, ``small_session_packing_tokens_per_second``); ``OUT/scale.json`` each GPU count with
+``over_baseline`` (tokens/s per GPU over ``fsdp_step.py``'s).
 """
 
 from __future__ import annotations
@@ -28,77 +34,150 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[2]
 # The fast path: attention that skips other samples' blocks, logits only at the trained positions, fused AdamW,
-# data loading in worker processes.
-FAST = ["model.attn_implementation=flex_attention", "model.loss_chunk_tokens=8192", "+optimizer.fused=true",
-        "data.num_workers=2", "data.pin_memory=true", "data.pad_to=max_seq_len"]  # fmt: skip
+# batches built in worker processes into pinned memory, rows of one width.
+FAST = ["model.attn_implementation=flex_attention", "model.loss_chunk_tokens=8192", "optimizer.fused=true",
+        "data.num_workers=4", "data.pin_memory=true", "data.pad_to=max_seq_len"]  # fmt: skip
+LIGER = ["model.kernels=liger"]
+COMPILED = ["model.compile_layers=true"]
+ONE_B = ["model=chatglm2-1b", "data.max_seq_len=2048", "data.batch_tokens=16384", "trainer.max_steps=20",
+         "metrics.warmup_batches=5"]  # fmt: skip
+SMALL = ["model=chatglm2-small", "data=smile", "data.max_seq_len=2048", "data.batch_tokens=16384",
+         "trainer.max_steps=150", "metrics.warmup_batches=30"]  # fmt: skip
+VARIANTS = {  # name: overrides on top of session+packing
+    "session+packing fast": FAST,
+    "session+packing fast+liger": FAST + LIGER,
+    "session+packing fast+liger+compiled": FAST + LIGER + COMPILED,
+}
+SMALL_VARIANTS = {
+    "session+packing fast": FAST,
+    "session+packing fast+compiled": FAST + COMPILED,
+}
 
 
-def step(name: str, command: list[str], gpus: str, limit: float, log: Path) -> dict:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpus, "PYTHONUNBUFFERED": "1"}
-    started = time.perf_counter()
-    try:
-        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit)
-        output, code = result.stdout + result.stderr, result.returncode
-    except subprocess.TimeoutExpired as err:
-        output, code = (err.stdout or b"").decode() + (err.stderr or b"").decode(), "timeout"
-    (log / f"{name}.log").write_text(output)
-    record = {"step": name, "returncode": code, "seconds": round(time.perf_counter() - started, 1)}
-    print(json.dumps(record), flush=True)
-    return record
+PARTS = ["tests", "variants", "profile_reference", "profile_1b_reference", "profile_1b_fast", "profile_small_fast",
+         "yardsticks", "fsdp"]  # fmt: skip
 
 
-def lane(steps: list[tuple[str, list[str], float]], gpus: str, log: Path) -> list[dict]:
-    return [step(name, command, gpus, limit, log) for name, command, limit in steps]
+class Steps:
+    """Runs steps as subprocesses, each within its limit and the call's deadline; logs to ``OUT/logs``."""
+
+    def __init__(self, log: Path, deadline: float) -> None:
+        self.log, self.deadline, self.records = log, deadline, []
+
+    def __call__(
+        self, name: str, command: list[str], limit: float, gpus: str = "0", env: dict | None = None
+    ) -> None:
+        left = self.deadline - time.monotonic()
+        if left < 20:
+            self.records.append({"step": name, "returncode": "skipped: the call's deadline"})
+            print(json.dumps(self.records[-1]), flush=True)
+            return
+        environment = {**os.environ, "CUDA_VISIBLE_DEVICES": gpus, "PYTHONUNBUFFERED": "1", **(env or {})}
+        started = time.perf_counter()
+        try:
+            result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True,
+                                    timeout=min(limit, left))  # fmt: skip
+            output, code = result.stdout + result.stderr, result.returncode
+        except subprocess.TimeoutExpired as err:
+            output, code = _text(err.stdout) + _text(err.stderr), "timeout"
+        (self.log / f"{name}.log").write_text(output)
+        self.records.append({"step": name, "returncode": code, "seconds": round(time.perf_counter() - started, 1)})
+        print(json.dumps(self.records[-1]), flush=True)
+
+
+def _text(value: bytes | str | None) -> str:
+    return value.decode() if isinstance(value, bytes) else value or ""
+
+
+def variant_arguments(variants: dict[str, list[str]]) -> list[str]:
+    return [a for name, overrides in variants.items() for a in ("--variant", f"{name}={','.join(overrides)}")]
+
+
+def project_steps(out: Path, parts: list[str]) -> list[tuple[str, str, list[str], float]]:
+    py, bench, profile = sys.executable, "experiments/bench/bench.py", "experiments/bench/profile_step.py"
+    steps = []
+    if "tests" in parts:
+        steps.append(("tests", "gpu_tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu_kernels.py",
+                                    "--junitxml", str(out / "gpu_tests.xml")], 240))  # fmt: skip
+    if "variants" in parts:
+        steps.append(("variants", "bench_1b", [py, bench, "--out", str(out / "bench_1b"), "--only", "session+packing",
+                                   *variant_arguments(VARIANTS), "--", *ONE_B], 330))  # fmt: skip
+        steps.append(("variants", "bench_small", [py, bench, "--out", str(out / "bench_small"), "--only", "session+packing",
+                                      *variant_arguments(SMALL_VARIANTS), "--", *SMALL], 200))  # fmt: skip
+    profiles = {
+        "profile_1b_reference": ONE_B,
+        "profile_1b_fast": ONE_B + FAST + LIGER,
+        "profile_small_fast": SMALL + FAST,
+    }
+    for name, overrides in profiles.items():
+        if name in parts:
+            steps.append((name, name, [py, profile, "--of", "project", "--out", str(out / f"{name}.json"), "--", *overrides,
+                                 "strategy=session", "data.packing=true"], 120))  # fmt: skip
+    return steps
+
+
+def yardstick_steps(out: Path, baselines: Path, parts: list[str]) -> list[tuple[str, str, list[str], float]]:
+    py, rows = sys.executable, str(out / "rows.jsonl")
+    steps = []
+    if "profile_reference" in parts:
+        steps.append(("profile_reference", "profile_reference", [py, "experiments/bench/profile_step.py", "--of", "reference", "--out",
+                                            str(out / "profile_reference.json"), "--baselines", str(baselines),
+                                            "--rows", rows], 150))  # fmt: skip
+    if "yardsticks" in parts:
+        steps.append(("yardsticks", "reference_step", [py, str(baselines / "reference_step.py"), "--rows", rows, "--out",
+                                         str(out / "reference_step.json"), "--variants", "base,flex_liger", "--steps",
+                                         "10", "--attention-bench", "0"], 170))  # fmt: skip
+        steps.append(("yardsticks", "trl_peer", [py, str(baselines / "trl_peer.py"), "--rows", rows, "--out",
+                                   str(out / "trl_peer.json"), "--steps", "30"], 130))  # fmt: skip
+    return steps
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--baselines", type=Path, required=True)
+    parser.add_argument("--parts", nargs="*", default=PARTS, help=f"any of {', '.join(PARTS)}")
+    parser.add_argument("--deadline", type=float, default=560, help="seconds for the whole call")
     args = parser.parse_args()
     out, log = args.out, args.out / "logs"
     log.mkdir(parents=True, exist_ok=True)
-    py = sys.executable
-    rows = out / "rows.jsonl"
-    bench = "experiments/bench/bench.py"
-    fast = ",".join(FAST)
-    chunked = ",".join(o for o in FAST if "flex" not in o)  # the fast path with SDPA: in case flex attention fails
-    one_b = ["model=chatglm2-1b", "data.max_seq_len=2048", "data.batch_tokens=16384", "trainer.max_steps=25",
-             "metrics.warmup_batches=5"]  # fmt: skip
-    small = ["model=chatglm2-small", "data=smile", "data.max_seq_len=2048", "data.batch_tokens=16384",
-             "trainer.max_steps=120", "metrics.warmup_batches=20"]  # fmt: skip
-    step("rows", [py, "-m", "glm_session.data", "export", "strategy=session", "data.packing=false", "template=chatglm2",
-                  "data.max_seq_len=2048", f"out={rows}"], "", 120, log)  # fmt: skip
-    gpu0 = [
-        ("bench_1b", [py, bench, "--out", str(out / "bench_1b"), "--only", "split+padding", "session+packing",
-                      "--variant", f"session+packing fast={fast}", "--variant", f"session+packing chunked={chunked}",
-                      "--", *one_b], 270),
-        ("bench_small", [py, bench, "--out", str(out / "bench_small"), "--only", "session+packing",
-                         "--variant", f"session+packing fast={fast}", "--", *small], 130),
-    ]  # fmt: skip
-    gpu1 = [
-        ("reference_step", [py, str(args.baselines / "reference_step.py"), "--rows", str(rows), "--out",
-                            str(out / "reference_step.json"), "--variants", "base,flex_liger", "--steps", "10",
-                            "--attention-bench", "0"], 170),
-        ("trl_peer", [py, str(args.baselines / "trl_peer.py"), "--rows", str(rows), "--out", str(out / "trl_peer.json"),
-                      "--steps", "30"], 130),
-    ]  # fmt: skip
-    processes = []
-    for steps, gpus in ((gpu0, "0"), (gpu1, "1")):  # two lanes side by side
-        code = f"import json,sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import run_all; from pathlib import Path; run_all.lane({steps!r}, {gpus!r}, Path({str(log)!r}))"
-        processes.append(subprocess.Popen([py, "-c", code], cwd=ROOT))
-    for process in processes:
-        process.wait()
-    env_steps = {"MB": "4", "STEPS": "10"}
-    os.environ.update(env_steps)
-    step("fsdp_step", [py, "-m", "torch.distributed.run", "--nproc_per_node=2", str(args.baselines / "fsdp_step.py")],
-         "0,1", 110, log)  # fmt: skip
-    step("scale_2gpu", [py, "experiments/scale/run.py", "--out", str(out / "scale_project.json"), "--runs",
-                        str(out / "scale_runs"), "--gpus", "2", "--steps", "16", "--warmup", "4", "--batch-tokens",
-                        "16384", "model.loss_chunk_tokens=8192"], "0,1", 160, log)  # fmt: skip
+    run = Steps(log, time.monotonic() + args.deadline)
+    os.environ["GLM_SESSION_KERNEL_REPORT"] = str(out / "gpu_kernels.jsonl")  # tests/test_gpu_kernels.py's errors
+    py, gpus = sys.executable, torch.cuda.device_count()
+    run("rows", [py, "-m", "glm_session.data", "export", "strategy=session", "data.packing=false", "template=chatglm2",
+                 "data.max_seq_len=2048", f"out={out / 'rows.jsonl'}"], 120, gpus="")  # fmt: skip
+    project, yardsticks = project_steps(out, args.parts), yardstick_steps(out, args.baselines, args.parts)
+    if gpus >= 2:  # two lanes side by side
+        lanes = [subprocess.Popen([py, "-c", _lane_code(steps, gpu, log, run.deadline)], cwd=ROOT)
+                 for steps, gpu in ((project, "0"), (yardsticks, "1"))]  # fmt: skip
+        for lane, gpu in zip(lanes, "01", strict=True):
+            lane.wait()
+            run.records += _json(log / f"lane{gpu}.json") or []
+    else:  # in the order of --parts
+        for part in args.parts:
+            for _, name, command, limit in [s for s in project + yardsticks if s[0] == part]:
+                run(name, command, limit)
+    if "fsdp" in args.parts and gpus >= 2:
+        all_gpus = ",".join(map(str, range(gpus)))
+        run("fsdp_step", [py, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}",
+                          str(args.baselines / "fsdp_step.py")], 110, gpus=all_gpus, env={"MB": "4", "STEPS": "10"})  # fmt: skip
+        run("scale", [py, "experiments/scale/run.py", "--out", str(out / "scale_project.json"), "--runs",
+                      str(out / "scale_runs"), "--gpus", str(gpus), "--steps", "16", "--warmup", "4", "--batch-tokens",
+                      "16384", "model.loss_chunk_tokens=8192"], 160, gpus=all_gpus)  # fmt: skip
+    (out / "steps.json").write_text(json.dumps(run.records, indent=1) + "\n")
     summarise(out)
+
+
+def _lane_code(steps: list, gpu: str, log: Path, deadline: float) -> str:
+    here = str(Path(__file__).parent)
+    return (f"import sys; sys.path.insert(0, {here!r}); import run_all; from pathlib import Path; "
+            f"run = run_all.Steps(Path({str(log)!r}), {deadline!r}); "
+            f"[run(n, c, t, {gpu!r}) for _, n, c, t in {steps!r}]; "
+            f"Path({str(log)!r}, 'lane{gpu}.json').write_text(run_all.json.dumps(run.records))")  # fmt: skip
 
 
 def _json(path: Path) -> dict | None:
@@ -114,33 +193,40 @@ def summarise(out: Path) -> None:
     ref_ok = [v for v in (reference or {}).get("variants", []) if "error" not in v]
     ref_best = max(ref_ok, key=lambda v: v["real_tokens_per_second"], default=None)
     small_runs = [r for r in (small or {}).get("results", []) if "error" not in r]
+    small_best = max(small_runs, key=lambda r: r["tokens_per_second"], default=None)
     ratios = {
         "session_packing_over_reference_best": best["tokens_per_second"] / ref_best["real_tokens_per_second"]
         if best and ref_best else None,
         "session_packing_answer_over_trl": best["answer_tokens_per_second"] / trl["answer_tokens_per_second"]
         if best and trl and trl.get("answer_tokens_per_second") else None,
         "mfu_session_packing": best["mfu"] if best else None,
-        "small_session_packing_tokens_per_second": max((r["tokens_per_second"] for r in small_runs), default=None),
+        "small_session_packing_tokens_per_second": small_best["tokens_per_second"] if small_best else None,
         "best_session_packing": best["name"] if best else None,
+        "best_small_session_packing": small_best["name"] if small_best else None,
         "reference_best_variant": ref_best["variant"] if ref_best else None,
     }  # fmt: skip
-    (out / "results.json").write_text(json.dumps({"ratios": ratios, "project_1b": one_b, "project_small": small,
-                                                "reference_step": reference, "trl_peer": trl}, indent=1) + "\n")  # fmt: skip
+    profiles = {name: _json(out / f"{name}.json") for name in PARTS if name.startswith("profile_")}
+    gpu_tests = (out / "gpu_tests.xml").read_text() if (out / "gpu_tests.xml").exists() else None
+    report = out / "gpu_kernels.jsonl"
+    kernel_errors = [json.loads(line) for line in report.read_text().splitlines()] if report.exists() else None
+    (out / "results.json").write_text(json.dumps({
+        "machine": f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else None,
+        "ratios": ratios, "project_1b": one_b, "project_small": small, "reference_step": reference, "trl_peer": trl,
+        "profiles": profiles, "gpu_tests_junit": gpu_tests, "fast_path_errors": kernel_errors, "steps": _json(out / "steps.json"),
+    }, indent=1) + "\n")  # fmt: skip
     fsdp_log = out / "logs" / "fsdp_step.log"
     lines = (
         [line for line in fsdp_log.read_text().splitlines() if line.startswith("{")] if fsdp_log.exists() else []
     )
     baseline = json.loads(lines[-1]) if lines else None
-    project = _json(out / "scale_project.json")
     scale = []
-    for r in (project or {}).get("results", []):
+    for r in (_json(out / "scale_project.json") or {}).get("results", []):
         if r.get("tokens_per_second_per_gpu") and baseline:
             r["over_baseline"] = r["tokens_per_second_per_gpu"] / baseline["tok_s_per_gpu"]
         scale.append(r)
-    (out / "scale.json").write_text(json.dumps({"results": scale, "fsdp_step": baseline}, indent=1) + "\n")
+    if scale or baseline:
+        (out / "scale.json").write_text(json.dumps({"results": scale, "fsdp_step": baseline}, indent=1) + "\n")
     print(json.dumps(ratios, indent=1))
-    print(json.dumps([{k: r.get(k) for k in ("gpus", "tokens_per_second_per_gpu", "mfu", "peak_memory_gib",
-                                             "over_baseline", "batch_tokens")} for r in scale], indent=1))  # fmt: skip
 
 
 if __name__ == "__main__":

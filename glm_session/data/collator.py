@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import datasets
+import numpy as np
 import torch
 
 from glm_session.constants import IGNORE_INDEX
@@ -80,21 +81,20 @@ class Collator:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         if width < longest:
             raise ValueError(f"a row of {longest} tokens does not fit the batch width {width}")
-        shape = (len(rows), width)
-        batch = {
-            "input_ids": torch.full(shape, self.pad_id, dtype=torch.long),
-            "labels": torch.full(shape, IGNORE_INDEX, dtype=torch.long),
-            "position_ids": torch.zeros(shape, dtype=torch.long),
-            "turn_ids": torch.zeros(shape, dtype=torch.long),
-            "session_index": torch.full(shape, -1, dtype=torch.long),
-            "sample_index": torch.full(shape, -1, dtype=torch.long),
-        }
-        for b, row in enumerate(rows):
+        pads = {"input_ids": self.pad_id, "labels": IGNORE_INDEX, "turn_ids": 0, "session_index": -1,
+                "sample_index": -1}  # fmt: skip
+        columns: dict[str, list[int]] = {name: [] for name in ROW_FIELDS}
+        for row in rows:  # one flat list per field, turned into a tensor at once (torch.tensor of lists is slow)
             n = len(row["input_ids"])
-            for name, tensor in batch.items():
-                tensor[b, :n] = torch.tensor(row[name], dtype=torch.long)
+            for name, pad in pads.items():
+                columns[name] += row[name]
+                columns[name] += [pad] * (width - n)
             last = row["position_ids"][-1]
-            batch["position_ids"][b, n:] = torch.arange(last + 1, last + 1 + width - n)
+            columns["position_ids"] += row["position_ids"]
+            columns["position_ids"] += range(last + 1, last + 1 + width - n)
+        shape = (len(rows), width)
+        batch = {name: torch.from_numpy(np.array(values, dtype=np.int64)).view(shape)
+                 for name, values in columns.items()}  # fmt: skip
         weights = loss_weights(batch["labels"], batch["turn_ids"], batch["sample_index"])
         batch.update(sample_weight=weights.sample, turn_weight=weights.turn, loss_counts=weights.counts)
         batch["supervised_positions"] = supervised(batch["labels"]).flatten().nonzero().squeeze(1)

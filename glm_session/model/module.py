@@ -20,11 +20,25 @@ from transformers import GlmConfig, GlmForCausalLM
 
 from glm_session.checkpoints import check_init_from, initial_state, load_weights_into
 from glm_session.errors import ConfigError, UserError, check_choice, check_int
+from glm_session.model.kernels import KERNELS, use_liger_kernels
 from glm_session.model.loss import REDUCTIONS, chunked_token_losses, denominator, reduce, token_losses
 from glm_session.model.presets import chatglm2_config, padded_vocab_size
 from glm_session.model.turn_losses import TurnLossMeter, summarise
 from glm_session.run_info import RunInfo
 from glm_session.supervision import LossWeights, supervised
+
+
+def _check_kernels(kernels: str) -> str:
+    check_choice("model.kernels", kernels, KERNELS)
+    if kernels == "liger":
+        try:
+            import liger_kernel.ops  # noqa: F401  (Triton kernels: a CUDA GPU and triton)
+        except ImportError as err:
+            raise ConfigError(
+                "model.kernels", kernels, f"torch here: liger-kernel cannot be imported ({err}); it needs a CUDA GPU, "
+                "triton and `pip install liger-kernel` (the gpu extra of glm_session)"
+            ) from None  # fmt: skip
+    return kernels
 
 
 class NonFiniteError(UserError):
@@ -52,6 +66,8 @@ class ChatGLM2Module(L.LightningModule):
             shapes stay static with ``data.pad_to=max_seq_len``).
         run_info: how the run was made (template, tokenizer, strategy, data, ...); saved in every checkpoint with
             the model's config.
+        kernels: ``torch`` (transformers' own modules) or ``liger``: RMSNorm and SwiGLU as liger-kernel's fused
+            Triton kernels (``kernels.py``; GPU).
         loss_chunk_tokens: ``None``: the reference loss (the model's logits, then fp32 cross-entropy). A number:
             logits only at the trained positions, that many at a time, made again in the backward pass
             (``loss.chunked_token_losses``): the (B, T, V) logits never exist, the output layer's work shrinks to
@@ -69,6 +85,7 @@ class ChatGLM2Module(L.LightningModule):
         compile_layers: bool = False,
         run_info: RunInfo | None = None,
         loss_chunk_tokens: int | None = None,
+        kernels: str = "torch",
     ) -> None:
         super().__init__()
         self.config, self.reduction = config, check_choice("model.reduction", reduction, REDUCTIONS)
@@ -77,6 +94,7 @@ class ChatGLM2Module(L.LightningModule):
         self.compile_layers = compile_layers
         self.loss_chunk_tokens = check_int("model.loss_chunk_tokens", loss_chunk_tokens, minimum=1, optional=True)
         self.config._attn_implementation = attn_implementation
+        self.kernels = _check_kernels(kernels)
         self.model: GlmForCausalLM | None = None
         # Step accumulators: numerator and (tokens, samples, turns) of the micro-batches since the last step.
         self.register_buffer("_step_numerator", torch.zeros((), dtype=torch.float64), persistent=False)
@@ -115,7 +133,7 @@ class ChatGLM2Module(L.LightningModule):
             strategy = self.trainer.strategy
             with torch.device("meta"):
                 model = GlmForCausalLM(self.config)
-            self._compile(model)
+            self._fuse(model)
             self.model = shard_model(
                 model, mesh, strategy.root_device, strategy.param_dtype, strategy.activation_checkpointing
             )
@@ -125,9 +143,12 @@ class ChatGLM2Module(L.LightningModule):
         self.model = GlmForCausalLM(self.config)
         if self.init_from:
             load_weights_into(self.model, initial_state(self.init_from), f"model.init_from={self.init_from}")
-        self._compile(self.model)
+        self._fuse(self.model)
 
-    def _compile(self, model: GlmForCausalLM) -> None:
+    def _fuse(self, model: GlmForCausalLM) -> None:
+        """The kernels of ``model.kernels``, then ``torch.compile`` of each decoder layer if asked."""
+        if self.kernels == "liger":
+            use_liger_kernels(model)
         if self.compile_layers:
             for layer in model.model.layers:
                 layer.compile()

@@ -114,7 +114,9 @@ class RunMetrics(L.Callback):
         self.counters["timed_input_tokens"] += input_tokens
         self.counters["timed_supervised_tokens"] += supervised_tokens
         self.counters["flops"] += training_flops(pl_module.config, self._parameter_count, lengths)
-        if self.counters["train_seconds"] > 0:  # this device's running throughput
+        # This device's running throughput, at the logging interval only: logging a Python number copies it to the
+        # device, and a copy from pageable memory waits for the device's queued work.
+        if self.counters["train_seconds"] > 0 and trainer.global_step % trainer.log_every_n_steps == 0:
             seconds = self.counters["train_seconds"]
             rates = {"train/tokens_per_second": self.counters["timed_input_tokens"] / seconds,
                      "train/supervised_tokens_per_second": self.counters["timed_supervised_tokens"] / seconds}  # fmt: skip
