@@ -128,14 +128,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=Path, help="the runs' folders (default: OUT/runs)")
     parser.add_argument("--profile", action="store_true", help="profile a few session+packing steps")
     parser.add_argument("--variant", action="append", default=[], help="name=override,override (session+packing)")
-    parser.add_argument("--only", nargs="*", help="run only these configurations")
+    parser.add_argument("--only", nargs="*", help="run only these configurations (none: the variants only)")
     parser.add_argument("overrides", nargs="*", help="train overrides for every run (after --)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     runs_dir = args.runs or args.out / "runs"
 
     runs = {
-        name: [*args.overrides, *o] for name, o in CONFIGURATIONS.items() if not args.only or name in args.only
+        name: [*args.overrides, *o] for name, o in CONFIGURATIONS.items() if args.only is None or name in args.only
     }
     for variant in args.variant:
         name, _, extra = variant.partition("=")

@@ -46,7 +46,13 @@ def kind(name: str) -> str:
 
 def summarise(prof: profile, wall_seconds: float, steps: int) -> dict:
     averages = prof.key_averages()
-    kernels = [e for e in averages if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0]
+    kernels = [
+        e
+        for e in averages
+        if e.device_type == DeviceType.CUDA
+        and e.self_device_time_total > 0
+        and not (e.is_user_annotation or "#" in e.key)
+    ]  # fmt: skip  (annotations span whole steps)
     kernel_us = sum(e.self_device_time_total for e in kernels)
     by_kind: dict[str, float] = {}
     for e in kernels:

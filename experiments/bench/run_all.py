@@ -18,7 +18,8 @@ Parts (each step a subprocess with its own time limit; results are written as th
   project's ``trainer=fsdp``, chatglm2-6b) on all GPUs.
 
 With two GPUs, the project's single-GPU runs go to GPU 0 while the yardsticks run on GPU 1; with one, in turn.
-``OUT/results.json`` holds the project's runs, the yardsticks, the profiles and ``ratios``
+Rows, runs and logs stay in ``--work``; ``OUT`` gets ``results.json``, ``steps.json``, ``logs.tgz`` and ``scale.json``.
+``results.json`` holds the project's runs, the yardsticks, the profiles and ``ratios``
 (``session_packing_over_reference_best`` in tokens/s, ``session_packing_answer_over_trl`` in answer tokens/s,
 ``mfu_session_packing``, ``small_session_packing_tokens_per_second``); ``OUT/scale.json`` each GPU count with
 ``over_baseline`` (tokens/s per GPU over ``fsdp_step.py``'s).
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -43,21 +45,30 @@ FAST = ["model.attn_implementation=flex_attention", "model.loss_chunk_tokens=819
         "data.num_workers=4", "data.pin_memory=true", "data.pad_to=max_seq_len"]  # fmt: skip
 LIGER = ["model.kernels=liger"]
 COMPILED = ["model.compile_layers=true"]
-ONE_B = ["model=chatglm2-1b", "data.max_seq_len=2048", "data.batch_tokens=16384", "trainer.max_steps=20",
-         "metrics.warmup_batches=5"]  # fmt: skip
+ONE_B = [
+    "model=chatglm2-1b",
+    "data.max_seq_len=2048",
+    "data.batch_tokens=16384",
+    "trainer.max_steps=40",
+    "metrics.warmup_batches=22",
+]  # fmt: skip  (an epoch is 20 batches: its last, smaller one is in the warm-up)
 SMALL = ["model=chatglm2-small", "data=smile", "data.max_seq_len=2048", "data.batch_tokens=16384",
          "trainer.max_steps=150", "metrics.warmup_batches=30"]  # fmt: skip
-VARIANTS = {  # name: overrides on top of session+packing
-    "session+packing fast": FAST,
-    "session+packing fast+liger": FAST + LIGER,
-    "session+packing fast+liger+compiled": FAST + LIGER + COMPILED,
+VARIANTS_1B = {  # name: overrides on top of session+packing ("reference": none)
+    "reference": [],
+    "fast": FAST,
+    "fast+liger": FAST + LIGER,
+    "fast+liger+compiled": FAST + LIGER + COMPILED,
 }
-SMALL_VARIANTS = {
-    "session+packing fast": FAST,
-    "session+packing fast+compiled": FAST + COMPILED,
+VARIANTS_SMALL = {
+    "reference": [],
+    "fast": FAST,
+    "fast+compiled": FAST + COMPILED,
+    "fast+compiled+whole_logits": FAST + COMPILED + ["model.loss_chunk_tokens=null"],
+    "fast+compiled+batch_65536": FAST
+    + COMPILED
+    + ["data.batch_tokens=65536", "trainer.max_steps=60", "metrics.warmup_batches=15"],  # fmt: skip
 }
-
-
 PARTS = ["tests", "variants", "profile_reference", "profile_1b_reference", "profile_1b_fast", "profile_small_fast",
          "yardsticks", "fsdp"]  # fmt: skip
 
@@ -93,29 +104,43 @@ def _text(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else value or ""
 
 
-def variant_arguments(variants: dict[str, list[str]]) -> list[str]:
-    return [a for name, overrides in variants.items() for a in ("--variant", f"{name}={','.join(overrides)}")]
+def bench_arguments(variants: dict[str, list[str]], chosen: list[str]) -> list[str]:
+    """``bench.py``'s ``--only`` and ``--variant`` arguments for the chosen variants ("reference": the plain run)."""
+    unknown = set(chosen) - set(variants)
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}: choose from {list(variants)}")
+    only = ["--only", *(["session+packing"] if "reference" in chosen else [])]
+    extra = [("--variant", f"session+packing {n}={','.join(variants[n])}") for n in chosen if n != "reference"]
+    return only + [a for pair in extra for a in pair]
 
 
-def project_steps(out: Path, parts: list[str]) -> list[tuple[str, str, list[str], float]]:
+def project_steps(
+    out: Path, parts: list[str], one_b: list[str], small: list[str]
+) -> list[tuple[str, str, list[str], float]]:
     py, bench, profile = sys.executable, "experiments/bench/bench.py", "experiments/bench/profile_step.py"
     steps = []
     if "tests" in parts:
-        steps.append(("tests", "gpu_tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu_kernels.py",
-                                    "--junitxml", str(out / "gpu_tests.xml")], 240))  # fmt: skip
-    if "variants" in parts:
-        steps.append(("variants", "bench_1b", [py, bench, "--out", str(out / "bench_1b"), "--only", "session+packing",
-                                   *variant_arguments(VARIANTS), "--", *ONE_B], 330))  # fmt: skip
-        steps.append(("variants", "bench_small", [py, bench, "--out", str(out / "bench_small"), "--only", "session+packing",
-                                      *variant_arguments(SMALL_VARIANTS), "--", *SMALL], 200))  # fmt: skip
-    profiles = {
-        "profile_1b_reference": ONE_B,
-        "profile_1b_fast": ONE_B + FAST + LIGER,
-        "profile_small_fast": SMALL + FAST,
+        test = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu_kernels.py", "--junitxml",
+                str(out / "gpu_tests.xml")]  # fmt: skip
+        steps.append(("tests", "gpu_tests", test, 240))
+    if "variants" in parts and one_b:
+        arguments = bench_arguments(VARIANTS_1B, one_b)
+        steps.append(
+            ("variants", "bench_1b", [py, bench, "--out", str(out / "bench_1b"), *arguments, "--", *ONE_B], 330)
+        )
+    if "variants" in parts and small:
+        arguments = bench_arguments(VARIANTS_SMALL, small)
+        steps.append(("variants", "bench_small", [py, bench, "--out", str(out / "bench_small"), *arguments, "--", *SMALL],
+                      200))  # fmt: skip
+    profiles = {  # name: (warm-up batches, overrides)
+        "profile_1b_reference": (6, ONE_B),
+        "profile_1b_fast": (6, ONE_B + FAST + LIGER),
+        "profile_small_fast": (20, SMALL + FAST + COMPILED),
     }
-    for name, overrides in profiles.items():
+    for name, (skip, overrides) in profiles.items():
         if name in parts:
-            steps.append((name, name, [py, profile, "--of", "project", "--out", str(out / f"{name}.json"), "--", *overrides,
+            steps.append((name, name, [py, profile, "--of", "project", "--out", str(out / f"{name}.json"), "--skip",
+                                       str(skip), "--", *overrides,
                                  "strategy=session", "data.packing=true"], 120))  # fmt: skip
     return steps
 
@@ -141,16 +166,24 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--baselines", type=Path, required=True)
     parser.add_argument("--parts", nargs="*", default=PARTS, help=f"any of {', '.join(PARTS)}")
+    parser.add_argument("--variants-1b", nargs="*", default=list(VARIANTS_1B), help=f"of {list(VARIANTS_1B)}")
+    parser.add_argument(
+        "--variants-small", nargs="*", default=list(VARIANTS_SMALL), help=f"of {list(VARIANTS_SMALL)}"
+    )
     parser.add_argument("--deadline", type=float, default=560, help="seconds for the whole call")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/glm_session_bench"), help="rows, runs and logs")
     args = parser.parse_args()
-    out, log = args.out, args.out / "logs"
+    out, log = args.work, args.work / "logs"  # results.json, scale.json, steps.json and logs.tgz go to --out
     log.mkdir(parents=True, exist_ok=True)
     run = Steps(log, time.monotonic() + args.deadline)
     os.environ["GLM_SESSION_KERNEL_REPORT"] = str(out / "gpu_kernels.jsonl")  # tests/test_gpu_kernels.py's errors
     py, gpus = sys.executable, torch.cuda.device_count()
     run("rows", [py, "-m", "glm_session.data", "export", "strategy=session", "data.packing=false", "template=chatglm2",
                  "data.max_seq_len=2048", f"out={out / 'rows.jsonl'}"], 120, gpus="")  # fmt: skip
-    project, yardsticks = project_steps(out, args.parts), yardstick_steps(out, args.baselines, args.parts)
+    project, yardsticks = (
+        project_steps(out, args.parts, args.variants_1b, args.variants_small),
+        yardstick_steps(out, args.baselines, args.parts),
+    )
     if gpus >= 2:  # two lanes side by side
         lanes = [subprocess.Popen([py, "-c", _lane_code(steps, gpu, log, run.deadline)], cwd=ROOT)
                  for steps, gpu in ((project, "0"), (yardsticks, "1"))]  # fmt: skip
@@ -170,6 +203,11 @@ def main() -> None:
                       "16384", "model.loss_chunk_tokens=8192"], 160, gpus=all_gpus)  # fmt: skip
     (out / "steps.json").write_text(json.dumps(run.records, indent=1) + "\n")
     summarise(out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in ("results.json", "scale.json", "steps.json"):
+        if (out / name).exists():
+            shutil.copy(out / name, args.out / name)
+    subprocess.run(["tar", "czf", str(args.out / "logs.tgz"), "-C", str(out), "logs"], check=False)
 
 
 def _lane_code(steps: list, gpu: str, log: Path, deadline: float) -> str:
@@ -188,11 +226,12 @@ def summarise(out: Path) -> None:
     one_b, small = _json(out / "bench_1b" / "results.json"), _json(out / "bench_small" / "results.json")
     reference, trl = _json(out / "reference_step.json"), _json(out / "trl_peer.json")
     runs = {r["name"]: r for r in (one_b or {}).get("results", []) if "error" not in r}
-    packing = [r for name, r in runs.items() if name.startswith("session+packing")]
+    packing = [r for name, r in runs.items() if name.startswith("session+packing") and r["batch_tokens"] == 16384]
     best = max(packing, key=lambda r: r["tokens_per_second"], default=None)
     ref_ok = [v for v in (reference or {}).get("variants", []) if "error" not in v]
     ref_best = max(ref_ok, key=lambda v: v["real_tokens_per_second"], default=None)
-    small_runs = [r for r in (small or {}).get("results", []) if "error" not in r]
+    # like for like: the ratios take runs of 16,384 tokens a step, as the yardsticks and the targets
+    small_runs = [r for r in (small or {}).get("results", []) if "error" not in r and r["batch_tokens"] == 16384]
     small_best = max(small_runs, key=lambda r: r["tokens_per_second"], default=None)
     ratios = {
         "session_packing_over_reference_best": best["tokens_per_second"] / ref_best["real_tokens_per_second"]
