@@ -1,6 +1,7 @@
 """Bad values and typos end with one line naming the key and what it takes, before any work, and a run never trains
 on nothing (issue 11, items 3, 6, 8, 15)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -178,3 +179,23 @@ def test_typos_end_with_one_line_and_exit_code_2(tmp_path):
     src.mkdir()
     (src / "config.json").write_text("[1, 2]")
     assert_one_line(run_tool("glm_session.convert", str(src), str(tmp_path / "dst")), "holds a JSON list")
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.kernels=triton", "model.kernels='triton': must be one of torch, liger"),
+        pytest.param(
+            "model.kernels=liger",
+            "model.kernels='liger': must be torch here: liger-kernel cannot be imported",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("liger_kernel") is not None, reason="liger-kernel is installed here"
+            ),
+        ),
+    ],
+)
+def test_bad_model_kernels_are_refused_before_training(tmp_path, override, message):
+    cfg = compose_config("train", [*FAST, override, f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError) as raised:
+        train(cfg)
+    assert str(raised.value).startswith(message)
