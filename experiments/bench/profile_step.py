@@ -69,23 +69,16 @@ def summarise(prof: profile, wall_seconds: float, steps: int) -> dict:
         },
         "kernel_launches_per_step": sum(e.count for e in kernels) / steps,
         "host_synchronisations_per_step": syncs,
-        "top_kernels": [
-            {
-                "name": e.key[:120],
-                "ms_per_step": e.self_device_time_total / 1e3 / steps,
-                "calls_per_step": e.count / steps,
-            }
-            for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:25]
-        ],  # fmt: skip
-        "top_cpu_ops": [
-            {
-                "name": e.key[:120],
-                "self_cpu_ms_per_step": e.self_cpu_time_total / 1e3 / steps,
-                "calls_per_step": e.count / steps,
-            }
-            for e in sorted(cpu_ops, key=lambda e: -e.self_cpu_time_total)[:25]
-        ],  # fmt: skip
+        "top_kernels": _top(kernels, "self_device_time_total", "ms_per_step", steps),
+        "top_cpu_ops": _top(cpu_ops, "self_cpu_time_total", "self_cpu_ms_per_step", steps),
     }
+
+
+def _top(events: list, time: str, name: str, steps: int, count: int = 25) -> list[dict]:
+    """The ``count`` events with the most ``time`` (microseconds), per step."""
+    ranked = sorted(events, key=lambda e: -getattr(e, time))[:count]
+    return [{"name": e.key[:120], name: getattr(e, time) / 1e3 / steps, "calls_per_step": e.count / steps}
+            for e in ranked]  # fmt: skip
 
 
 def _synchronize() -> None:

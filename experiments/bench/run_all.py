@@ -15,7 +15,7 @@ Parts (each step a subprocess with its own time limit; results are written as th
 - ``yardsticks``: ``reference_step.py`` (base and its best variant, flex_liger) and ``trl_peer.py`` on the project's
   own session rows;
 - ``fsdp`` (2 GPUs or more): ``fsdp_step.py`` (plain FSDP2, 6B shape) and ``experiments/scale/run.py`` (the
-  project's ``trainer=fsdp``, chatglm2-6b) on all GPUs.
+  project's ``trainer=fsdp``, chatglm2-6b) on all GPUs, with the chunked loss and with ``speed=fast``.
 
 With two GPUs, the project's single-GPU runs go to GPU 0 while the yardsticks run on GPU 1; with one, in turn.
 Rows, runs and logs stay in ``--work``; ``OUT`` gets ``results.json``, ``steps.json``, ``logs.tgz`` and ``scale.json``.
@@ -201,9 +201,10 @@ def main() -> None:
         all_gpus = ",".join(map(str, range(gpus)))
         run("fsdp_step", [py, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}",
                           str(args.baselines / "fsdp_step.py")], 110, gpus=all_gpus, env={"MB": "4", "STEPS": "10"})  # fmt: skip
-        run("scale", [py, "experiments/scale/run.py", "--out", str(out / "scale_project.json"), "--runs",
-                      str(out / "scale_runs"), "--gpus", str(gpus), "--steps", "16", "--warmup", "4", "--batch-tokens",
-                      "16384", "model.loss_chunk_tokens=8192"], 160, gpus=all_gpus)  # fmt: skip
+        for name, extra in (("scale", []), ("scale_fast", ["speed=fast"])):  # the chunked loss alone; speed=fast
+            run(name, [py, "experiments/scale/run.py", "--out", str(out / f"{name}_project.json"), "--runs",
+                       str(out / f"{name}_runs"), "--gpus", str(gpus), "--steps", "16", "--warmup", "4", "--batch-tokens",
+                       "16384", "model.loss_chunk_tokens=8192", *extra], 200, gpus=all_gpus)  # fmt: skip
     (out / "steps.json").write_text(json.dumps(run.records, indent=1) + "\n")
     summarise(out)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -262,7 +263,9 @@ def summarise(out: Path) -> None:
     )
     baseline = json.loads(lines[-1]) if lines else None
     scale = []
-    for r in (_json(out / "scale_project.json") or {}).get("results", []):
+    runs = [{**r, "variant": name} for name in ("scale", "scale_fast")
+            for r in (_json(out / f"{name}_project.json") or {}).get("results", [])]  # fmt: skip
+    for r in runs:
         if r.get("tokens_per_second_per_gpu") and baseline:
             r["over_baseline"] = r["tokens_per_second_per_gpu"] / baseline["tok_s_per_gpu"]
         scale.append(r)
