@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ def run_info_of(cfg: DictConfig, datamodule: Any) -> RunInfo:
     )
 
 
-def train(cfg: DictConfig, extra_callbacks: list[L.Callback] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit the model of ``cfg`` on its data; return the run's metrics and the objects that produced them.
     ``extra_callbacks`` join the config's (e.g. a benchmark's profiler)."""
     strategy_target = OmegaConf.select(cfg, "trainer.strategy._target_", default=None)
