@@ -1,14 +1,14 @@
 """Every speed figure of issue 13 in one GPU call, beside the yardsticks measured in the same call.
 
-    python experiments/bench/run_all.py --out OUT --baselines DIR [--parts tests variants profiles yardsticks fsdp]
-                                        [--deadline SECONDS]
+    python experiments/bench/run_all.py --out OUT --baselines DIR [--parts PART ...] [--variants-1b NAME ...]
+                                        [--variants-small NAME ...] [--deadline SECONDS] [--work DIR]
 
 Parts (each step a subprocess with its own time limit; results are written as they come):
 
 - ``tests``: ``tests/test_gpu_kernels.py`` (the fast paths' loss and gradients against the reference path's);
 - ``variants``: ``bench.py`` on chatglm2-1b (KdConv session rows of 2,048 tokens, 16,384 tokens a step),
-  session+packing on the reference path and on the fast paths (``FAST`` and what it adds), then chatglm2-small on
-  SMILE, session+packing, the same paths (a step's overhead, not its arithmetic);
+  session+packing on the reference path, on ``speed=fast`` and on it with parts taken away (``VARIANTS_1B``), then
+  chatglm2-small on SMILE, session+packing, likewise (``VARIANTS_SMALL``: a step's overhead, not its arithmetic);
 - ``profile_*``: ``profile_step.py`` on ``reference_step.py``'s base variant (``profile_reference``), the project's
   1b step on the same rows on its reference path (``profile_1b_reference``) and its fast path (``profile_1b_fast``),
   and the small model's fast path (``profile_small_fast``);
@@ -77,7 +77,7 @@ PARTS = ["tests", "variants", "profile_reference", "profile_1b_reference", "prof
 
 
 class Steps:
-    """Runs steps as subprocesses, each within its limit and the call's deadline; logs to ``OUT/logs``."""
+    """Runs steps as subprocesses, each within its limit and the call's deadline; logs to ``log``."""
 
     def __init__(self, log: Path, deadline: float) -> None:
         self.log, self.deadline, self.records = log, deadline, []

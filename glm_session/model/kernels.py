@@ -26,12 +26,11 @@ class LigerSwiGLUMLP(GlmMLP):
         return self.down_proj(LigerSiLUMulFunction.apply(gate, up))
 
 
-def use_liger_kernels(model: torch.nn.Module) -> int:
+def use_liger_kernels(model: torch.nn.Module) -> None:
     """Swap every ``GlmRMSNorm`` for liger's ``LigerRMSNorm`` (sharing its weight) and every ``GlmMLP`` for
-    ``LigerSwiGLUMLP``, in place; works on the meta device too (before sharding). Returns the modules swapped."""
+    ``LigerSwiGLUMLP``, in place; works on the meta device too (before sharding)."""
     from liger_kernel.transformers.rms_norm import LigerRMSNorm
 
-    swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, GlmRMSNorm):
@@ -39,8 +38,5 @@ def use_liger_kernels(model: torch.nn.Module) -> int:
                     norm = LigerRMSNorm(child.weight.numel(), eps=child.variance_epsilon, in_place=False)
                 norm.weight = child.weight
                 setattr(parent, name, norm)
-                swapped += 1
             elif type(child) is GlmMLP:
                 child.__class__ = LigerSwiGLUMLP
-                swapped += 1
-    return swapped
