@@ -45,7 +45,7 @@ def _experiment_name() -> str | None:
 def run_info_of(cfg: DictConfig, datamodule: Any) -> RunInfo:
     """The ``RunInfo`` of a run of ``cfg`` on ``datamodule`` (the model config is added by the module)."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    for key in ("_target_", "tokenizer", "template", "strategy"):  # recorded on their own
+    for key in ("_target_", "tokenizer", "template", "strategy", "supervision"):  # recorded on their own
         data.pop(key, None)
     tokenizer_path = cfg.tokenizer.get("path")
     return RunInfo(
@@ -61,6 +61,7 @@ def run_info_of(cfg: DictConfig, datamodule: Any) -> RunInfo:
         model_preset=cfg.model.get("preset"),
         seed=cfg.seed,
         experiment=_experiment_name(),
+        supervision=datamodule.supervision.describe(),
     )
 
 

@@ -30,10 +30,12 @@ def test_collator_pads_at_the_end_and_continues_positions():
         {  # two packed samples: 3 + 2 tokens
             "input_ids": [7, 8, 9, 10, 11], "labels": [-100, 8, 9, -100, 11], "turn_ids": [0, 1, 1, 0, 2],
             "position_ids": [0, 1, 2, 0, 1], "session_index": [4, 4, 4, 5, 5], "sample_index": [0, 0, 0, 3, 3],
+            "loss_weight": [0.0, 1.0, 1.0, 0.0, 2.0],
         },
         {
             "input_ids": [7, 8, 9], "labels": [-100, -100, 9], "turn_ids": [0, 1, 1],
             "position_ids": [0, 1, 2], "session_index": [6, 6, 6], "sample_index": [1, 1, 1],
+            "loss_weight": [0.0, 0.0, 0.5],
         },
     ]  # fmt: skip
     batch = Collator(pad_id=0)(rows)
@@ -44,10 +46,12 @@ def test_collator_pads_at_the_end_and_continues_positions():
     assert batch["session_index"].tolist() == [[4, 4, 4, 5, 5], [6, 6, 6, -1, -1]]
     assert batch["sample_index"].tolist() == [[0, 0, 0, 3, 3], [1, 1, 1, -1, -1]]
     assert all(batch[name].dtype == torch.long for name in ROW_FIELDS)
-    # Computed on the CPU for the loss: trained positions 1..T-1 are, in row 0, sample 0 (turn 1) twice and
-    # sample 3 (turn 2) once; in row 1, sample 1 (turn 1) once.
-    assert batch["sample_weight"].tolist() == [[0.5, 0.5, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0]]
-    assert batch["turn_weight"].tolist() == [[0.5, 0.5, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0]]
+    assert batch["loss_weight"].tolist() == [[0.0, 1.0, 1.0, 0.0, 2.0], [0.0, 0.0, 0.5, 0.0, 0.0]]
+    # Computed on the CPU for the loss: trained positions 1..T-1 are, in row 0, sample 0 (turn 1, weight 1) twice
+    # and sample 3 (turn 2, weight 2) once; in row 1, sample 1 (turn 1, weight 0.5) once.
+    assert batch["token_weight"].tolist() == [[1.0, 1.0, 0.0, 2.0], [0.0, 0.5, 0.0, 0.0]]
+    assert batch["sample_weight"].tolist() == [[0.5, 0.5, 0.0, 2.0], [0.0, 0.5, 0.0, 0.0]]
+    assert batch["turn_weight"].tolist() == [[0.5, 0.5, 0.0, 2.0], [0.0, 0.5, 0.0, 0.0]]
     assert batch["loss_counts"].tolist() == [4, 3, 3]  # trained tokens, samples, turns
     assert batch["sample_lengths"] == [3, 2, 3] and batch["supervised_tokens"] == 4
     assert Collator(pad_id=0, width=8)(rows)["input_ids"].shape == (2, 8)
@@ -94,13 +98,16 @@ def test_ghost_rows_train_nothing():
         "input_ids": [1, 2, 3],
         "labels": [-100, 2, 3],
         "turn_ids": [0, 1, 1],
+        "turn_weights": [0.0, 1.0],
         "session_index": 0,
         "length": 3,
     }
     samples = datasets.Dataset.from_list([{**{k: 0 for k in FEATURES}, **sample}], features=FEATURES)
     rows = RowDataset(samples, [[0]])
     assert rows[-1]["input_ids"] == rows[0]["input_ids"]
+    assert rows[0]["loss_weight"] == [0.0, 1.0, 1.0]
     assert rows[-1]["labels"] == [-100] * 3 and rows[-1]["sample_index"] == [-1] * 3
+    assert rows[-1]["loss_weight"] == [0.0] * 3
 
 
 def test_token_budget():

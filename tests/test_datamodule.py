@@ -11,6 +11,7 @@ from glm_session.data import DialogueDataModule
 from glm_session.data.__main__ import main as data_main
 from glm_session.data.__main__ import show
 from glm_session.data.collator import ROW_FIELDS
+from glm_session.supervision import TurnWeights
 
 KDCONV = {split: str(RESOURCES_DIR / f"kdconv/{split}.jsonl") for split in ("train", "validation", "test")}
 
@@ -190,7 +191,16 @@ def test_show_prints_a_sample_as_the_model_sees_it(tokenizer, tmp_path):
     data = DialogueDataModule(tokenizer, path=str(path), cache_dir=str(tmp_path))
     shown = show(data, "train", 0, color=False)  # trained: 2 + 1 + 1 answer tokens and 3 stops
     assert shown == (
-        "train sample 0 of 1: session 0, session samples, template chatglm2, 53 tokens, 7 trained\n"
-        "[gMASK]sop[Round 1]\n\n问：你好\n\n答：[[你好！]][[</s>]]\n\n[Round 2]\n\n问：你知道\n\n答：[[知道呀]][[</s>]]"
-        "\n\n[Round 3]\n\n问：谢谢\n\n答：[[不客气</s>]]"
+        "train sample 0 of 1: session 0, session samples, template chatglm2, supervision all, 53 tokens, 7 trained\n"
+        "[gMASK]sop<turn 1: w=1>[Round 1]\n\n问：你好\n\n答：[[你好！]][[</s>]]\n\n<turn 2: w=1>[Round 2]\n\n问：你知道"
+        "\n\n答：[[知道呀]][[</s>]]\n\n<turn 3: w=1>[Round 3]\n\n问：谢谢\n\n答：[[不客气</s>]]"
+    )
+    # Weights by position: turn 1 context only (no stop taught), turn 2 weighs 1/2, turn 3 (the rest) 3/2.
+    weighted = DialogueDataModule(tokenizer, path=str(path), cache_dir=str(tmp_path),
+                                  supervision=TurnWeights((0, 0.5), rest=1.5))  # fmt: skip
+    assert show(weighted, "train", 0, color=False) == (
+        "train sample 0 of 1: session 0, session samples, template chatglm2, supervision positions weights=[0,0.5] "
+        "rest=1.5, 53 tokens, 4 trained\n"
+        "[gMASK]sop<turn 1: w=0>[Round 1]\n\n问：你好\n\n答：你好！\n\n<turn 2: w=1/2>[Round 2]\n\n问：你知道"
+        "\n\n答：[[知道呀]][[</s>]]\n\n<turn 3: w=3/2>[Round 3]\n\n问：谢谢\n\n答：[[不客气</s>]]"
     )

@@ -3,12 +3,13 @@
 Usage::
 
     python -m glm_session.analysis article-toy          # the article's numbers, from its attribution model
-    python -m glm_session.analysis exact-toy            # token-level weights of the same toy batch
+    python -m glm_session.analysis exact-toy [supervision=...]         # token-level weights of the same toy batch
     python -m glm_session.analysis report  [overrides] [out_dir=DIR]   # a dataset: JSON, table, bar chart
     python -m glm_session.analysis measure [overrides] [out_dir=DIR]   # exact vs autograd on a real batch
 
 Overrides are Hydra's (conf/analysis.yaml), e.g. ``data=smile data.limit=2000 data.batch_tokens=16384
-accumulate=4 measure.sessions=4``.
+accumulate=4 measure.sessions=4 supervision=last``. Every command but ``article-toy`` takes the supervision policy
+(``supervision=all|last|from_turn|positions|rising``, conf/supervision/).
 """
 
 from __future__ import annotations
@@ -20,10 +21,35 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from glm_session.analysis.article import article_toy
-from glm_session.analysis.toy import exact_toy
+from glm_session.analysis.toy import ARTICLE_TOY, exact_toy
 from glm_session.config import build, compose_config
 from glm_session.data.strategy import get_strategy
 from glm_session.errors import cli_errors
+
+
+def toy(cfg: DictConfig) -> dict:
+    """The toy batch's exact shares under the policy of ``cfg``, and each pair's gradient scale: the sum of its
+    coefficients, 1 when every weight is 1 (weights act in the numerator only). Printed as a table."""
+    from glm_session.analysis.toy import toy_turns
+    from glm_session.analysis.weights import exact_coefficients
+
+    supervision = build(cfg.supervision)
+    shares = exact_toy(supervision=supervision)
+    scale = {
+        name: sum(exact_coefficients(toy_turns(name.split("+")[0], supervision=supervision), name.split("+")[1]).values())
+        for name in shares
+    }
+    weights = {" ".join(s): supervision.session_weights(len(s)) for s in ARTICLE_TOY}
+    lines = [
+        f"supervision: {supervision.describe()}",
+        "turn weights: " + "; ".join(f"({s}) {', '.join(map(str, w))}" for s, w in weights.items()),
+        f"{'':16}{'a':>8}{'b':>8}{'c':>8}{'scale':>8}",
+    ]
+    for name, by_content in shares.items():
+        cells = [str(by_content.get(content, 0)) for content in "abc"]
+        lines.append(f"{name:16}" + "".join(f"{c:>8}" for c in [*cells, str(scale[name])]))
+    print("\n".join(lines))
+    return {"supervision": supervision.describe(), "shares": shares, "scale": scale}
 
 
 def data_for(cfg: DictConfig, strategy: str, **data_overrides):
@@ -37,7 +63,8 @@ def report(cfg: DictConfig) -> dict:
     datas = {strategy: data_for(cfg, strategy) for strategy in ("split", "session")}
     result = weight_report(datas, cfg.accumulate, cfg.split)
     title = (
-        f"{Path(str(cfg.data.train_path or cfg.data.path)).parent.name} {cfg.split}, template {cfg.template.name}"
+        f"{Path(str(cfg.data.train_path or cfg.data.path)).parent.name} {cfg.split}, template {cfg.template.name}, "
+        f"supervision {datas['session'].supervision.describe()}"
     )
     write_report(result, cfg.out_dir, title)
     print((Path(cfg.out_dir) / "weights.md").read_text())
@@ -50,7 +77,8 @@ def measure(cfg: DictConfig) -> dict:
     from transformers import GlmForCausalLM
 
     from glm_session.analysis.measured import measured_weights
-    from glm_session.analysis.weights import exact_coefficients, trained_turns
+    from glm_session.analysis.report import dataset_turns
+    from glm_session.analysis.weights import exact_coefficients
     from glm_session.model import chatglm2_config, padded_vocab_size
 
     results = {}
@@ -69,11 +97,8 @@ def measure(cfg: DictConfig) -> dict:
             )
         model.float().eval()
         batch = next(iter(data.dataloader(cfg.split)))
-        rows = range(batch["labels"].shape[0])
-        turns = trained_turns(
-            batch["labels"].tolist(), batch["turn_ids"].tolist(),
-            [batch["session_index"][r, 0].item() for r in rows], [batch["sample_index"][r, 0].item() for r in rows],
-        )  # fmt: skip
+        in_batch = set(batch["sample_index"][:, 0].tolist())  # one sample a row
+        turns = [t for t in dataset_turns(data, cfg.split) if t.sample in in_batch]
         for reduction in ("token", "sample", "turn"):
             exact = {k: float(v) for k, v in exact_coefficients(turns, reduction).items()}
             measured, residual = measured_weights(model, batch, reduction)
@@ -96,15 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     if command == "article-toy":
         print(json.dumps(article_toy()))
         return 0
-    if command == "exact-toy":
-        print(json.dumps({name: {k: str(v) for k, v in w.items()} for name, w in exact_toy().items()}, indent=1))
-        return 0
-    if command not in ("report", "measure"):
+    if command not in ("exact-toy", "report", "measure"):
         print(__doc__, file=sys.stderr)
         return 2
     with cli_errors():
         cfg = compose_config("analysis", argv[1:])
-        (report if command == "report" else measure)(cfg)
+        {"exact-toy": toy, "report": report, "measure": measure}[command](cfg)
     return 0
 
 

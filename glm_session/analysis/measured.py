@@ -14,7 +14,7 @@ from collections.abc import Hashable, Sequence
 import torch
 
 from glm_session.model.loss import loss_terms, reduce_loss, token_losses
-from glm_session.supervision import supervised
+from glm_session.supervision import loss_weights, supervised
 
 
 def _flat_grad(loss: torch.Tensor, parameters: Sequence[torch.nn.Parameter]) -> torch.Tensor:
@@ -35,7 +35,7 @@ def measured_weights(
     Args:
         model: a causal LM returning ``.logits`` (fp32 for a precise answer).
         batch: the collator's dict (``input_ids``, ``position_ids``, ``labels``, ``turn_ids``, ``sample_index``,
-            ``session_index``).
+            ``session_index`` and, for a supervision policy's weights, ``loss_weight``).
         reduction: ``token``, ``sample``, ``turn`` or ``sum``.
         keys: (B, T) integer content key of every token (equal keys merge); default (session, turn).
 
@@ -46,7 +46,9 @@ def measured_weights(
     """
     parameters = [p for p in model.parameters() if p.requires_grad]
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    terms = loss_terms(logits, batch["labels"], batch["turn_ids"], batch["sample_index"], reduction)
+    labels, turn_ids, sample_index = batch["labels"], batch["turn_ids"], batch["sample_index"]
+    weights = loss_weights(labels, turn_ids, sample_index, batch.get("loss_weight"))
+    terms = loss_terms(logits, labels, turn_ids, sample_index, reduction, weights)
     step_gradient = _flat_grad(reduce_loss([terms], reduction), parameters).double()
 
     losses = token_losses(logits, batch["labels"])  # (B, T-1)

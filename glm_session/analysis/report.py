@@ -18,7 +18,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from glm_session.analysis.article import attribution_weights
-from glm_session.analysis.weights import TrainedTurn, trained_turns, weights_by_turn_index
+from glm_session.analysis.weights import TrainedTurn, turns_of, weights_by_turn_index
 from glm_session.data.datamodule import DialogueDataModule
 
 STRATEGIES = ("split", "session")
@@ -26,10 +26,11 @@ REDUCTIONS = ("token", "sample", "turn")
 
 
 def dataset_turns(data: DialogueDataModule, split: str = "train") -> list[TrainedTurn]:
-    """Every trained turn of ``split`` (the sample id is the sample's row in the samples dataset)."""
-    samples = data.pipeline.prepared(split).samples
-    table = samples.select_columns(["labels", "turn_ids", "session_index"])[:]
-    return trained_turns(table["labels"], table["turn_ids"], table["session_index"], range(len(samples)))
+    """Every trained turn of ``split`` with its supervision weight (the sample id is the sample's row in the samples
+    dataset)."""
+    pipeline = data.pipeline
+    sessions = pipeline.prepared(split).samples.data.column("session_index").to_pylist()
+    return turns_of(pipeline.supervised_turns(split), sessions, range(len(sessions)))
 
 
 def per_step_weights(

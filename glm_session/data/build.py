@@ -1,10 +1,11 @@
 """Sessions -> samples through ``datasets.map``, cached on disk: a second run does not tokenize again.
 
-``SampleSpec`` is what decides a session's samples: the tokenizer, the template, the strategy and ``max_seq_len``.
-One row per sample: ``input_ids``, ``labels``, ``turn_ids``, the session's index and its counters. The cache key
+``SampleSpec`` is what decides a session's samples: the tokenizer, the template, the strategy, ``max_seq_len`` and
+the supervision policy. One row per sample: ``input_ids``, ``labels``, ``turn_ids``, the weight of every turn of
+its session (``turn_weights``, by turn id), the session's index and its counters. The cache key
 (``SampleSpec.fingerprint``) covers the sessions (their content, or the files they come from), the spec, and the
 source of every module that shapes samples (reading, sessions, templates, strategies, samples, this file, the
-tokenizer), so that a change to any of them builds anew.
+tokenizer, the supervision policies), so that a change to any of them builds anew.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from glm_session.data.samples import Sample, SegmentEncoder, SessionLayout, buil
 from glm_session.data.session import Session
 from glm_session.data.strategy import Plan, Strategy
 from glm_session.data.template import Template
+from glm_session.supervision import AllAnswers, Supervision
 from glm_session.tokenizer import ChatGLM2Tokenizer
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "glm_session"
@@ -38,6 +40,7 @@ FEATURES = datasets.Features(
         "input_ids": datasets.Sequence(datasets.Value("int32")),
         "labels": datasets.Sequence(datasets.Value("int32")),
         "turn_ids": datasets.Sequence(datasets.Value("int16")),
+        "turn_weights": datasets.Sequence(datasets.Value("float32")),
         "session_index": datasets.Value("int32"),
         "length": datasets.Value("int32"),
         "supervised_tokens": datasets.Value("int32"),
@@ -54,7 +57,7 @@ SESSION_FEATURES = datasets.Features(
 )
 # Every module whose code shapes a sample, from the file's bytes to the sample's ids and labels.
 CODE_FILES = ("data/readers.py", "data/session.py", "data/source.py", "data/template.py", "data/strategy.py",
-              "data/samples.py", "data/build.py", "tokenizer.py")  # fmt: skip
+              "data/samples.py", "data/build.py", "tokenizer.py", "supervision.py")  # fmt: skip
 
 
 def sessions_fingerprint(sessions: list[Session]) -> str:
@@ -79,12 +82,14 @@ def code_fingerprint() -> str:
 
 @dataclass(frozen=True)
 class SampleSpec:
-    """What decides the samples of a session: tokenizer, template, strategy and the most tokens in a sample."""
+    """What decides the samples of a session: tokenizer, template, strategy, the most tokens in a sample, and which
+    answers are trained how much (``supervision``)."""
 
     tokenizer: ChatGLM2Tokenizer
     template: Template
     strategy: Strategy
     max_seq_len: int
+    supervision: Supervision = AllAnswers()
 
     def fingerprint(self, sessions_key: str) -> str:
         """The cache key of the samples of the sessions identified by ``sessions_key``."""
@@ -94,6 +99,7 @@ class SampleSpec:
             "template": asdict(self.template),
             "strategy": self.strategy.name,
             "max_seq_len": self.max_seq_len,
+            "supervision": self.supervision.describe(),
             "code": code_fingerprint(),
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
@@ -149,9 +155,11 @@ def session_samples(
     template: Template,
     strategy: Strategy,
     max_seq_len: int,
+    supervision: Supervision = AllAnswers(),
 ) -> tuple[list[Sample], Plan]:
-    """The samples ``strategy`` makes of one session, and its plan (views and counts)."""
-    layout = SessionLayout(session, template, SegmentEncoder(tokenizer))
+    """The samples ``strategy`` makes of one session under ``supervision``, and its plan (views and counts)."""
+    weights = [float(w) for w in supervision.session_weights(len(session.turns))]
+    layout = SessionLayout(session, template, SegmentEncoder(tokenizer), weights)
     plan = strategy.plan(layout, max_seq_len)
     return [build_sample(layout, view) for view in plan.views], plan
 
@@ -160,16 +168,19 @@ def _build_batch(batch: dict[str, list], indices: list[int], spec: SampleSpec) -
     out: dict[str, list] = {name: [] for name in FEATURES}
     for row, session_index in enumerate(indices):
         session = Session.from_record({key: values[row] for key, values in batch.items()})
-        samples, plan = session_samples(session, spec.tokenizer, spec.template, spec.strategy, spec.max_seq_len)
+        samples, plan = session_samples(
+            session, spec.tokenizer, spec.template, spec.strategy, spec.max_seq_len, spec.supervision
+        )
         windows = len(plan.views) if spec.strategy.name != "split" and len(plan.views) > 1 else 0
         for number, (view, sample) in enumerate(zip(plan.views, samples, strict=True)):
             out["input_ids"].append(sample.input_ids)
             out["labels"].append(sample.labels)
             out["turn_ids"].append(sample.turn_ids)
+            out["turn_weights"].append(sample.turn_weights)
             out["session_index"].append(session_index)
             out["length"].append(len(sample.input_ids))
             out["supervised_tokens"].append(len(sample.labels) - sample.labels.count(IGNORE_INDEX))
-            out["trained_turns"].append(view.end - view.trained_start)
+            out["trained_turns"].append(sum(w > 0 for w in sample.turn_weights[view.trained_start + 1 : view.end + 1]))
             out["truncated_turns"].append(int(view.answer_limit is not None))
             out["dropped_history_turns"].append(view.start)
             # Session-level counters go on the session's first sample.
@@ -179,7 +190,7 @@ def _build_batch(batch: dict[str, list], indices: list[int], spec: SampleSpec) -
             out["window_split_tokens"].append(plan.split_tokens if windows and number == 0 else 0)
         if not plan.views and plan.skipped_turns:  # keep the count: an empty row that batching leaves out
             for name in FEATURES:
-                out[name].append([] if name in ("input_ids", "labels", "turn_ids") else 0)
+                out[name].append([] if name in ("input_ids", "labels", "turn_ids", "turn_weights") else 0)
             out["session_index"][-1] = session_index
             out["skipped_turns"][-1] = plan.skipped_turns
     return out

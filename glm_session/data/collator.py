@@ -15,9 +15,11 @@ from glm_session.constants import IGNORE_INDEX
 from glm_session.data.batching import ghost
 from glm_session.supervision import loss_weights, supervised
 
-ROW_COLUMNS = ("input_ids", "labels", "turn_ids", "session_index", "length")
-# The per-token fields of a batch: the rows as the model is fed (``python -m glm_session.data export`` writes these).
+ROW_COLUMNS = ("input_ids", "labels", "turn_ids", "turn_weights", "session_index", "length")
+# The per-token fields of a batch: the rows as the model is fed (``python -m glm_session.data export`` writes these,
+# and ``WEIGHT_FIELD`` when the supervision policy weighs turns).
 ROW_FIELDS = ("input_ids", "labels", "position_ids", "turn_ids", "session_index", "sample_index")
+WEIGHT_FIELD = "loss_weight"  # the supervision weight w_k of every trained label, 0 where nothing is trained
 
 
 class RowDataset(torch.utils.data.Dataset):
@@ -25,7 +27,8 @@ class RowDataset(torch.utils.data.Dataset):
     sample indices is the row of those samples (batch samplers that pack per batch).
 
     Every sample keeps its own position ids (0, 1, ...), so transformers sees where one ends and the next begins
-    and keeps attention block-diagonal; ``sample_index`` is the sample's row in ``samples``.
+    and keeps attention block-diagonal; ``sample_index`` is the sample's row in ``samples``; ``loss_weight`` is the
+    weight of each trained label's turn (its sample's ``turn_weights``), 0 where nothing is trained.
     """
 
     def __init__(self, samples: datasets.Dataset, rows: Sequence[Sequence[int]]) -> None:
@@ -39,16 +42,20 @@ class RowDataset(torch.utils.data.Dataset):
         if isinstance(index, int) and index < 0 or isinstance(index, tuple) and index[0] < 0:
             row = self[ghost(index)]  # a ghost (batching.ghost) of that row: the same tokens, nothing counted
             n = len(row["input_ids"])
-            untrained = {"labels": [IGNORE_INDEX] * n, "sample_index": [-1] * n, "session_index": [-1] * n}
+            untrained = {"labels": [IGNORE_INDEX] * n, "sample_index": [-1] * n, "session_index": [-1] * n,
+                         WEIGHT_FIELD: [0.0] * n}  # fmt: skip
             return {**row, **untrained, "sample_lengths": []}
         indices = list(index) if isinstance(index, tuple) else list(self.rows[index])
         batch = self.samples[indices]
         row: dict[str, list[int]] = {name: [] for name in ("input_ids", "labels", "turn_ids")}
-        row["position_ids"], row["session_index"], row["sample_index"] = [], [], []
+        row["position_ids"], row["session_index"], row["sample_index"], row[WEIGHT_FIELD] = [], [], [], []
         for j, sample_index in enumerate(indices):
             length = batch["length"][j]
             for name in ("input_ids", "labels", "turn_ids"):
                 row[name] += batch[name][j]
+            weights = np.asarray(batch["turn_weights"][j], dtype=np.float32)[batch["turn_ids"][j]]  # (length,)
+            weights[np.asarray(batch["labels"][j]) == IGNORE_INDEX] = 0.0
+            row[WEIGHT_FIELD] += weights.tolist()
             row["position_ids"] += range(length)
             row["session_index"] += [batch["session_index"][j]] * length
             row["sample_index"] += [sample_index] * length
@@ -60,12 +67,12 @@ class RowDataset(torch.utils.data.Dataset):
 class Collator:
     """Pad rows at their end to the longest row of the batch (or to ``width``).
 
-    Padding: ``pad_id`` inputs, ignored labels, turn 0, session and sample index -1. Its position ids continue
+    Padding: ``pad_id`` inputs, ignored labels, turn 0, session and sample index -1, weight 0. Its position ids continue
     those of the row's last sample, so a row holding one sample stays one causal sequence (no block mask
     needed); the padded positions come after every real token, so they never change a real token's logits.
 
-    Besides ``ROW_FIELDS`` a batch holds the loss weights of ``supervision.loss_weights`` (``sample_weight``,
-    ``turn_weight``, ``loss_counts``), the trained positions flattened over (B, T-1) (``supervised_positions``, for
+    Besides ``ROW_FIELDS`` and ``loss_weight`` a batch holds the loss weights of ``supervision.loss_weights``
+    (``token_weight``, ``sample_weight``, ``turn_weight``, ``loss_counts``), the trained positions flattened over (B, T-1) (``supervised_positions``, for
     the chunked loss), and as plain Python numbers, which stay on the CPU when Lightning moves the
     batch: ``sample_lengths`` (every sample's tokens) and ``supervised_tokens``.
     """
@@ -84,19 +91,24 @@ class Collator:
         pads = {"input_ids": self.pad_id, "labels": IGNORE_INDEX, "turn_ids": 0, "session_index": -1,
                 "sample_index": -1}  # fmt: skip
         columns: dict[str, list[int]] = {name: [] for name in ROW_FIELDS}
+        loss_weight: list[float] = []
         for row in rows:  # one flat list per field, turned into a tensor at once (torch.tensor of lists is slow)
             n = len(row["input_ids"])
             for name, pad in pads.items():
                 columns[name] += row[name]
                 columns[name] += [pad] * (width - n)
+            loss_weight += row[WEIGHT_FIELD]
+            loss_weight += [0.0] * (width - n)
             last = row["position_ids"][-1]
             columns["position_ids"] += row["position_ids"]
             columns["position_ids"] += range(last + 1, last + 1 + width - n)
         shape = (len(rows), width)
         batch = {name: torch.from_numpy(np.array(values, dtype=np.int64)).view(shape)
                  for name, values in columns.items()}  # fmt: skip
-        weights = loss_weights(batch["labels"], batch["turn_ids"], batch["sample_index"])
-        batch.update(sample_weight=weights.sample, turn_weight=weights.turn, loss_counts=weights.counts)
+        batch[WEIGHT_FIELD] = torch.from_numpy(np.array(loss_weight, dtype=np.float32)).view(shape)
+        weights = loss_weights(batch["labels"], batch["turn_ids"], batch["sample_index"], batch[WEIGHT_FIELD])
+        batch.update(token_weight=weights.token, sample_weight=weights.sample, turn_weight=weights.turn,
+                     loss_counts=weights.counts)  # fmt: skip
         batch["supervised_positions"] = supervised(batch["labels"]).flatten().nonzero().squeeze(1)
         batch["sample_lengths"] = [n for row in rows for n in row.get("sample_lengths") or _run_lengths(row)]
         batch["supervised_tokens"] = int(weights.counts[0])

@@ -16,6 +16,7 @@ from glm_session.data.source import SPLITS, DialogueSource
 from glm_session.data.strategy import STRATEGIES, Strategy, get_strategy
 from glm_session.data.template import Template, get_template
 from glm_session.errors import check_bool, check_choice, check_int
+from glm_session.supervision import Supervision, get_supervision
 from glm_session.tokenizer import ChatGLM2Tokenizer
 
 
@@ -25,6 +26,9 @@ class DialogueDataModule(L.LightningDataModule):
     Args:
         tokenizer: a ``ChatGLM2Tokenizer``.
         template: a ``Template`` or its name; ``strategy``: a strategy or its name.
+        supervision: which answers of the training samples are trained and how much each turn weighs (a
+            ``Supervision`` policy or its name). Validation and test samples train every answer with weight 1, so
+            that a run is scored on every turn whatever its policy.
         train_path, validation_path, test_path, path, holdout, format, role_map, on_error, drop_trailing_question,
             limit: where the sessions come from and how they are read (``DialogueSource``).
         max_seq_len: the most tokens in a sample (and in a packed row).
@@ -45,6 +49,7 @@ class DialogueDataModule(L.LightningDataModule):
         tokenizer: ChatGLM2Tokenizer,
         template: Template | str = "chatglm2",
         strategy: Strategy | str = "session",
+        supervision: Supervision | str = "all",
         train_path: str | None = None,
         validation_path: str | None = None,
         test_path: str | None = None,
@@ -73,13 +78,13 @@ class DialogueDataModule(L.LightningDataModule):
         super().__init__()
         template = get_template(template) if isinstance(template, str) else template
         strategy = get_strategy(strategy) if isinstance(strategy, str) else strategy
+        supervision = get_supervision(supervision) if isinstance(supervision, str) else supervision
         check_int("data.max_seq_len", max_seq_len, minimum=shortest_sample(tokenizer, template))
-        samples = SampleSpec(tokenizer, template, strategy, max_seq_len)
+        samples = SampleSpec(tokenizer, template, strategy, max_seq_len, supervision)
         if validation_strategy is not None:
             check_choice("data.validation_strategy", validation_strategy, tuple(STRATEGIES))
-            evaluation = SampleSpec(tokenizer, template, get_strategy(validation_strategy), max_seq_len)
-        else:
-            evaluation = samples
+        evaluation_strategy = strategy if validation_strategy is None else get_strategy(validation_strategy)
+        evaluation = SampleSpec(tokenizer, template, evaluation_strategy, max_seq_len)  # every answer, weight 1
         source = DialogueSource(train_path, validation_path, test_path, path, holdout, format, role_map, on_error,
                                 drop_trailing_question, limit)  # fmt: skip
         batching = Batching(batch_size, batch_tokens, batch_sessions, batch_supervised_tokens, pad_to, max_seq_len,
@@ -103,6 +108,10 @@ class DialogueDataModule(L.LightningDataModule):
     @property
     def strategy(self) -> Strategy:
         return self.pipeline.samples.strategy
+
+    @property
+    def supervision(self) -> Supervision:
+        return self.pipeline.samples.supervision
 
     @property
     def max_seq_len(self) -> int:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 
 from glm_session.data.batching import Batching, RowBatchSampler
@@ -26,12 +27,17 @@ from glm_session.data.loader import ResumableDataLoader
 from glm_session.data.packing import Rows, make_rows
 from glm_session.data.source import SPLITS, DialogueSource
 from glm_session.errors import UserError
+from glm_session.supervision import SupervisedTurns, supervised_turns
 
 WINDOW_WARNING_SHARE = 0.5  # warn when cut sessions' windows take this share of their split samples' tokens
 
 
 class EmptySplitError(UserError):
     """A split that the run needs holds no sample; the message says what reading it found."""
+
+
+class NothingSupervisedError(EmptySplitError):
+    """The supervision policy leaves no answer of a training split trained."""
 
 
 @dataclass
@@ -71,6 +77,7 @@ class DialoguePipeline:
         self.batching, self.num_workers, self.pin_memory = batching, num_workers, pin_memory
         self.cache_dir, self.num_proc = Path(cache_dir or DEFAULT_CACHE_DIR), num_proc
         self._splits: dict[str, PreparedSplit] = {}
+        self._supervised: dict[str, SupervisedTurns] = {}
 
     def spec_of(self, split: str) -> SampleSpec:
         """The spec that builds the samples of ``split``."""
@@ -89,6 +96,19 @@ class DialoguePipeline:
                              spec.max_seq_len, self.batching.packing)  # fmt: skip
             self._splits[split] = PreparedSplit(self.source.summary(split, self.cache_dir), samples, rows)
         return self._splits[split]
+
+    def supervised_turns(self, split: str) -> SupervisedTurns:
+        """Every supervised answer turn of ``split``'s samples, with its tokens and weight (computed once)."""
+        if split not in self._supervised:
+            table = self.prepared(split).samples.data
+
+            def flat(name: str) -> tuple[np.ndarray, np.ndarray]:  # a list column's values end to end, and lengths
+                column = table.column(name).combine_chunks()
+                return column.flatten().to_numpy(), column.value_lengths().to_numpy()
+
+            (labels, lengths), (turn_ids, _) = flat("labels"), flat("turn_ids")
+            self._supervised[split] = supervised_turns(labels, turn_ids, lengths, *flat("turn_weights"))
+        return self._supervised[split]
 
     # batches -------------------------------------------------------------------------------------
 
@@ -116,9 +136,12 @@ class DialoguePipeline:
     # what a split costs ------------------------------------------------------------------------------
 
     def statistics(self, split: str = "train") -> dict[str, Any]:
-        """What ``split`` costs: tokens, samples, rows, padding as batched (epoch 0, one process), and every count
-        of what was dropped, cut, truncated or skipped."""
+        """What ``split`` costs: tokens, samples, rows, padding as batched (epoch 0, one process), every count of
+        what was dropped, cut, truncated or skipped, and the supervised answers and tokens by turn position."""
         prepared = self.prepared(split)
+        turns = self.supervised_turns(split)
+        answers_by_turn = np.bincount(turns.turns)
+        tokens_by_turn = np.bincount(turns.turns, weights=turns.tokens)
         table = prepared.samples.data
         columns = {name: table.column(name).to_numpy() for name in ("length", "supervised_tokens", *COUNTERS)}
         sampler = self.batch_sampler(split)
@@ -130,6 +153,7 @@ class DialoguePipeline:
             "split": split,
             "template": self.samples.template.name,
             "strategy": self.spec_of(split).strategy.name,
+            "supervision": self.spec_of(split).supervision.describe(),
             "packing": self.batching.packing,
             "max_seq_len": self.samples.max_seq_len,
             "sessions": prepared.summary["sessions"],
@@ -139,6 +163,11 @@ class DialoguePipeline:
             "batches": len(batches),
             "input_tokens": int(columns["length"].sum()),
             "supervised_tokens": int(columns["supervised_tokens"].sum()),
+            "supervised_answers": len(turns.turns),
+            "supervised_by_turn": {
+                turn: {"answers": int(answers_by_turn[turn]), "tokens": int(tokens_by_turn[turn])}
+                for turn in np.flatnonzero(answers_by_turn).tolist()
+            },
             "padding_tokens": padded - rows_tokens,
             "padding_fraction": (padded - rows_tokens) / padded if padded else 0.0,
             **{name: int(columns[name].sum()) for name in COUNTERS if name != "trained_turns"},
@@ -147,8 +176,24 @@ class DialoguePipeline:
             "dropped_trailing_questions": prepared.summary["dropped_trailing_questions"],
         }
 
+    def check_supervision(self, split: str) -> None:
+        """Raise when the policy of ``split``'s samples does not fit it: a setting for turns no session has
+        (``ConfigError``), or no answer supervised (``NothingSupervisedError``)."""
+        supervision, summary = self.spec_of(split).supervision, self.prepared(split).summary
+        if not summary["sessions"]:
+            return
+        supervision.check_turns(summary["max_turns"], split)
+        if supervision.name != "all" and not len(self.supervised_turns(split).tokens):
+            raise NothingSupervisedError(
+                f"{self.source.describe(split)}: trains on nothing: supervision={supervision.describe()} leaves 0 "
+                f"supervised answers in the {split} split ({summary['sessions']} sessions of at most "
+                f"{summary['max_turns']} turns)"
+            )
+
     def require_batches(self, split: str) -> None:
-        """Raise ``EmptySplitError`` when ``split`` gives no batch (no sample), saying what reading it found."""
+        """Raise ``EmptySplitError`` when ``split`` gives no batch (no sample), saying what reading it found, and
+        when its supervision policy trains nothing (``check_supervision``)."""
+        self.check_supervision(split)
         stats = self.statistics(split)
         if stats["batches"] > 0:
             return
@@ -180,4 +225,4 @@ class DialoguePipeline:
         return self.source.summary(split, self.cache_dir)["skipped"][:limit]
 
 
-__all__ = ["SPLITS", "DialoguePipeline", "EmptySplitError", "PreparedSplit"]
+__all__ = ["SPLITS", "DialoguePipeline", "EmptySplitError", "NothingSupervisedError", "PreparedSplit"]

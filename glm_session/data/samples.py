@@ -3,11 +3,13 @@
 ``SessionLayout`` knows the token counts of one session as a template writes it, so that strategies can
 decide which turns go into which sample (``View``) without building them; ``build_sample`` then builds one.
 Every text is encoded once per session (``SegmentEncoder`` memoises), and a segment's ids never depend on its
-neighbours, so a turn has the same ids in every sample that contains it.
+neighbours, so a turn has the same ids in every sample that contains it. The layout carries the supervision policy's
+weight of every turn: a turn of weight 0 is context only, in every sample.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from glm_session.constants import IGNORE_INDEX
@@ -18,7 +20,8 @@ from glm_session.tokenizer import ChatGLM2Tokenizer
 
 @dataclass(frozen=True)
 class View:
-    """A contiguous run of turns ``[start, end)`` (0-based) of which ``[trained_start, end)`` are trained.
+    """A contiguous run of turns ``[start, end)`` (0-based) of which those in ``[trained_start, end)`` with a
+    weight above 0 are trained.
 
     ``answer_limit``: keep only this many answer tokens of the last turn and no stop (a turn too long for
     ``max_seq_len`` is truncated at its answer's tail).
@@ -38,6 +41,7 @@ class Sample:
     input_ids: list[int]
     labels: list[int]  # aligned with input_ids, as in Hugging Face: the loss shifts
     turn_ids: list[int]  # 1-based session turn of every token; 0 for the prefix and the system text
+    turn_weights: list[float]  # the supervision weight of every turn of the session, by turn id (0: the prefix's)
 
 
 class SegmentEncoder:
@@ -58,11 +62,17 @@ class SegmentEncoder:
 
 
 class SessionLayout:
-    """Token counts of ``session`` written by ``template``, for any run of its turns."""
+    """Token counts of ``session`` written by ``template``, for any run of its turns, and the supervision weight of
+    each turn (``weights[i]`` of turn i + 1; default 1 for all)."""
 
-    def __init__(self, session: Session, template: Template, encoder: SegmentEncoder) -> None:
+    def __init__(
+        self, session: Session, template: Template, encoder: SegmentEncoder, weights: Sequence[float] | None = None
+    ) -> None:
         self.session, self.template, self.encode = session, template, encoder
         self.num_turns = len(session.turns)
+        self.weights = tuple(weights) if weights is not None else (1.0,) * self.num_turns
+        if len(self.weights) != self.num_turns:
+            raise ValueError(f"{len(self.weights)} weights for the {self.num_turns} turns of session {session.id!r}")
         self.base = sum(len(encoder(s)) for s in template.prefix() + template.system(session.system))
         self._lengths: dict[int, tuple[list[int], list[int], list[int]]] = {}
 
@@ -82,6 +92,10 @@ class SessionLayout:
         self._lengths[start] = before, questions, closed
         return self._lengths[start]
 
+    def trained(self, turn: int) -> bool:
+        """Whether turn ``turn`` (0-based) is supervised (its weight is above 0)."""
+        return self.weights[turn] > 0
+
     def length(self, start: int, end: int) -> int:
         """Tokens of the sample holding turns ``[start, end)``."""
         before, questions, closed = self._turn_lengths(start)
@@ -100,7 +114,8 @@ class SessionLayout:
 
 
 def build_sample(layout: SessionLayout, view: View) -> Sample:
-    """The sample of ``view``: labels on the answers (and stops) of its trained turns, or on all their tokens."""
+    """The sample of ``view``: labels on the answers (and stops) of its trained turns, or on all their tokens; turns
+    of weight 0 are context only."""
     session, template, encode = layout.session, layout.template, layout.encode
     segments = template.render_turns(session.turns[view.start : view.end], session.system, view.start + 1)
     input_ids: list[int] = []
@@ -113,7 +128,11 @@ def build_sample(layout: SessionLayout, view: View) -> Sample:
                 continue
             if segment.role == "assistant":
                 ids = ids[: view.answer_limit]
-        trained = segment.turn > view.trained_start and (segment.label != "none" or view.every_token)
+        trained = (
+            segment.turn > view.trained_start
+            and layout.trained(segment.turn - 1)
+            and (segment.label != "none" or view.every_token)
+        )
         if not trained:
             labels += [IGNORE_INDEX] * len(ids)
         elif segment.label in ("self", "none"):
@@ -122,7 +141,7 @@ def build_sample(layout: SessionLayout, view: View) -> Sample:
             labels += [encode.eos_id] + [IGNORE_INDEX] * (len(ids) - 1)
         input_ids += ids
         turn_ids += [segment.turn] * len(ids)
-    return Sample(input_ids, labels, turn_ids)
+    return Sample(input_ids, labels, turn_ids, [0.0, *layout.weights])
 
 
 def _shortest(tokenizer: ChatGLM2Tokenizer, template: Template) -> SessionLayout:

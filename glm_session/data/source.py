@@ -107,11 +107,14 @@ class DialogueSource:
         """What reading ``split`` found (from the cache when the same files were read before)."""
         path = cache_dir / f"read-{self.key()}-{split}.json"
         if path.exists():
-            return json.loads(path.read_text())
+            summary = json.loads(path.read_text())
+            if "max_turns" in summary:  # else written by an earlier version: read again
+                return summary
         read = self.read(split)
         summary = {
             "sessions": len(read.sessions),
             "turns": sum(len(s.turns) for s in read.sessions),
+            "max_turns": max((len(s.turns) for s in read.sessions), default=0),
             "skipped_records": len(read.skipped),
             "skipped": [str(e) for e in read.skipped[:SKIPS_KEPT]],
             "dropped_trailing_questions": read.dropped_trailing_questions,

@@ -4,6 +4,10 @@
 - ``session``: one sample per session: turns 1..T, trained on every answer (the article's construction).
 - ``lm``: the session's samples trained on every token (questions too): plain-text pretraining.
 
+Only the turns that the supervision policy trains (weight above 0, ``SessionLayout.trained``) get samples: split
+builds none for the others, and a session sample ends with its last trained turn (nothing after it is seen by a
+trained answer); untrained turns before it are context.
+
 Both keep every sample within ``max_seq_len`` without a silent drop and without cutting a question:
 
 - split drops the oldest history turns of sample k until it fits;
@@ -50,6 +54,11 @@ def _alone(layout: SessionLayout, turn: int, max_seq_len: int, plan: Plan) -> bo
     return True
 
 
+def _next_trained(layout: SessionLayout, start: int) -> int | None:
+    """The first trained turn (0-based) at or after ``start``; ``None`` if there is none."""
+    return next((turn for turn in range(start, layout.num_turns) if layout.trained(turn)), None)
+
+
 def _history_start(layout: SessionLayout, turn: int, max_seq_len: int) -> int:
     """The earliest start such that turns ``[start, turn]`` fit (``turn`` itself is known to fit)."""
     start = 0
@@ -67,7 +76,7 @@ class SplitStrategy:
     def plan(self, layout: SessionLayout, max_seq_len: int) -> Plan:
         plan = Plan()
         for turn in range(layout.num_turns):
-            if not _alone(layout, turn, max_seq_len, plan):
+            if layout.trained(turn) and not _alone(layout, turn, max_seq_len, plan):
                 plan.views.append(View(_history_start(layout, turn, max_seq_len), turn, turn + 1))
         return plan
 
@@ -80,17 +89,19 @@ class SessionStrategy:
 
     def plan(self, layout: SessionLayout, max_seq_len: int) -> Plan:
         plan = Plan()
-        turn = 0
-        while turn < layout.num_turns:
+        turn = _next_trained(layout, 0)
+        while turn is not None:
             if _alone(layout, turn, max_seq_len, plan):
-                turn += 1
+                turn = _next_trained(layout, turn + 1)
                 continue
             start = _history_start(layout, turn, max_seq_len)
             end = turn + 1
             while end < layout.num_turns and layout.length(start, end + 1) <= max_seq_len:
                 end += 1
+            while not layout.trained(end - 1):  # no trained answer after these: leave them out
+                end -= 1
             plan.views.append(View(start, turn, end))
-            turn = end
+            turn = _next_trained(layout, end)
         if (
             len(plan.views) > 1
         ):  # what the cut saves over split samples (often little: each window repeats history)

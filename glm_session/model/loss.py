@@ -2,16 +2,17 @@
 
 Every reduction is written as ``sum_t w_t * loss_t / D`` over the supervised tokens t of one optimizer step, where
 the weight w_t depends only on the token's own sample or turn (so it is known inside its micro-batch) and the
-denominator D is a count over the whole step (all micro-batches, all devices):
+denominator D is a count over the whole step (all micro-batches, all devices). ``w_k`` is the supervision policy's
+weight of t's turn (``supervision.py``; 1 for every turn by default): it acts in the numerator only.
 
-======== ============================ =========================
+======== ============================ =================================
 reduction w_t                          D
-======== ============================ =========================
-token     1                            supervised tokens
-sample    1 / tokens of t's sample     samples
-turn      1 / tokens of t's turn       answer turns
-sum       1                            1
-======== ============================ =========================
+======== ============================ =================================
+token     w_k                          supervised tokens
+sample    w_k / tokens of t's sample   samples holding a supervised token
+turn      w_k / tokens of t's turn     supervised answer turns
+sum       w_k                          1
+======== ============================ =================================
 
 A micro-batch contributes its numerator ``sum_t w_t * loss_t`` and its counts; the training module divides by
 the step's global D (DESIGN §2: a global count, not a mean of per-micro-batch means).
@@ -144,14 +145,15 @@ def reduce(
         sample_index: (B, T) a sample id, unique within the step, of every token.
         reduction: ``token``, ``sample``, ``turn`` or ``sum``.
         weights: the batch's ``supervision.loss_weights`` when the collator has computed them (on the CPU, so that
-            the step needs no synchronisation); computed here otherwise.
+            the step needs no synchronisation, with the supervision policy's turn weights); computed here otherwise,
+            every turn weighing 1.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"unknown loss reduction {reduction!r}: choose one of {', '.join(REDUCTIONS)}")
     if weights is None:
         weights = loss_weights(labels, turn_ids, sample_index)
-    weight = {"token": None, "sum": None, "sample": weights.sample, "turn": weights.turn}[reduction]
-    numerator = losses.sum() if weight is None else (weight * losses).sum()
+    weight = {"token": weights.token, "sum": weights.token, "sample": weights.sample, "turn": weights.turn}[reduction]
+    numerator = (weight * losses).sum()
     return LossTerms(numerator, weights.counts, losses.detach(), supervised(labels), turn_ids[:, 1:])
 
 
