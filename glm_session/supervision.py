@@ -111,9 +111,15 @@ class TurnWeights(Supervision):
     name: ClassVar[str] = "positions"
 
     def __post_init__(self) -> None:
-        weights = list(self.weights) if isinstance(self.weights, Sequence) and not isinstance(self.weights, str) else None
+        weights = (
+            list(self.weights)
+            if isinstance(self.weights, Sequence) and not isinstance(self.weights, str)
+            else None
+        )
         if not weights or not all(_is_weight(w) for w in weights):
-            raise ConfigError("supervision.weights", weights or self.weights, "a non-empty list of finite numbers >= 0")
+            raise ConfigError(
+                "supervision.weights", weights or self.weights, "a non-empty list of finite numbers >= 0"
+            )
         if not _is_weight(self.rest):
             raise ConfigError("supervision.rest", self.rest, "a finite number >= 0")
         object.__setattr__(self, "weights", tuple(float(w) for w in weights))
@@ -150,6 +156,7 @@ class RisingWeights(Supervision):
         return True
 
 
+ALL_ANSWERS = AllAnswers()  # the default policy
 POLICIES: dict[str, type[Supervision]] = {
     p.name: p for p in (AllAnswers, LastAnswer, FromTurn, TurnWeights, RisingWeights)
 }

@@ -15,6 +15,7 @@ from glm_session.analysis.toy import exact_toy
 from glm_session.analysis.weights import exact_weights, trained_turns
 from glm_session.data import DialogueDataModule
 from glm_session.model import chatglm2_config, padded_vocab_size
+from glm_session.supervision import ALL_ANSWERS
 
 F = Fraction
 
@@ -63,7 +64,7 @@ TOY = {
 TOY_TOKENS = {"a": 2, "b": 7, "c": 12}  # trained tokens of each answer, its stop included
 
 
-def toy_batch(tokenizer, strategy, tmp_path):
+def toy_batch(tokenizer, strategy, tmp_path, supervision=ALL_ANSWERS):
     """The toy batch (session 1 = a, session 2 = a, b, c), and every token's content key (a 0, b 1, c 2)."""
     path = tmp_path / f"toy-{strategy}.jsonl"
     lines = []
@@ -72,8 +73,8 @@ def toy_batch(tokenizer, strategy, tmp_path):
                     for m in ({"role": "user", "content": TOY[name][0]}, {"role": "assistant", "content": TOY[name][1]})]  # fmt: skip
         lines.append(json.dumps({"messages": messages}, ensure_ascii=False))
     path.write_text("\n".join(lines))
-    data = DialogueDataModule(tokenizer, "chatglm2", strategy, train_path=str(path), batch_size=100, shuffle=False,
-                        cache_dir=str(tmp_path))  # fmt: skip
+    data = DialogueDataModule(tokenizer, "chatglm2", strategy, supervision, train_path=str(path), batch_size=100,
+                              shuffle=False, cache_dir=str(tmp_path))  # fmt: skip
     batch = next(iter(data.dataloader("train")))
     content = {(0, 1): 0, (1, 1): 0, (1, 2): 1, (1, 3): 2}  # a, a, b, c
     keys = torch.tensor([[content.get((s, t), -1) for s, t in zip(srow, trow, strict=True)]
@@ -117,16 +118,17 @@ def test_measured_weights_of_the_toy(model, tokenizer, tmp_path, strategy, reduc
 
 
 @pytest.mark.slow
-def test_measure_command_on_kdconv(tmp_path, cache_dir, capsys):
-    """Exact vs measured on a real KdConv dialogue, every strategy and reduction."""
-    code = analysis_main(
-        ["measure", "measure.sessions=1", "split=validation", f"data.cache_dir={cache_dir}", f"out_dir={tmp_path}"]
-    )
+@pytest.mark.parametrize("supervision", ["all", "rising", "from_turn"])
+def test_measure_command_on_kdconv(tmp_path, cache_dir, supervision):
+    """Exact vs measured on three real KdConv dialogues in one batch (turns of different sessions kept apart),
+    every strategy and reduction, under a policy."""
+    code = analysis_main(["measure", "measure.sessions=3", f"supervision={supervision}", f"data.cache_dir={cache_dir}",
+                          f"out_dir={tmp_path}"])  # fmt: skip
     assert code == 0
     results = json.loads((tmp_path / "measured.json").read_text())
     assert len(results) == 6
     for name, result in results.items():
-        assert result["turns"] >= 8, name
+        assert result["turns"] >= 20 and len({key.split(":")[0] for key in result["exact"]}) == 3, name
         assert result["max_abs_error"] < 1e-4, name
 
 

@@ -1,5 +1,6 @@
 """DESIGN Invariant 2: the same sessions in one optimizer step (2 gradient-accumulation micro-batches, the real
-Lightning loop) give the same gradient for split+token and session+token, and for split+sample and session+turn.
+Lightning loop) give the same gradient for split+token and session+token, and for split+sample and session+turn,
+under every supervision policy.
 
 The optimizer is SGD with lr 1 and nothing else, so a parameter's change in that one step is minus its gradient.
 """
@@ -14,6 +15,7 @@ import torch
 from glm_session.config import RESOURCES_DIR
 from glm_session.data import DialogueDataModule
 from glm_session.model import ChatGLM2Module
+from glm_session.supervision import ALL_ANSWERS, FromTurn, LastAnswer, RisingWeights, Supervision, TurnWeights
 
 VALIDATION = str(RESOURCES_DIR / "kdconv/validation.jsonl")
 SESSIONS = 4
@@ -26,14 +28,18 @@ def one_step_gradient(
     reduction: str,
     packing: bool = False,
     loss_chunk_tokens: int | None = None,
+    supervision: Supervision = ALL_ANSWERS,
+    sessions: int = SESSIONS,
 ) -> torch.Tensor:
+    """The parameters' change in one SGD step (lr 1) of a fresh chatglm2-tiny (seed 0) over every sample of the
+    first ``sessions`` validation sessions, in two micro-batches: the gradient that reached the optimizer."""
     datamodule = DialogueDataModule(
-        tokenizer, "chatglm2", strategy, train_path=VALIDATION, limit=SESSIONS, max_seq_len=2048, packing=packing,
-        batch_size=1, cache_dir=cache_dir,
+        tokenizer, "chatglm2", strategy, supervision, train_path=VALIDATION, limit=sessions, max_seq_len=2048,
+        packing=packing, batch_size=1, cache_dir=cache_dir,
     )  # fmt: skip
     rows = len(datamodule.pipeline.prepared("train").rows.samples)
     datamodule.pipeline.batching = dataclasses.replace(datamodule.pipeline.batching, batch_size=-(-rows // 2))
-    # two micro-batches hold every sample of the 4 sessions
+    # two micro-batches hold every sample of the sessions
     module = ChatGLM2Module.from_preset(
         "chatglm2-tiny",
         len(tokenizer),
@@ -103,3 +109,20 @@ def test_reductions_do_differ(gradients):
     """The weighting is a property of the reduction: other pairs give other gradients."""
     assert max_difference(gradients["split", "token"], gradients["split", "sample"]) > 1e-4
     assert max_difference(gradients["session", "sample"], gradients["session", "turn"]) > 1e-4
+
+
+POLICIES = [LastAnswer(), FromTurn(3), TurnWeights((0.5, 2.0, 0.0), rest=1.5), RisingWeights()]
+
+
+@pytest.mark.parametrize("supervision", POLICIES, ids=lambda p: p.describe())
+def test_invariant_2_holds_under_every_policy(tokenizer, cache_dir, supervision):
+    """Matched reductions give one gradient whatever the strategy (packed rows for session), and the policy changes
+    it (the gradient is not the plain one)."""
+    run = functools.partial(one_step_gradient, tokenizer, cache_dir, supervision=supervision)
+    split_token, split_sample = run("split", "token"), run("split", "sample")
+    assert split_token.abs().max().item() > 1e-3
+    assert max_difference(run("session", "token", packing=True), split_token) < 1e-5
+    assert max_difference(run("session", "turn", packing=True), split_sample) < 1e-5
+    assert max_difference(run("session", "token"), split_token) < 1e-5
+    plain = one_step_gradient(tokenizer, cache_dir, "split", "token")
+    assert max_difference(split_token, plain) > 1e-4

@@ -24,7 +24,7 @@ from glm_session.analysis.article import article_toy
 from glm_session.analysis.toy import ARTICLE_TOY, exact_toy
 from glm_session.config import build, compose_config
 from glm_session.data.strategy import get_strategy
-from glm_session.errors import cli_errors
+from glm_session.errors import ConfigError, cli_errors
 
 
 def toy(cfg: DictConfig) -> dict:
@@ -36,7 +36,9 @@ def toy(cfg: DictConfig) -> dict:
     supervision = build(cfg.supervision)
     shares = exact_toy(supervision=supervision)
     scale = {
-        name: sum(exact_coefficients(toy_turns(name.split("+")[0], supervision=supervision), name.split("+")[1]).values())
+        name: sum(
+            exact_coefficients(toy_turns(name.split("+")[0], supervision=supervision), name.split("+")[1]).values()
+        )
         for name in shares
     }
     weights = {" ".join(s): supervision.session_weights(len(s)) for s in ARTICLE_TOY}
@@ -54,7 +56,13 @@ def toy(cfg: DictConfig) -> dict:
 
 def data_for(cfg: DictConfig, strategy: str, **data_overrides):
     """The data of ``cfg`` built with ``strategy`` (and other data settings)."""
-    return build(cfg.data, strategy=get_strategy(strategy), **data_overrides)
+    data = build(cfg.data, strategy=get_strategy(strategy), **data_overrides)
+    if cfg.split in ("validation", "test") and data.supervision.name != "all":
+        raise ConfigError(
+            "split", cfg.split, f"train or all with supervision={data.supervision.describe()}: validation and test "
+            "samples train every answer with weight 1, whatever the policy"
+        )  # fmt: skip
+    return data
 
 
 def report(cfg: DictConfig) -> dict:
@@ -76,7 +84,7 @@ def measure(cfg: DictConfig) -> dict:
     import torch
     from transformers import GlmForCausalLM
 
-    from glm_session.analysis.measured import measured_weights
+    from glm_session.analysis.measured import measured_weights, turn_directions
     from glm_session.analysis.report import dataset_turns
     from glm_session.analysis.weights import exact_coefficients
     from glm_session.model import chatglm2_config, padded_vocab_size
@@ -99,9 +107,10 @@ def measure(cfg: DictConfig) -> dict:
         batch = next(iter(data.dataloader(cfg.split)))
         in_batch = set(batch["sample_index"][:, 0].tolist())  # one sample a row
         turns = [t for t in dataset_turns(data, cfg.split) if t.sample in in_batch]
+        directions = turn_directions(model, batch)
         for reduction in ("token", "sample", "turn"):
             exact = {k: float(v) for k, v in exact_coefficients(turns, reduction).items()}
-            measured, residual = measured_weights(model, batch, reduction)
+            measured, residual = measured_weights(model, batch, reduction, directions=directions)
             error = max(abs(measured[k] - exact[k]) for k in exact)
             results[f"{strategy}+{reduction}"] = {
                 "turns": len(exact), "max_abs_error": error, "relative_residual": residual,

@@ -8,7 +8,7 @@ from fractions import Fraction
 
 from glm_session.analysis.article import ARTICLE_TOY
 from glm_session.analysis.weights import TrainedTurn, exact_weights
-from glm_session.supervision import AllAnswers, Supervision
+from glm_session.supervision import ALL_ANSWERS, Supervision
 
 __all__ = ["ARTICLE_TOY", "exact_toy", "toy_turns"]
 STRATEGIES = ("split", "session")
@@ -16,14 +16,16 @@ REDUCTIONS = ("token", "sample", "turn")
 
 
 def toy_turns(
-    strategy: str, tokens: int | Mapping[str, int] = 5, supervision: Supervision = AllAnswers()
+    strategy: str, tokens: int | Mapping[str, int] = 5, supervision: Supervision = ALL_ANSWERS
 ) -> list[TrainedTurn]:
     """The trained turns of the toy batch: split trains each supervised answer in its own sample, session all of a
     session's in one. ``tokens``: the trained tokens of every answer, or of each of a, b, c; turns of weight 0 are
     context only."""
     turns = []
     for s, session in enumerate(ARTICLE_TOY):
-        for k, (content, weight) in enumerate(zip(session, supervision.session_weights(len(session)), strict=True), start=1):
+        for k, (content, weight) in enumerate(
+            zip(session, supervision.session_weights(len(session)), strict=True), start=1
+        ):
             if weight == 0:
                 continue
             sample = (s, k) if strategy == "split" else s
@@ -33,11 +35,13 @@ def toy_turns(
 
 
 def exact_toy(
-    tokens: int | Mapping[str, int] = 5, supervision: Supervision = AllAnswers()
+    tokens: int | Mapping[str, int] = 5, supervision: Supervision = ALL_ANSWERS
 ) -> dict[str, dict[str, Fraction]]:
     """Token-level weights of a, b, c for every strategy+reduction under ``supervision``."""
     return {
-        f"{strategy}+{reduction}": dict(sorted(exact_weights(toy_turns(strategy, tokens, supervision), reduction).items()))
+        f"{strategy}+{reduction}": dict(
+            sorted(exact_weights(toy_turns(strategy, tokens, supervision), reduction).items())
+        )
         for strategy in STRATEGIES
         for reduction in REDUCTIONS
     }

@@ -15,7 +15,6 @@ from fractions import Fraction
 
 import numpy as np
 
-from glm_session.constants import IGNORE_INDEX
 from glm_session.model.loss import REDUCTIONS
 from glm_session.supervision import SupervisedTurns, supervised_turns
 
@@ -107,11 +106,14 @@ def trained_turns(
     return turns_of(found, list(session_index), list(sample_ids))
 
 
-def turns_of(found: SupervisedTurns, session_index: Sequence[int], sample_ids: Sequence[Hashable]) -> list[TrainedTurn]:
+def turns_of(
+    found: SupervisedTurns, session_index: Sequence[int], sample_ids: Sequence[Hashable]
+) -> list[TrainedTurn]:
     """``found`` as ``TrainedTurn`` s keyed by (session, turn), each weight as the exact value of its float (what
     training multiplies by)."""
     return [
         TrainedTurn((session_index[row], turn), turn, sample_ids[row], n, Fraction(weight))
-        for row, turn, n, weight in zip(found.rows.tolist(), found.turns.tolist(), found.tokens.tolist(),
-                                        found.weights.tolist(), strict=True)  # fmt: skip
+        for row, turn, n, weight in zip(
+            found.rows.tolist(), found.turns.tolist(), found.tokens.tolist(), found.weights.tolist(), strict=True
+        )  # fmt: skip
     ]

@@ -32,8 +32,8 @@ from pathlib import Path
 from glm_session.config import build, compose_config
 from glm_session.constants import IGNORE_INDEX
 from glm_session.data.collator import ROW_FIELDS, WEIGHT_FIELD
-from glm_session.model.loss import REDUCTIONS
 from glm_session.errors import ConfigError, check_choice, cli_errors
+from glm_session.model.loss import REDUCTIONS
 
 COMMANDS = ("stats", "export", "show")
 
@@ -55,7 +55,10 @@ def gradient_shares(datamodule, split: str, reduction: str) -> dict[int, float]:
     from glm_session.analysis.report import dataset_turns
     from glm_session.analysis.weights import weights_by_turn_index
 
-    return {turn: float(share) for turn, share in weights_by_turn_index(dataset_turns(datamodule, split), reduction).items()}
+    return {
+        turn: float(share)
+        for turn, share in weights_by_turn_index(dataset_turns(datamodule, split), reduction).items()
+    }
 
 
 def by_turn_table(stats: dict) -> str:

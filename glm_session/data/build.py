@@ -22,7 +22,7 @@ from glm_session.data.samples import Sample, SegmentEncoder, SessionLayout, buil
 from glm_session.data.session import Session
 from glm_session.data.strategy import Plan, Strategy
 from glm_session.data.template import Template
-from glm_session.supervision import AllAnswers, Supervision
+from glm_session.supervision import ALL_ANSWERS, Supervision
 from glm_session.tokenizer import ChatGLM2Tokenizer
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "glm_session"
@@ -89,7 +89,7 @@ class SampleSpec:
     template: Template
     strategy: Strategy
     max_seq_len: int
-    supervision: Supervision = AllAnswers()
+    supervision: Supervision = ALL_ANSWERS
 
     def fingerprint(self, sessions_key: str) -> str:
         """The cache key of the samples of the sessions identified by ``sessions_key``."""
@@ -155,7 +155,7 @@ def session_samples(
     template: Template,
     strategy: Strategy,
     max_seq_len: int,
-    supervision: Supervision = AllAnswers(),
+    supervision: Supervision = ALL_ANSWERS,
 ) -> tuple[list[Sample], Plan]:
     """The samples ``strategy`` makes of one session under ``supervision``, and its plan (views and counts)."""
     weights = [float(w) for w in supervision.session_weights(len(session.turns))]
@@ -180,7 +180,9 @@ def _build_batch(batch: dict[str, list], indices: list[int], spec: SampleSpec) -
             out["session_index"].append(session_index)
             out["length"].append(len(sample.input_ids))
             out["supervised_tokens"].append(len(sample.labels) - sample.labels.count(IGNORE_INDEX))
-            out["trained_turns"].append(sum(w > 0 for w in sample.turn_weights[view.trained_start + 1 : view.end + 1]))
+            out["trained_turns"].append(
+                sum(w > 0 for w in sample.turn_weights[view.trained_start + 1 : view.end + 1])
+            )
             out["truncated_turns"].append(int(view.answer_limit is not None))
             out["dropped_history_turns"].append(view.start)
             # Session-level counters go on the session's first sample.

@@ -72,7 +72,9 @@ class SessionLayout:
         self.num_turns = len(session.turns)
         self.weights = tuple(weights) if weights is not None else (1.0,) * self.num_turns
         if len(self.weights) != self.num_turns:
-            raise ValueError(f"{len(self.weights)} weights for the {self.num_turns} turns of session {session.id!r}")
+            raise ValueError(
+                f"{len(self.weights)} weights for the {self.num_turns} turns of session {session.id!r}"
+            )
         self.base = sum(len(encoder(s)) for s in template.prefix() + template.system(session.system))
         self._lengths: dict[int, tuple[list[int], list[int], list[int]]] = {}
 

@@ -152,7 +152,9 @@ def reduce(
         raise ValueError(f"unknown loss reduction {reduction!r}: choose one of {', '.join(REDUCTIONS)}")
     if weights is None:
         weights = loss_weights(labels, turn_ids, sample_index)
-    weight = {"token": weights.token, "sum": weights.token, "sample": weights.sample, "turn": weights.turn}[reduction]
+    weight = {"token": weights.token, "sum": weights.token, "sample": weights.sample, "turn": weights.turn}[
+        reduction
+    ]
     numerator = (weight * losses).sum()
     return LossTerms(numerator, weights.counts, losses.detach(), supervised(labels), turn_ids[:, 1:])
 

@@ -177,7 +177,9 @@ class ChatGLM2Module(L.LightningModule):
         )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        weights = LossWeights(batch["token_weight"], batch["sample_weight"], batch["turn_weight"], batch["loss_counts"])
+        weights = LossWeights(
+            batch["token_weight"], batch["sample_weight"], batch["turn_weight"], batch["loss_counts"]
+        )
         terms = reduce(
             self.token_losses(batch),
             batch["labels"],
