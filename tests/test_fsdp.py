@@ -69,6 +69,19 @@ def test_fsdp_equals_one_process_and_resumes(tmp_path, cache_dir, initial_weight
     for a, b in zip(metrics(tmp_path / "chunked")["val_loss_by_epoch"], sharded["val_loss_by_epoch"], strict=True):
         assert abs(a - b) < 1e-4
 
+    # A supervision policy whose weights differ by turn, under the turn reduction: the per-token weights and the
+    # global count of turns across the two ranks give one process's training.
+    weighted = ["supervision=rising", "model.reduction=turn"]
+    result = torchrun(tmp_path / "rising", *weighted, cache=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single_rising, _ = train(compose_config("train", [*COMMON, *weighted, "trainer.accumulate_grad_batches=2",
+                                                      f"data.cache_dir={cache_dir}", f"output_dir={tmp_path / 'single_rising'}"]))  # fmt: skip
+    rising = metrics(tmp_path / "rising")
+    assert rising["run_info"]["supervision"] == "rising"
+    for a, b, c in zip(rising["val_loss_by_epoch"], single_rising["val_loss_by_epoch"], sharded["val_loss_by_epoch"],
+                       strict=True):  # fmt: skip
+        assert abs(a - b) < 1e-4 and abs(a - c) > 1e-4
+
     killed = tmp_path / "killed"
     result = torchrun(
         killed, "+callbacks.kill._target_=helpers.KillAtStep", "+callbacks.kill.step=5", cache=cache_dir

@@ -99,6 +99,16 @@ def test_from_turn_makes_the_opening_context(tokenizer, three_turns):
     assert [(s.input_ids, s.labels) for s in split] == [(s.input_ids, s.labels) for s in every[1:]]
 
 
+def test_a_middle_turn_of_weight_0_is_context_only(tokenizer, three_turns):
+    (sample,), views = samples_of(tokenizer, three_turns, SessionStrategy(), TurnWeights((1, 0), rest=1))
+    assert views == [(0, 0, 3)]
+    assert sample.labels == (
+        ignored(PREFIX + user(1, Q1)) + A1 + [EOS, X] + ignored(user(2, Q2) + A2 + NL2 + user(3, Q3)) + A3 + [EOS]
+    )  # no label on turn 2, its stop included
+    split, views = samples_of(tokenizer, three_turns, SplitStrategy(), TurnWeights((1, 0), rest=1))
+    assert views == [(0, 0, 1), (0, 2, 3)]
+
+
 def test_a_session_sample_ends_with_its_last_trained_turn(tokenizer, three_turns):
     (sample,), views = samples_of(tokenizer, three_turns, SessionStrategy(), TurnWeights((2,), rest=0))
     assert views == [(0, 0, 1)]  # turns 2 and 3 follow the only trained answer: nothing sees them

@@ -46,7 +46,8 @@ def declared_loss_gradient(tokenizer, cache_dir, strategy: str, reduction: str, 
         weights = supervision.session_weights(len(sessions[sample["session_index"]].turns))
         turn_of = torch.tensor(sample["turn_ids"][1:])
         for k in sorted(set(turn_of[targets != IGNORE_INDEX].tolist())):
-            turns.append((i, float(weights[k - 1]), losses[(targets != IGNORE_INDEX) & (turn_of == k)]))
+            if weights[k - 1] > 0:  # weight 0: context only, in no numerator and no count
+                turns.append((i, float(weights[k - 1]), losses[(targets != IGNORE_INDEX) & (turn_of == k)]))
     if reduction == "token":  # sum of w_k * loss over supervised tokens / supervised tokens
         loss = sum(w * x.sum() for _, w, x in turns) / sum(len(x) for _, _, x in turns)
     elif reduction == "sum":
