@@ -172,6 +172,7 @@ def test_data_stats_reports_answers_tokens_and_gradient_shares_by_turn(tmp_path,
     assert stats["supervised_by_turn"] == {"1": {"answers": 2, "tokens": 6}, "2": {"answers": 2, "tokens": 4},
                                            "3": {"answers": 2, "tokens": 4}}  # fmt: skip
     assert stats["gradient_share_by_turn"] == pytest.approx({"1": 3 / 13, "2": 4 / 13, "3": 6 / 13}, abs=1e-7)
+    assert stats["gradient_scale"] == pytest.approx(13 / 14)  # (1/2 * 3 + 2 + 3/2 * 2) / 7 tokens
     assert data_main(["stats", *common, "reduction=turn"]) == 0
     assert json.loads(out.read_text())["gradient_share_by_turn"] == pytest.approx(
         {"1": 1 / 6, "2": 1 / 3, "3": 1 / 2}, abs=1e-7
@@ -262,3 +263,19 @@ def test_bad_supervision_ends_with_one_line_and_exit_code_2(tmp_path):
         "trains on nothing: supervision=from_turn m=40 leaves 0 supervised answers in the train split",
     )  # fmt: skip
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_a_run_trained_on_the_last_answers_is_scored_on_every_turn(tmp_path, cache_dir):
+    """Validation and the evaluation after training score every turn, so a comparison shows what ``last`` loses on
+    the early ones; the run's record names the policy."""
+    cfg = compose_config("train", [*FAST, "trainer.max_steps=-1", "trainer.max_epochs=1", "data.limit=4",
+                                   f"data.cache_dir={cache_dir}", "supervision=last",
+                                   "evaluate.enabled=true", "evaluate.limit=1", "generation.max_new_tokens=2",
+                                   f"output_dir={tmp_path}"])  # fmt: skip
+    metrics, _ = train(cfg)
+    assert metrics["run_info"]["supervision"] == "last"
+    assert metrics["data"]["supervised_answers"] == 4  # one answer a session trained
+    assert len(metrics["val_loss_by_turn"]) >= 10 and min(map(int, metrics["val_loss_by_turn"])) == 1
+    evaluation = metrics["evaluation"]
+    assert min(map(int, evaluation["teacher_forced"]["loss_by_turn"])) == 1
+    assert len(evaluation["rouge_by_turn"]) >= 10

@@ -12,7 +12,8 @@ data.max_seq_len=1024 data.path=FILE data.limit=100 tokenizer.path=DIR``.
 ``stats`` prints a table and writes it as JSON, with the supervised answers and tokens by turn position and, for
 the supervision policy and the loss reduction (``reduction=token|sample|turn|sum``; an experiment's
 ``model.reduction``), each turn position's share of the gradient weight of one step holding the whole split (the
-exact coefficients of ``glm_session.analysis``, summed by position). ``export`` writes one JSON line per model row,
+exact coefficients of ``glm_session.analysis``, summed by position) and the gradient's scale (their sum: 1 with
+every weight 1 under token, sample and turn). ``export`` writes one JSON line per model row,
 exactly as fed to the model (padding included, epoch 0 order): input_ids, labels, position_ids and, per token,
 turn_ids, session_index and sample_index, and ``loss_weight`` (every trained label's supervision weight) when the
 policy weighs turns other than 0 or 1. ``show`` prints sample N as the model sees it, its trained tokens marked
@@ -50,15 +51,15 @@ def format_table(stats: dict) -> str:
     return "\n".join(lines)
 
 
-def gradient_shares(datamodule, split: str, reduction: str) -> dict[int, float]:
-    """Each turn position's share of the gradient weight of one step holding all of ``split``'s samples."""
+def gradient_shares(datamodule, split: str, reduction: str) -> tuple[dict[int, float], float]:
+    """Each turn position's share of the gradient weight of one step holding all of ``split``'s samples, and the
+    gradient's scale against every weight 1 (the sum of the exact coefficients: weights act in the numerator)."""
     from glm_session.analysis.report import dataset_turns
-    from glm_session.analysis.weights import weights_by_turn_index
+    from glm_session.analysis.weights import exact_coefficients, weights_by_turn_index
 
-    return {
-        turn: float(share)
-        for turn, share in weights_by_turn_index(dataset_turns(datamodule, split), reduction).items()
-    }
+    turns = dataset_turns(datamodule, split)
+    shares = {turn: float(share) for turn, share in weights_by_turn_index(turns, reduction).items()}
+    return shares, float(sum(exact_coefficients(turns, reduction).values()))
 
 
 def by_turn_table(stats: dict) -> str:
@@ -74,7 +75,7 @@ def stats(datamodule, split: str, out: str | None, reduction: str = "token") -> 
     start = time.perf_counter()
     result = datamodule.statistics(split)
     result["reduction"] = reduction
-    result["gradient_share_by_turn"] = gradient_shares(datamodule, split, reduction)
+    result["gradient_share_by_turn"], result["gradient_scale"] = gradient_shares(datamodule, split, reduction)
     result["seconds"] = round(time.perf_counter() - start, 3)
     print(format_table(result))
     print(by_turn_table(result))
