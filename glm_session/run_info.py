@@ -43,7 +43,8 @@ class RunInfo:
     Attributes:
         template, strategy, reduction: the names of the sample template, construction and loss reduction.
         supervision: the supervision policy with its settings (``from_turn m=2``): which answers were trained and
-            how much each turn weighed.
+            how much each turn weighed (``all`` for records written before policies existed, which trained every
+            answer).
         tokenizer_fingerprint: hash of the SentencePiece model (equal fingerprints encode equally).
         tokenizer_path: the tokenizer's ``tokenizer.path`` (``None``: the bundled one).
         max_seq_len, packing: the samples' and rows' length limit, and whether rows are packed.
@@ -66,7 +67,7 @@ class RunInfo:
     model_config: dict[str, Any] = field(default_factory=dict)
     seed: int | None = None
     experiment: str | None = None
-    supervision: str | None = None
+    supervision: str = "all"  # records from before the policies: every answer was trained
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

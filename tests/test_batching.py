@@ -30,12 +30,12 @@ def test_collator_pads_at_the_end_and_continues_positions():
         {  # two packed samples: 3 + 2 tokens
             "input_ids": [7, 8, 9, 10, 11], "labels": [-100, 8, 9, -100, 11], "turn_ids": [0, 1, 1, 0, 2],
             "position_ids": [0, 1, 2, 0, 1], "session_index": [4, 4, 4, 5, 5], "sample_index": [0, 0, 0, 3, 3],
-            "loss_weight": [0.0, 1.0, 1.0, 0.0, 2.0],
+            "turn_weights": [[0.0, 1.0], [0.0, 0.0, 2.0]],
         },
         {
             "input_ids": [7, 8, 9], "labels": [-100, -100, 9], "turn_ids": [0, 1, 1],
             "position_ids": [0, 1, 2], "session_index": [6, 6, 6], "sample_index": [1, 1, 1],
-            "loss_weight": [0.0, 0.0, 0.5],
+            "turn_weights": [[0.0, 0.5]],
         },
     ]  # fmt: skip
     batch = Collator(pad_id=0)(rows)
@@ -105,9 +105,8 @@ def test_ghost_rows_train_nothing():
     samples = datasets.Dataset.from_list([{**{k: 0 for k in FEATURES}, **sample}], features=FEATURES)
     rows = RowDataset(samples, [[0]])
     assert rows[-1]["input_ids"] == rows[0]["input_ids"]
-    assert rows[0]["loss_weight"] == [0.0, 1.0, 1.0]
+    assert rows[0]["turn_weights"] == [[0.0, 1.0]] and rows[-1]["turn_weights"] == []
     assert rows[-1]["labels"] == [-100] * 3 and rows[-1]["sample_index"] == [-1] * 3
-    assert rows[-1]["loss_weight"] == [0.0] * 3
 
 
 def test_token_budget():

@@ -52,12 +52,12 @@ def packed_batch() -> dict:
     rows, sample = [], 0
     for lengths in ((100, 90, 66), (120, 100)):
         row = {k: [] for k in ("input_ids", "labels", "turn_ids", "session_index", "sample_index", "position_ids",
-                               "loss_weight")}  # fmt: skip
+                               "turn_weights")}  # fmt: skip
         for n in lengths:
             ids = torch.randint(3, VOCAB, (n,), generator=generator).tolist()
             row["input_ids"] += ids
             row["labels"] += [-100] * (n // 2) + ids[n // 2 :]
-            row["loss_weight"] += [0.0] * (n // 2) + [1.0] * (n - n // 2)
+            row["turn_weights"].append([0.0, 1.0])
             row["turn_ids"] += [1] * n
             row["session_index"] += [sample] * n
             row["sample_index"] += [sample] * n

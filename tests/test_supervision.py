@@ -279,3 +279,19 @@ def test_a_run_trained_on_the_last_answers_is_scored_on_every_turn(tmp_path, cac
     evaluation = metrics["evaluation"]
     assert min(map(int, evaluation["teacher_forced"]["loss_by_turn"])) == 1
     assert len(evaluation["rouge_by_turn"]) >= 10
+
+
+def test_resuming_under_another_policy_is_a_difference():
+    from glm_session.run_info import RunInfo
+
+    saved = RunInfo(template="chatglm2", strategy="session", reduction="token", tokenizer_fingerprint="f",
+                    supervision="all")  # fmt: skip
+    assert saved.differences(RunInfo(**{**saved.to_dict(), "supervision": "from_turn m=2"})) == [
+        "supervision: 'all' -> 'from_turn m=2'"
+    ]
+    # A checkpoint from before the policies trained every answer: resuming it under another policy is a change.
+    older = RunInfo.from_dict({k: v for k, v in saved.to_dict().items() if k != "supervision"})
+    assert older.differences(saved) == []
+    assert older.differences(RunInfo(**{**saved.to_dict(), "supervision": "last"})) == [
+        "supervision: 'all' -> 'last'"
+    ]

@@ -49,7 +49,11 @@ def stats(dataset: str, strategy: str, supervision: str, reduction: str, extra: 
 
 
 def table(rows: dict[str, dict]) -> str:
-    header = "| policy | strategy+reduction | " + " | ".join(map(str, range(1, MAX_TURN + 1))) + f" | >{MAX_TURN} | scale |"
+    header = (
+        "| policy | strategy+reduction | "
+        + " | ".join(map(str, range(1, MAX_TURN + 1)))
+        + f" | >{MAX_TURN} | scale |"
+    )
     lines = [header, "|---" * (MAX_TURN + 4) + "|"]
     for name, row in rows.items():
         shares = {int(k): v for k, v in row["gradient_share_by_turn"].items()}
@@ -63,7 +67,11 @@ def table(rows: dict[str, dict]) -> str:
 
 def main(extra: list[str]) -> None:
     started = time.strftime("%Y-%m-%d")
-    results: dict = {"date": started, "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "data": {}}
+    results: dict = {
+        "date": started,
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}",
+        "data": {},
+    }
     sections = [f"# Gradient weight by turn position under supervision policies ({started})", ""]
     for dataset in DATASETS:
         rows = {}
@@ -73,7 +81,10 @@ def main(extra: list[str]) -> None:
                 key: result[key] for key in ("supervised_answers", "supervised_tokens", "supervised_by_turn",
                                              "gradient_share_by_turn", "gradient_scale", "sessions")
             }  # fmt: skip
-            print(f"{dataset} {supervision} {strategy}+{reduction}: {result['supervised_answers']:,} answers", flush=True)
+            print(
+                f"{dataset} {supervision} {strategy}+{reduction}: {result['supervised_answers']:,} answers",
+                flush=True,
+            )
         results["data"][dataset] = rows
         sessions = next(iter(rows.values()))["sessions"]
         sections += [f"## {dataset} train split ({sessions:,} sessions): % of the gradient by turn position", "",

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from glm_session.analysis.article import article_toy
-from glm_session.analysis.toy import ARTICLE_TOY, exact_toy
+from glm_session.analysis.article import ARTICLE_TOY, article_toy
+from glm_session.analysis.toy import exact_toy
 from glm_session.config import build, compose_config
 from glm_session.data.strategy import get_strategy
 from glm_session.errors import ConfigError, cli_errors

@@ -10,7 +10,6 @@ from glm_session.analysis.article import ARTICLE_TOY
 from glm_session.analysis.weights import TrainedTurn, exact_weights
 from glm_session.supervision import ALL_ANSWERS, Supervision
 
-__all__ = ["ARTICLE_TOY", "exact_toy", "toy_turns"]
 STRATEGIES = ("split", "session")
 REDUCTIONS = ("token", "sample", "turn")
 

@@ -27,8 +27,9 @@ class RowDataset(torch.utils.data.Dataset):
     sample indices is the row of those samples (batch samplers that pack per batch).
 
     Every sample keeps its own position ids (0, 1, ...), so transformers sees where one ends and the next begins
-    and keeps attention block-diagonal; ``sample_index`` is the sample's row in ``samples``; ``loss_weight`` is the
-    weight of each trained label's turn (its sample's ``turn_weights``), 0 where nothing is trained.
+    and keeps attention block-diagonal; ``sample_index`` is the sample's row in ``samples``; ``sample_lengths`` and
+    ``turn_weights`` are each sample's tokens and supervision weights by turn id (the collator makes the per-token
+    weights of them).
     """
 
     def __init__(self, samples: datasets.Dataset, rows: Sequence[Sequence[int]]) -> None:
@@ -42,24 +43,20 @@ class RowDataset(torch.utils.data.Dataset):
         if isinstance(index, int) and index < 0 or isinstance(index, tuple) and index[0] < 0:
             row = self[ghost(index)]  # a ghost (batching.ghost) of that row: the same tokens, nothing counted
             n = len(row["input_ids"])
-            untrained = {"labels": [IGNORE_INDEX] * n, "sample_index": [-1] * n, "session_index": [-1] * n,
-                         WEIGHT_FIELD: [0.0] * n}  # fmt: skip
-            return {**row, **untrained, "sample_lengths": []}
+            untrained = {"labels": [IGNORE_INDEX] * n, "sample_index": [-1] * n, "session_index": [-1] * n}
+            return {**row, **untrained, "sample_lengths": [], "turn_weights": []}
         indices = list(index) if isinstance(index, tuple) else list(self.rows[index])
         batch = self.samples[indices]
         row: dict[str, list[int]] = {name: [] for name in ("input_ids", "labels", "turn_ids")}
-        row["position_ids"], row["session_index"], row["sample_index"], row[WEIGHT_FIELD] = [], [], [], []
+        row["position_ids"], row["session_index"], row["sample_index"] = [], [], []
         for j, sample_index in enumerate(indices):
             length = batch["length"][j]
             for name in ("input_ids", "labels", "turn_ids"):
                 row[name] += batch[name][j]
-            weights = np.asarray(batch["turn_weights"][j], dtype=np.float32)[batch["turn_ids"][j]]  # (length,)
-            weights[np.asarray(batch["labels"][j]) == IGNORE_INDEX] = 0.0
-            row[WEIGHT_FIELD] += weights.tolist()
             row["position_ids"] += range(length)
             row["session_index"] += [batch["session_index"][j]] * length
             row["sample_index"] += [sample_index] * length
-        row["sample_lengths"] = list(batch["length"])
+        row["sample_lengths"], row["turn_weights"] = list(batch["length"]), list(batch["turn_weights"])
         return row
 
 
@@ -71,10 +68,12 @@ class Collator:
     those of the row's last sample, so a row holding one sample stays one causal sequence (no block mask
     needed); the padded positions come after every real token, so they never change a real token's logits.
 
-    Besides ``ROW_FIELDS`` and ``loss_weight`` a batch holds the loss weights of ``supervision.loss_weights``
-    (``token_weight``, ``sample_weight``, ``turn_weight``, ``loss_counts``), the trained positions flattened over (B, T-1) (``supervised_positions``, for
-    the chunked loss), and as plain Python numbers, which stay on the CPU when Lightning moves the
-    batch: ``sample_lengths`` (every sample's tokens) and ``supervised_tokens``.
+    Besides ``ROW_FIELDS`` a batch holds ``loss_weight`` (B, T): the supervision weight of every trained label (its
+    sample's ``turn_weights`` at its turn; 0 where nothing is trained), the loss weights of
+    ``supervision.loss_weights`` (``token_weight``, ``sample_weight``, ``turn_weight``, ``loss_counts``), the trained
+    positions flattened over (B, T-1) (``supervised_positions``, for the chunked loss), and as plain Python numbers,
+    which stay on the CPU when Lightning moves the batch: ``sample_lengths`` (every sample's tokens) and
+    ``supervised_tokens``.
     """
 
     pad_id: int
@@ -91,28 +90,48 @@ class Collator:
         pads = {"input_ids": self.pad_id, "labels": IGNORE_INDEX, "turn_ids": 0, "session_index": -1,
                 "sample_index": -1}  # fmt: skip
         columns: dict[str, list[int]] = {name: [] for name in ROW_FIELDS}
-        loss_weight: list[float] = []
         for row in rows:  # one flat list per field, turned into a tensor at once (torch.tensor of lists is slow)
             n = len(row["input_ids"])
             for name, pad in pads.items():
                 columns[name] += row[name]
                 columns[name] += [pad] * (width - n)
-            loss_weight += row[WEIGHT_FIELD]
-            loss_weight += [0.0] * (width - n)
             last = row["position_ids"][-1]
             columns["position_ids"] += row["position_ids"]
             columns["position_ids"] += range(last + 1, last + 1 + width - n)
         shape = (len(rows), width)
         batch = {name: torch.from_numpy(np.array(values, dtype=np.int64)).view(shape)
                  for name, values in columns.items()}  # fmt: skip
-        batch[WEIGHT_FIELD] = torch.from_numpy(np.array(loss_weight, dtype=np.float32)).view(shape)
+        lengths = [row.get("sample_lengths") or _run_lengths(row) for row in rows]
+        batch[WEIGHT_FIELD] = _token_weights([row["turn_weights"] for row in rows], lengths, batch)
         weights = loss_weights(batch["labels"], batch["turn_ids"], batch["sample_index"], batch[WEIGHT_FIELD])
         batch.update(token_weight=weights.token, sample_weight=weights.sample, turn_weight=weights.turn,
                      loss_counts=weights.counts)  # fmt: skip
         batch["supervised_positions"] = supervised(batch["labels"]).flatten().nonzero().squeeze(1)
-        batch["sample_lengths"] = [n for row in rows for n in row.get("sample_lengths") or _run_lengths(row)]
+        batch["sample_lengths"] = [n for row_lengths in lengths for n in row_lengths]
         batch["supervised_tokens"] = int(weights.counts[0])
         return batch
+
+
+def _token_weights(
+    turn_weights: Sequence[Sequence[Sequence[float]]],
+    lengths: Sequence[Sequence[int]],
+    batch: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """(B, T) the supervision weight of every trained label: each row's samples' ``turn_weights`` (one list by turn id
+    per sample) looked up at the token's turn, 0 where the label is not trained. One table lookup for the batch."""
+    tables = [weights for row in turn_weights for weights in row]
+    table = np.zeros(
+        (len(tables) + 1, max(map(len, tables), default=1)), dtype=np.float32
+    )  # last: padding, ghosts
+    for i, weights in enumerate(tables):
+        table[i, : len(weights)] = weights
+    slots = np.full(tuple(batch["turn_ids"].shape), len(tables))  # (B, T) the table row of every position
+    first = 0
+    for b, row_lengths in enumerate(lengths):
+        slots[b, : sum(row_lengths)] = np.repeat(np.arange(first, first + len(row_lengths)), row_lengths)
+        first += len(row_lengths)
+    weights = table[slots, batch["turn_ids"].numpy()] * (batch["labels"].numpy() != IGNORE_INDEX)
+    return torch.from_numpy(weights.astype(np.float32))
 
 
 def _run_lengths(row: dict[str, list[int]]) -> list[int]:
