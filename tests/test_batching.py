@@ -107,6 +107,8 @@ def test_ghost_rows_train_nothing():
     assert rows[-1]["input_ids"] == rows[0]["input_ids"]
     assert rows[0]["turn_weights"] == [[0.0, 1.0]] and rows[-1]["turn_weights"] == []
     assert rows[-1]["labels"] == [-100] * 3 and rows[-1]["sample_index"] == [-1] * 3
+    ghosts = Collator(pad_id=0)([rows[-1], rows[-1]])  # a rank's share padded with ghosts only
+    assert ghosts["loss_weight"].tolist() == [[0.0] * 3] * 2 and ghosts["loss_counts"].tolist() == [0, 0, 0]
 
 
 def test_token_budget():

@@ -120,9 +120,9 @@ def _token_weights(
     """(B, T) the supervision weight of every trained label: each row's samples' ``turn_weights`` (one list by turn id
     per sample) looked up at the token's turn, 0 where the label is not trained. One table lookup for the batch."""
     tables = [weights for row in turn_weights for weights in row]
-    table = np.zeros(
-        (len(tables) + 1, max(map(len, tables), default=1)), dtype=np.float32
-    )  # last: padding, ghosts
+    turn_ids = batch["turn_ids"].numpy()
+    width = max([int(turn_ids.max()) + 1, *map(len, tables)])  # ghosts keep their turn ids but have no table
+    table = np.zeros((len(tables) + 1, width), dtype=np.float32)  # the last row: padding and ghosts
     for i, weights in enumerate(tables):
         table[i, : len(weights)] = weights
     slots = np.full(tuple(batch["turn_ids"].shape), len(tables))  # (B, T) the table row of every position
@@ -130,7 +130,7 @@ def _token_weights(
     for b, row_lengths in enumerate(lengths):
         slots[b, : sum(row_lengths)] = np.repeat(np.arange(first, first + len(row_lengths)), row_lengths)
         first += len(row_lengths)
-    weights = table[slots, batch["turn_ids"].numpy()] * (batch["labels"].numpy() != IGNORE_INDEX)
+    weights = table[slots, turn_ids] * (batch["labels"].numpy() != IGNORE_INDEX)
     return torch.from_numpy(weights.astype(np.float32))
 
 
