@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import inspect
+import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,18 @@ def _precision() -> str:
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
 
 
+@functools.cache
+def run_stamp() -> str:
+    """The name of this process's run (or sweep) folder: its start time, made unique among concurrent starts by the
+    process id; the processes of a multi-process launch share it (torchrun: the same second; SLURM: the job id)."""
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    if "SLURM_JOB_ID" in os.environ:
+        return f"{stamp}_slurm{os.environ['SLURM_JOB_ID']}"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return stamp
+    return f"{stamp}_{os.getpid()}"
+
+
 def run_folder(checkpoint: str) -> Path:
     """The run folder of a checkpoint (``<run>/checkpoints/last.ckpt`` -> ``<run>``), else the checkpoint's folder."""
     path = Path(checkpoint)
@@ -46,6 +61,7 @@ if not OmegaConf.has_resolver("glm_session.resources"):
     OmegaConf.register_new_resolver("glm_session.precision", _precision)
     OmegaConf.register_new_resolver("glm_session.run_name", lambda experiment, strategy: experiment or strategy)
     OmegaConf.register_new_resolver("glm_session.run_folder", lambda checkpoint: str(run_folder(checkpoint)))
+    OmegaConf.register_new_resolver("glm_session.run_stamp", run_stamp)
 
 
 def compose_config(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:

@@ -8,10 +8,10 @@ and exit code 2. Any other exception is a bug in glm_session and keeps its trace
 
 from __future__ import annotations
 
+import errno
 import math
-import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -122,6 +122,8 @@ def user_message(err: BaseException) -> str | None:
         return message
     if isinstance(err, OSError) and err.filename is not None:  # FileNotFoundError, IsADirectoryError, ...
         return f"{err.filename}: {err.strerror or err}"
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):  # the disk, not a bug
+        return f"a file could not be written: {err.strerror}"
     return None
 
 
@@ -136,11 +138,3 @@ def cli_errors() -> Iterator[None]:
             raise
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
-
-
-def run_hydra_app(app: Callable[[], Any]) -> None:
-    """Run a ``@hydra.main`` app so that its config errors reach ``cli_errors`` (Hydra would print them on several
-    lines and exit with 1)."""
-    os.environ["HYDRA_FULL_ERROR"] = "1"
-    with cli_errors():
-        app()

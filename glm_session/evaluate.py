@@ -18,8 +18,8 @@ from glm_session.checkpoints import CheckpointError, load_model
 from glm_session.config import CONFIG_DIR, build
 from glm_session.data.strategy import SessionStrategy
 from glm_session.data.template import get_template
-from glm_session.errors import run_hydra_app
 from glm_session.evaluation.evaluator import evaluate_model
+from glm_session.hydra_jobs import job, run_app
 from glm_session.tokenizer import ChatGLM2Tokenizer
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="evaluate", version_base="1.3")
+@job
 def hydra_app(cfg: DictConfig) -> None:
     metrics = evaluate(cfg)
     log.info("ROUGE-1/2/L %.2f / %.2f / %.2f", *metrics["rouge"].values())
@@ -59,7 +60,7 @@ def hydra_app(cfg: DictConfig) -> None:
 
 def main() -> None:
     """``python -m glm_session.evaluate`` / ``glm-session-evaluate``: bad input ends with one line and exit code 2."""
-    run_hydra_app(hydra_app)
+    run_app(hydra_app)
 
 
 if __name__ == "__main__":

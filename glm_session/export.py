@@ -30,6 +30,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
+from glm_session.atomic_files import new_folder
 from glm_session.checkpoints import load_model
 from glm_session.data.session import Turn
 from glm_session.data.template import TEMPLATES, prompt_text
@@ -138,7 +139,8 @@ def export(
 
     Args:
         checkpoint: a single-file Lightning checkpoint of ``glm_session.train``.
-        dst: the folder to write; it must not exist or be empty.
+        dst: the folder to write; it must not exist or be empty. It is written under a temporary name beside it
+            and renamed when whole, so a failed export (a full disk) leaves nothing that blocks a retry.
         tokenizer: the run's tokenizer; ``None``: the one its ``config.yaml`` names (or the bundled one). Its
             fingerprint must be the checkpoint's.
         dtype: the dtype of the written weights; ``None``: the checkpoint's (fp32).
@@ -169,12 +171,12 @@ def export(
         pad_token_id=tokenizer.pad_token_id,
         suppress_tokens=vocabulary_padding(tokenizer, model.config.vocab_size) or None,
     )
-    dst.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(dst)
-    fast.save_pretrained(dst)
-    (dst / VOCAB_FILE).write_bytes(tokenizer.sp.serialized_model_proto())  # for ChatGLM2Tokenizer
     metadata = {key: value for key, value in info.to_dict().items() if key != "model_config"}  # config.json has it
-    (dst / INFO_FILE).write_text(json.dumps({**metadata, "checkpoint": str(checkpoint)}, indent=2) + "\n")
+    with new_folder(dst, "export") as folder:  # renamed to dst once whole: a failure leaves nothing behind
+        model.save_pretrained(folder)
+        fast.save_pretrained(folder)
+        (folder / VOCAB_FILE).write_bytes(tokenizer.sp.serialized_model_proto())  # for ChatGLM2Tokenizer
+        (folder / INFO_FILE).write_text(json.dumps({**metadata, "checkpoint": str(checkpoint)}, indent=2) + "\n")
     return dst
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,12 +22,17 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 
+from glm_session.atomic_files import write_text
 from glm_session.checkpoints import check_resumable
 from glm_session.config import CONFIG_DIR, build
-from glm_session.errors import ConfigError, run_hydra_app
+from glm_session.errors import ConfigError, user_message
+from glm_session.hydra_jobs import job, run_app
 from glm_session.run_info import RunInfo
+from glm_session.run_status import METRICS_FILE, read_record
 from glm_session.training.checkpoint_io import AtomicCheckpointIO, remove_stale_saves
+from glm_session.training.run_lock import RunFolderLock
 from glm_session.training.run_metrics import RunMetrics
+from glm_session.training.stop import StopOnSignal
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +71,39 @@ def run_info_of(cfg: DictConfig, datamodule: Any) -> RunInfo:
     )
 
 
+def preempted_checkpoint(output_dir: Path) -> str | None:
+    """Under SLURM, the checkpoint of this job's newest run that a preemption stopped (a requeued job relaunches
+    with a new run folder beside it), else ``None``."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if job_id is None:
+        return None
+    found = []
+    for folder in output_dir.parent.iterdir() if output_dir.parent.is_dir() else []:
+        record = read_record(folder)
+        checkpoint = record.get("checkpoint")
+        if (
+            record.get("preempted")
+            and record.get("slurm_job") == job_id
+            and checkpoint
+            and Path(checkpoint).exists()
+        ):
+            found.append((record.get("stopped_at_step", 0), checkpoint))
+    return max(found)[1] if found else None
+
+
 def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit the model of ``cfg`` on its data; return the run's metrics and the objects that produced them.
-    ``extra_callbacks`` join the config's (e.g. a benchmark's profiler)."""
+    ``extra_callbacks`` join the config's (e.g. a benchmark's profiler). The run owns its folder while it runs
+    (``RunFolderLock``); SIGTERM, SIGINT and a SLURM preemption stop it at a step boundary with a checkpoint and
+    raise ``RunStopped``; a requeued SLURM job resumes its preempted run."""
+    output_dir = Path(cfg.output_dir)
+    with RunFolderLock(output_dir):
+        return _train(cfg, output_dir, extra_callbacks)
+
+
+def _train(
+    cfg: DictConfig, output_dir: Path, extra_callbacks: Sequence[L.Callback]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     strategy_target = OmegaConf.select(cfg, "trainer.strategy._target_", default=None)
     sharded = strategy_target is not None and issubclass(get_class(strategy_target), ModelParallelStrategy)
     evaluation = OmegaConf.select(cfg, "evaluate.enabled", default=False)
@@ -77,7 +113,6 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> tuple[
             "evaluate the run's checkpoint afterwards (consolidate it, then python -m glm_session.evaluate ckpt_path=...)"
         )  # fmt: skip
     generation = build(cfg.generation) if evaluation else None
-    output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True)
@@ -101,15 +136,19 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> tuple[
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         run_info=run_info_of(cfg, datamodule),
     )
-    if cfg.get("ckpt_path"):
-        check_resumable(cfg.ckpt_path, module.run_info, allow_changes=cfg.resume_allow_changes)
+    ckpt_path = cfg.get("ckpt_path") or preempted_checkpoint(output_dir)
+    if ckpt_path and not cfg.get("ckpt_path"):
+        log.warning("resuming SLURM job %s's preempted run from %s", os.environ["SLURM_JOB_ID"], ckpt_path)
+    if ckpt_path:
+        check_resumable(ckpt_path, module.run_info, allow_changes=cfg.resume_allow_changes)
     run_metrics = RunMetrics(
-        path=str(output_dir / "metrics.json"),
+        path=str(output_dir / METRICS_FILE),
         warmup_batches=cfg.metrics.warmup_batches,
         extra={"run_info": module.run_info.to_dict(), "data": stats["train"]},
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + [
         run_metrics,
+        StopOnSignal(),  # after RunMetrics: a stop's checkpoint counts the step's tokens
         *extra_callbacks,
     ]
     trainer: L.Trainer = instantiate(
@@ -118,7 +157,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> tuple[
     for callback in trainer.checkpoint_callbacks:  # what a kill during an earlier save of this run left
         for name in remove_stale_saves(callback.dirpath) if callback.dirpath else []:
             log.info("removed %s/%s, left by an interrupted save", callback.dirpath, name)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = dict(run_metrics.metrics)
     if generation is not None and trainer.is_global_zero:
         from glm_session.evaluation.evaluator import evaluate_model
@@ -131,15 +170,30 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> tuple[
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule, "cfg": cfg}
 
 
+def record_failure(output_dir: str | Path, err: Exception) -> None:
+    """The run folder says the run failed and why: ``metrics.json`` (status ``failed``, the error in one line) and
+    ``failed.txt`` (the traceback). Best effort: a full disk must not hide the error itself."""
+    message = user_message(err) or f"{type(err).__name__}: {err}"
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "failed.txt").write_text(traceback.format_exc())
+        record = {
+            **read_record(output_dir),
+            "status": "failed",
+            "error": message.splitlines()[0] if message else "",
+        }
+        write_text(Path(output_dir) / METRICS_FILE, json.dumps(record, indent=2) + "\n")
+    except OSError:
+        pass
+
+
 @hydra.main(config_path=str(CONFIG_DIR), config_name="train", version_base="1.3")
+@job
 def hydra_app(cfg: DictConfig) -> float | None:
     try:
         metrics, _ = train(cfg)
-    except Exception:
-        # The run's folder says it failed and why. A single run then ends with the message (cli_errors); in a
-        # multirun Hydra records the job as failed, runs the other jobs and raises at the end.
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.output_dir) / "failed.txt").write_text(traceback.format_exc())
+    except Exception as err:  # a single run then ends with the message; a multirun names the job at the end
+        record_failure(cfg.output_dir, err)
         raise
     print(summary_lines(cfg.output_dir, metrics), flush=True)
     losses = metrics.get("val_loss_by_epoch") or [None]
@@ -162,7 +216,7 @@ def summary_lines(output_dir: str, metrics: dict[str, Any]) -> str:
 
 def main() -> None:
     """``python -m glm_session.train`` / ``glm-session-train``: bad input ends with one line and exit code 2."""
-    run_hydra_app(hydra_app)
+    run_app(hydra_app)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import signal as signal_module
 
 import lightning as L
 
@@ -63,3 +64,25 @@ class PoisonAtStep(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             next(pl_module.parameters()).data.fill_(float("nan"))
+
+
+class SignalAtStep(L.Callback):
+    """Send this process ``signal`` (a name: SIGTERM, SIGINT, SIGUSR1) while the batch after optimizer step ``step``
+    trains, as a scheduler or a user would in the middle of a step."""
+
+    def __init__(self, step: int, signal: str = "SIGTERM") -> None:
+        self.step, self.signum = step, getattr(signal_module, signal)
+        self.sent = False
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+
+class SignalAtStepIfSeed(SignalAtStep):
+    """``SignalAtStep`` in the job of a sweep whose seed is ``seed`` only."""
+
+    def __init__(self, step: int, seed: int, run_seed: int, signal: str = "SIGTERM") -> None:
+        super().__init__(step, signal)
+        self.sent = int(seed) != int(run_seed)

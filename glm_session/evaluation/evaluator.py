@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from glm_session.atomic_files import atomic_open, write_text
 from glm_session.data.datamodule import DialogueDataModule
 from glm_session.data.pipeline import EmptySplitError
 from glm_session.data.session import Session
@@ -100,7 +101,7 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     answers = generate_answers(model, prompts, data.tokenizer, **asdict(generation))
-    with open(output_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
+    with atomic_open(output_dir / "predictions.jsonl", "w", "evaluation's predictions") as f:
         for prompt, answer in zip(prompts, answers, strict=True):
             record = {"session_id": prompt.session_id, "turn": prompt.turn, "prompt": prompt.text,
                       "reference": prompt.reference, "prediction": answer}  # fmt: skip
@@ -111,9 +112,8 @@ def evaluate_model(
     scores = rouge.compute()
     per_session = teacher_forced_by_session(model, data, split)
     ids = [session.id for session in all_sessions]
-    (output_dir / "test_losses.json").write_text(
-        json.dumps({ids[index]: turns for index, turns in sorted(per_session.items())}) + "\n"
-    )
+    write_text(output_dir / "test_losses.json",
+               json.dumps({ids[index]: turns for index, turns in sorted(per_session.items())}) + "\n")  # fmt: skip
     metrics = {
         "split": split,
         "sessions": len(all_sessions),
@@ -133,7 +133,7 @@ def evaluate_model(
         "empty_predictions": sum(not a for a in answers),
         "teacher_forced": loss_summary(per_session),
     }
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     model.train(was_training)
     if skipped_turns:
         log.warning("%d turns skipped: their question alone is longer than %d tokens", skipped_turns, budget)

@@ -13,6 +13,8 @@ import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from glm_session.atomic_files import WriteError, describe_os_error, fsync_folder
+
 SAVING, REPLACED = ".saving-", ".replaced-"
 
 
@@ -23,7 +25,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     so ``ckpt_path=last`` never picks it up), is flushed to disk, and replaces the target with one atomic
     ``os.replace``, itself synced: a kill leaves the previous checkpoint (or none), never a partial one. The
     temporary files of saves that a kill interrupted are removed after the next good save (and when a run starts:
-    ``remove_stale_saves``).
+    ``remove_stale_saves``). A save that fails (a full disk) is a ``WriteError`` naming the file; the previous
+    checkpoint stays.
     """
 
     def save_checkpoint(
@@ -38,23 +41,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         temporary = path.parent / f"{SAVING}{uuid.uuid4().hex}.tmp"
         try:
             with open(temporary, "wb") as f:
-                torch.save(checkpoint, f)
+                torch.save(checkpoint, f)  # a failed write is an OSError, or torch's RuntimeError of its writer
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(temporary, path)
             fsync_folder(path.parent)
+        except (OSError, RuntimeError) as err:
+            raise WriteError(f"{path}: the checkpoint could not be written ({describe_os_error(err)}); the previous "
+                             "one is kept") from None  # fmt: skip
         finally:
             temporary.unlink(missing_ok=True)
         remove_stale_saves(path.parent)
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (the folder's entry list reaches the disk)."""
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def remove_stale_saves(folder: str | os.PathLike) -> list[str]:

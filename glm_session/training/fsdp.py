@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from glm_session.training.checkpoint_io import REPLACED, SAVING, fsync_folder, remove_stale_saves
+from glm_session.atomic_files import fsync_folder
+from glm_session.training.checkpoint_io import REPLACED, SAVING, remove_stale_saves
 
 
 class FSDP2Strategy(ModelParallelStrategy):

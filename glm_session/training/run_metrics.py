@@ -1,16 +1,18 @@
-"""Collect what a run measured and write it to ``metrics.json`` in the run folder."""
+"""Collect what a run measured and write it to ``metrics.json`` in the run folder, with how the run ended
+(``status``: ``completed``, or ``stopped`` by a signal; ``glm_session.run_status``)."""
 
 from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
+from glm_session.atomic_files import write_text
 from glm_session.model.flops import H100_BF16_PEAK_FLOPS, training_flops
+from glm_session.run_status import RunStopped
 
 
 class RunMetrics(L.Callback):
@@ -133,6 +135,17 @@ class RunMetrics(L.Callback):
         self._since = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer, pl_module, {"status": "completed"})
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """A run stopped by a signal records what it trained and where it stopped (every rank is here: the stop is
+        agreed on at a step boundary); other errors are recorded by the command (``failed``)."""
+        if isinstance(exception, RunStopped):
+            self.on_train_end(trainer, pl_module)
+            self._write(trainer, pl_module, exception.record())
+
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, status: dict[str, Any]) -> None:
+        """Fill ``self.metrics`` (``status`` first) and write them to ``path`` (rank 0)."""
         strategy = trainer.strategy
         names = ("input_tokens", "supervised_tokens", "timed_input_tokens", "timed_supervised_tokens", "flops")
         local = torch.tensor(
@@ -152,6 +165,7 @@ class RunMetrics(L.Callback):
         val = [h for h in history if h["split"] == "val"]
         train = [h for h in history if h["split"] == "train"]
         self.metrics = {
+            **status,
             **self.extra,
             "val_loss_by_epoch": [h["loss"] for h in val],
             "val_loss_by_turn": val[-1]["loss_by_turn"] if val else {},
@@ -182,5 +196,4 @@ class RunMetrics(L.Callback):
             self.metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             self.metrics["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
         if self.path and trainer.is_global_zero:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            Path(self.path).write_text(json.dumps(self.metrics, indent=2) + "\n")
+            write_text(self.path, json.dumps(self.metrics, indent=2) + "\n", "run's metrics.json")
