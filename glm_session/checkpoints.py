@@ -11,6 +11,7 @@ checkpoint, weights of another model, non-finite weights, or a run made otherwis
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,14 @@ from transformers import GlmConfig, GlmForCausalLM
 from glm_session.errors import UserError
 from glm_session.run_info import RunInfo
 
+log = logging.getLogger(__name__)
 PREFIX = "model."  # ChatGLM2Module keeps the GlmForCausalLM as ``self.model``
+# Attention that transformers implements itself; any other name (a Hub repo "org/kernel", flash_attention_2 with the
+# `kernels` package as its fallback) makes it download and run code. ``model.attn_implementation`` takes these only.
+BUILTIN_ATTENTION = ("sdpa", "eager", "flex_attention")
+ATTENTION_KEYS = ("attn_implementation", "_attn_implementation", "_attn_implementation_internal")
+# Config keys that name code to fetch or run (remote code, Hub kernels): never taken from a file.
+CODE_KEYS = ("auto_map", "use_kernels", "kernel_config", "custom_pipelines", "trust_remote_code")
 HUB_PREFIX = "hf://"  # model.init_from=hf://THUDM/... : a Hugging Face Hub id, asked for explicitly
 SHARDED_METADATA = "meta.pt"  # what Lightning's ModelParallelStrategy writes beside the shards of a folder
 
@@ -117,13 +125,37 @@ def load_weights_into(model: torch.nn.Module, state: dict[str, torch.Tensor], so
     model.load_state_dict(state)
 
 
+def model_config(values: dict[str, Any], source: str | Path) -> GlmConfig:
+    """The ``GlmConfig`` of a config read from a file (a checkpoint's run record), without anything that makes
+    transformers fetch or run code: ``CODE_KEYS`` and attention other than ``BUILTIN_ATTENTION`` are left out (the
+    model uses SDPA), and a warning names what was left out."""
+    values, ignored = dict(values), []
+    for key in CODE_KEYS:
+        if key in values:
+            ignored.append(f"{key}={values.pop(key)!r}")
+    attention = "sdpa"
+    for key in ATTENTION_KEYS:
+        value = values.pop(key, None)
+        if value in BUILTIN_ATTENTION:
+            attention = value
+        elif value is not None:
+            ignored.append(f"{key}={value!r} (not one of transformers' own attention implementations)")
+    if ignored:
+        log.warning("%s: ignored %s: a model config from a file never makes transformers fetch or run code",
+                    source, "; ".join(ignored))  # fmt: skip
+    config = GlmConfig.from_dict(values)
+    config._attn_implementation = attention
+    return config
+
+
 def load_model(path: str | Path) -> tuple[GlmForCausalLM, RunInfo]:
-    """The model of a run's checkpoint file, built from the config it was trained with, and its ``RunInfo``."""
+    """The model of a run's checkpoint file, built from the config it was trained with (``model_config``: nothing
+    in it can make transformers fetch or run code), and its ``RunInfo``."""
     checkpoint = read_checkpoint(path)
     info = run_info_of(checkpoint, path)
     state = model_state(checkpoint, path)
     try:
-        model = GlmForCausalLM(GlmConfig.from_dict(info.model_config))
+        model = GlmForCausalLM(model_config(info.model_config, path))
     except Exception as err:
         raise CheckpointError(f"{path}: an unusable model config ({type(err).__name__}: {err})") from None
     load_weights_into(model, state, path)
@@ -161,7 +193,8 @@ def initial_state(init_from: str) -> dict[str, torch.Tensor]:
     """The weights ``model.init_from`` names: ``hf://<id>`` from the Hugging Face Hub, else a local folder or file."""
     if init_from.startswith(HUB_PREFIX):
         hub_id = init_from.removeprefix(HUB_PREFIX)
-        return GlmForCausalLM.from_pretrained(hub_id, dtype=torch.float32).state_dict()
+        # The Hub only when asked for, and then weights only: no remote code, transformers' own attention.
+        return GlmForCausalLM.from_pretrained(hub_id, dtype=torch.float32, attn_implementation="sdpa").state_dict()
     return read_initial_weights(init_from)
 
 
@@ -190,6 +223,9 @@ def check_resumable(path: str | Path, run: RunInfo, allow_changes: bool = False)
         raise CheckpointError(f"{path}: a checkpoint of another model ({'; '.join(shape)})")
     if not sharded:
         check_finite(model_state(checkpoint, path), path)
+    moved = saved.moved_data(run)
+    if moved:
+        log.warning("%s: data: the same content at another path, allowed (%s)", path, "; ".join(moved))
     changes = saved.differences(run)
     if changes and not allow_changes:
         raise CheckpointError(

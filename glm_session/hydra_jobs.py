@@ -36,6 +36,15 @@ class JobOutcome:
         return f"job {self.number} ({' '.join(self.overrides) or 'no overrides'})"
 
 
+class AbortRun(BaseException):
+    """Raised by a Hydra callback to end the command before the job starts (Hydra turns a callback's ``Exception``
+    into a warning and goes on): ``run_app`` reports ``error`` like any other."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 OUTCOMES: list[JobOutcome] = []  # this process's jobs, in order
 SWEEP_PLAN: list[
     list[str] | None
@@ -85,6 +94,8 @@ def run_app(app: Callable[[], Any]) -> None:
         except RunStopped as stop:
             report_stop(stop)
             raise SystemExit(stop.exit_code) from None
+        except AbortRun as abort:
+            raise abort.error from None
         report_failures()
 
 

@@ -49,7 +49,8 @@ class RunInfo:
         tokenizer_path: the tokenizer's ``tokenizer.path`` (``None``: the bundled one).
         max_seq_len, packing: the samples' and rows' length limit, and whether rows are packed.
         data: the data group's settings (files, holdout, reading, batching), as the DataModule takes them.
-        data_source: hash of the input files' bytes and of how they were read and split.
+        data_source: hash of the input files' content (not their paths) and of how they were read and split.
+        data_summary: each split's sessions and turns as read (so that a change of data is said in words).
         model_preset: the ``model.preset`` name; ``model_config``: the full ``GlmConfig`` as a dict.
         seed: the run's seed; ``experiment``: the experiment config's name, if any.
     """
@@ -68,6 +69,7 @@ class RunInfo:
     seed: int | None = None
     experiment: str | None = None
     supervision: str = "all"  # records from before the policies: every answer was trained
+    data_summary: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,13 +90,34 @@ class RunInfo:
     def model_shape(self) -> dict[str, Any]:
         return {key: self.model_config.get(key) for key in SHAPE_KEYS}
 
+    def _data_change(self, other: RunInfo) -> str:
+        """What changed in the data, in words: each split's sessions and turns, else the content hashes."""
+        changes = []
+        for split in ("train", "validation", "test"):
+            mine, theirs = self.data_summary.get(split), other.data_summary.get(split)
+            if mine and theirs and mine != theirs:
+                changes.append(f"{split} {mine['sessions']:,} sessions, {mine['turns']:,} turns -> "
+                               f"{theirs['sessions']:,} sessions, {theirs['turns']:,} turns")  # fmt: skip
+        what = "; ".join(changes) or "the same number of sessions and turns, other content or reading settings"
+        return f"data: {what} (content {self.data_source[:8]} -> {(other.data_source or '?')[:8]})"
+
+    def moved_data(self, other: RunInfo) -> list[str]:
+        """The data files that are the same content at another path: resuming from them is allowed."""
+        keys = ("train_path", "validation_path", "test_path", "path")
+        if self.data_source is None or self.data_source != other.data_source:
+            return []
+        return [f"data.{k}: {self.data[k]} -> {other.data.get(k)}" for k in keys
+                if self.data.get(k) and other.data.get(k) and self.data[k] != other.data[k]]  # fmt: skip
+
     def differences(self, other: RunInfo, keys: tuple[str, ...] = RESUME_KEYS) -> list[str]:
         """``key: mine -> other's`` for each of ``keys`` on which the two records differ (unknown values, from
         older checkpoints, are not compared)."""
         found = []
         for key in keys:
             mine, theirs = getattr(self, key), getattr(other, key)
-            if isinstance(mine, dict):
+            if key == "data_source" and mine is not None and mine != theirs:
+                found.append(self._data_change(other))
+            elif isinstance(mine, dict):
                 changed = {
                     k: (mine[k], theirs.get(k)) for k in mine if mine[k] is not None and mine[k] != theirs.get(k)
                 }

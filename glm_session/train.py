@@ -25,12 +25,13 @@ from omegaconf import DictConfig, OmegaConf
 from glm_session.atomic_files import write_text
 from glm_session.checkpoints import check_resumable
 from glm_session.config import CONFIG_DIR, build
+from glm_session.data.source import SPLITS
 from glm_session.errors import ConfigError, user_message
 from glm_session.hydra_jobs import job, run_app
 from glm_session.run_info import RunInfo
 from glm_session.run_status import METRICS_FILE, read_record
 from glm_session.training.checkpoint_io import AtomicCheckpointIO, remove_stale_saves
-from glm_session.training.run_lock import RunFolderLock
+from glm_session.training.run_lock import RunFolderBusy, RunFolderLock
 from glm_session.training.run_metrics import RunMetrics
 from glm_session.training.stop import StopOnSignal
 
@@ -64,6 +65,10 @@ def run_info_of(cfg: DictConfig, datamodule: Any) -> RunInfo:
         packing=datamodule.packing,
         data=data,
         data_source=datamodule.pipeline.source.key(),
+        data_summary={
+            split: {key: datamodule.pipeline.prepared(split).summary[key] for key in ("sessions", "turns")}
+            for split in SPLITS
+        },  # fmt: skip
         model_preset=cfg.model.get("preset"),
         seed=cfg.seed,
         experiment=_experiment_name(),
@@ -192,6 +197,8 @@ def record_failure(output_dir: str | Path, err: Exception) -> None:
 def hydra_app(cfg: DictConfig) -> float | None:
     try:
         metrics, _ = train(cfg)
+    except RunFolderBusy:  # the folder is another run's: write nothing into it
+        raise
     except Exception as err:  # a single run then ends with the message; a multirun names the job at the end
         record_failure(cfg.output_dir, err)
         raise

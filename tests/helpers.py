@@ -6,6 +6,7 @@ import signal
 import signal as signal_module
 
 import lightning as L
+import torch
 
 
 class KillAtStep(L.Callback):
@@ -86,3 +87,23 @@ class SignalAtStepIfSeed(SignalAtStep):
     def __init__(self, step: int, seed: int, run_seed: int, signal: str = "SIGTERM") -> None:
         super().__init__(step, signal)
         self.sent = int(seed) != int(run_seed)
+
+
+class FullDiskAfterStep(L.Callback):
+    """From optimizer step ``step`` on, every ``torch.save`` writes part of its file, then fails as a full disk does
+    (``OSError`` ENOSPC): a save that runs out of space in the middle."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step < self.step or getattr(torch, "_full_disk", False):
+            return
+        import errno
+
+        def full_disk(obj, f, *args, **kwargs) -> None:
+            f.write(b"PK\x03\x04 part of a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        torch._full_disk = True
+        torch.save = full_disk

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from glm_session.run_status import run_status
+
 SCALE = [
     "trainer=fsdp",
     "model=chatglm2-6b",
@@ -43,7 +45,8 @@ def run(gpus: int, steps: int, warmup: int, batch_tokens: int, runs: Path, overr
     record = {"gpus": gpus, "command": " ".join(["torchrun", *command[3:]]), "returncode": result.returncode,
               "seconds": time.perf_counter() - started}  # fmt: skip
     (runs / f"gpus{gpus}.log").write_text(result.stdout + result.stderr)
-    if result.returncode != 0:
+    record["status"] = run_status(folder)  # "completed" only from the run's own record, never the exit code alone
+    if result.returncode != 0 or record["status"] != "completed":
         record["log_tail"] = (result.stdout + result.stderr)[-4000:]
         return record
     metrics = json.loads((folder / "metrics.json").read_text())

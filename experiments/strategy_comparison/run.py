@@ -36,6 +36,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from glm_session.run_status import run_status
+
 ROOT = Path(__file__).resolve().parents[2]
 SWEEPS = ROOT / "conf" / "sweep"
 QUIET = ["trainer.enable_progress_bar=false"]
@@ -212,7 +214,8 @@ def run(
                         job.process.kill()
                         job.process.wait()
                         code = "killed"
-                    job.status = "done" if code == 0 else f"failed ({code})"
+                    status = run_status(root / job.name)  # "done" only from the run's own record
+                    job.status = "done" if code == 0 and status == "completed" else f"failed ({code}, {status})"
                     job.ended = now
                     gpu_jobs.remove(job)
                     if code not in (0, "killed") and job.attempts < 2 and now < deadline:

@@ -30,7 +30,7 @@ class DialogueDataModule(L.LightningDataModule):
             ``Supervision`` policy or its name). Validation and test samples train every answer with weight 1, so
             that a run is scored on every turn whatever its policy.
         train_path, validation_path, test_path, path, holdout, format, role_map, on_error, drop_trailing_question,
-            limit: where the sessions come from and how they are read (``DialogueSource``).
+            limit, normalize: where the sessions come from and how they are read (``DialogueSource``).
         max_seq_len: the most tokens in a sample (and in a packed row).
         validation_strategy: the strategy of the validation and test samples (``None``: the training strategy).
             ``session`` gives split runs the same validation loss at a third of the compute (Invariant 1: every
@@ -60,6 +60,7 @@ class DialogueDataModule(L.LightningDataModule):
         on_error: str = "raise",
         drop_trailing_question: bool = False,
         limit: int | None = None,
+        normalize: str | None = None,
         max_seq_len: int = 2048,
         validation_strategy: str | None = None,
         packing: bool = False,
@@ -86,7 +87,7 @@ class DialogueDataModule(L.LightningDataModule):
         evaluation_strategy = strategy if validation_strategy is None else get_strategy(validation_strategy)
         evaluation = SampleSpec(tokenizer, template, evaluation_strategy, max_seq_len)  # every answer, weight 1
         source = DialogueSource(train_path, validation_path, test_path, path, holdout, format, role_map, on_error,
-                                drop_trailing_question, limit)  # fmt: skip
+                                drop_trailing_question, limit, normalize)  # fmt: skip
         batching = Batching(batch_size, batch_tokens, batch_sessions, batch_supervised_tokens, pad_to, max_seq_len,
                             packing, shuffle, seed)  # fmt: skip
         self.pipeline = DialoguePipeline(

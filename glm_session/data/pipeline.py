@@ -174,6 +174,8 @@ class DialoguePipeline:
             "cut_sessions": int((columns["windows"] > 0).sum()),
             "skipped_records": prepared.summary["skipped_records"],
             "dropped_trailing_questions": prepared.summary["dropped_trailing_questions"],
+            "non_nfc_texts": prepared.summary["non_nfc_texts"],
+            "normalized_texts": prepared.summary["normalized_texts"],
         }
 
     def check_supervision(self, split: str) -> None:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import unicodedata
 import zlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from glm_session.data.session import DataError, Message, Session, check_unicode, session_from_messages
+from glm_session.data.session import DataError, Message, Session, Turn, check_unicode, session_from_messages
 
 Format = Literal["auto", "sharegpt", "openai", "chatglm"]
 OnError = Literal["raise", "skip"]
@@ -39,6 +40,8 @@ class ReadResult:
 
     sessions: list[Session] = field(default_factory=list)
     skipped: list[DataError] = field(default_factory=list)
+    non_nfc_texts: int = 0  # texts (questions, answers, system texts) not in Unicode's NFC form as read
+    normalized_texts: int = 0  # texts that ``normalize`` changed
 
     @property
     def dropped_trailing_questions(self) -> int:
@@ -52,6 +55,7 @@ def read_sessions(
     on_error: OnError = "raise",
     limit: int | None = None,
     drop_trailing_question: bool = False,
+    normalize: str | None = None,
 ) -> ReadResult:
     """Read every session of ``paths`` in order (the first ``limit`` valid ones if given).
 
@@ -62,6 +66,8 @@ def read_sessions(
         on_error: ``raise`` the first ``DataError``, or ``skip`` bad records and count them.
         limit: stop after this many sessions.
         drop_trailing_question: drop (and count) a final unanswered user message instead of failing.
+        normalize: ``NFC`` or ``NFKC``: every text in that Unicode normalization form (the texts it changes are
+            counted); ``None``: texts as they are (those not in NFC are counted, so that mixed forms show).
 
     A session id given twice (``7`` and ``"7"`` are the same id) is an error naming both records, or a skipped
     record under ``on_error="skip"``.
@@ -87,12 +93,31 @@ def read_sessions(
                             f"duplicate session id {session.id!r} (first at {first_seen[session.id]})",
                         )
                     first_seen[session.id] = DataError.locate(str(path), record_number)
-                result.sessions.append(session)
+                result.sessions.append(_normalized(session, normalize, result))
             except DataError as err:
                 if on_error == "raise":
                     raise
                 result.skipped.append(err)
     return result
+
+
+def _normalized(session: Session, form: str | None, result: ReadResult) -> Session:
+    """``session`` with its texts in ``form`` (``None``: as they are), counting in ``result`` the texts not in NFC
+    and those that the form changed."""
+    texts = [session.system or "", *(t for turn in session.turns for t in (turn.question, turn.answer))]
+    result.non_nfc_texts += sum(not unicodedata.is_normalized("NFC", text) for text in texts)
+    if form is None:
+        return session
+    changed = [text for text in texts if not unicodedata.is_normalized(form, text)]
+    if not changed:
+        return session
+    result.normalized_texts += len(changed)
+
+    def norm(text: str) -> str:
+        return unicodedata.normalize(form, text)
+
+    turns = tuple(Turn(norm(turn.question), norm(turn.answer)) for turn in session.turns)
+    return replace(session, turns=turns, system=norm(session.system) if session.system else None)
 
 
 def parse_record(

@@ -3,12 +3,14 @@
 A session is an optional system text and turns (q_k, a_k), k = 1..T. ``session_from_messages`` turns a list
 of messages into one, and raises ``DataError`` (file, record, reason) for every input that is not such a session:
 a role that is not system/user/assistant, two user or two assistant messages in a row, an answer without a
-question, an empty text, a text that is not valid Unicode (a lone surrogate such as ``"\\ud800"``), a session
-that ends with a user message, a misplaced system message. Nothing is fixed silently.
+question, an empty text or one with nothing visible (only whitespace, zero-width or control characters, NUL
+included), a text that is not valid Unicode (a lone surrogate such as ``"\\ud800"``), a session that ends with a user
+message, a misplaced system message. Nothing is fixed silently.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -96,12 +98,12 @@ def session_from_messages(
     where = ""
     for number, (role, text, where) in enumerate(messages, start=1):
         check_unicode(text, path, record, where)
-        if role == "user" and question is None and text.strip():
+        if role == "user" and question is None and visible(text):
             question = text
-        elif role == "assistant" and question is not None and text.strip():
+        elif role == "assistant" and question is not None and visible(text):
             turns.append(Turn(question, text))
             question = None
-        elif role == "system" and number == 1 and text.strip():
+        elif role == "system" and number == 1 and visible(text):
             system = text
         else:
             raise DataError(path, record, f"{where}: {_problem(role, text)}")
@@ -110,6 +112,14 @@ def session_from_messages(
     if not turns:
         raise DataError(path, record, "no answered user message")
     return Session(session_id, tuple(turns), system, dropped_trailing_question=question is not None)
+
+
+INVISIBLE = ("Cc", "Cf", "Zs", "Zl", "Zp")  # control (NUL, ...), format (zero-width ...) and separator characters
+
+
+def visible(text: str) -> bool:
+    """Whether ``text`` shows anything: a character that is not whitespace, control, zero-width or a separator."""
+    return any(not character.isspace() and unicodedata.category(character) not in INVISIBLE for character in text)
 
 
 def check_unicode(text: str, path: str, record: str | int, where: str) -> None:
@@ -129,8 +139,10 @@ def _problem(role: str, text: str) -> str:
     """Why a message cannot come where it stands."""
     if role not in ROLES:
         return f"role {role!r} is not system, user or assistant"
-    if not text.strip():
+    if not text:
         return f"empty {role} text"
+    if not visible(text):
+        return f"{role} text with no visible character ({len(text)} whitespace, zero-width or control characters)"
     if role == "system":
         return "a system message may only come first"
     if role == "user":

@@ -30,8 +30,12 @@ class DialogueSource:
         path: one file whose sessions are all used, in file order (the split files are then not used); ``holdout``
             moves a deterministic share of them (by a hash of the session id) to validation and test, e.g.
             ``{"validation": 0.05, "test": 0.05}``.
-        format, role_map, on_error, drop_trailing_question: how files are read (``readers.read_sessions``).
+        format, role_map, on_error, drop_trailing_question, normalize: how files are read
+            (``readers.read_sessions``).
         limit: the first ``limit`` sessions of each file.
+
+    ``key`` hashes the files' content, not their paths: the same data at another path (another clone, another
+    environment's copy of the bundled KdConv) is the same data, for the sample cache and for resuming a run.
     """
 
     def __init__(
@@ -46,6 +50,7 @@ class DialogueSource:
         on_error: str = "raise",
         drop_trailing_question: bool = False,
         limit: int | None = None,
+        normalize: str | None = None,
     ) -> None:
         self.files = {"train": train_path, "validation": validation_path, "test": test_path}
         self.path, self.holdout = path, _check_holdout(holdout)
@@ -55,6 +60,7 @@ class DialogueSource:
             "on_error": check_choice("data.on_error", on_error, ("raise", "skip")),
             "limit": check_int("data.limit", limit, minimum=1, optional=True),
             "drop_trailing_question": check_bool("data.drop_trailing_question", drop_trailing_question),
+            "normalize": _check_normalize(normalize),
         }
         self._reads: dict[str, ReadResult] = {}
 
@@ -84,14 +90,18 @@ class DialogueSource:
         return splits
 
     def key(self) -> str:
-        """Hash of the input files' bytes and of how they are read and split."""
+        """Hash of the input files' content (by the split each one feeds, whatever its path) and of how they are read
+        and split."""
         digest = hashlib.sha256()
-        paths = [self.path] if self.path is not None else [p for p in self.files.values() if p]
-        for path in paths:
-            file = Path(path)
-            digest.update(str(file.resolve()).encode())
-            digest.update(hashlib.sha256(file.read_bytes()).digest() if file.is_file() else b"missing")
-        settings = {"files": self.files, "path": self.path, "holdout": self.holdout, "read": self.read_options}
+        files = {"path": self.path} if self.path is not None else self.files
+        for role, path in files.items():
+            digest.update(role.encode())
+            if path is None:
+                digest.update(b"none")
+            else:
+                file = Path(path)
+                digest.update(hashlib.sha256(file.read_bytes()).digest() if file.is_file() else b"missing")
+        settings = {"one file": self.path is not None, "holdout": self.holdout, "read": self.read_options}
         digest.update(json.dumps(settings, sort_keys=True).encode())
         return digest.hexdigest()[:32]
 
@@ -108,13 +118,15 @@ class DialogueSource:
         path = cache_dir / f"read-{self.key()}-{split}.json"
         if path.exists():
             summary = json.loads(path.read_text())
-            if "max_turns" in summary:  # else written by an earlier version: read again
+            if "non_nfc_texts" in summary:  # else written by an earlier version: read again
                 return summary
         read = self.read(split)
         summary = {
             "sessions": len(read.sessions),
             "turns": sum(len(s.turns) for s in read.sessions),
             "max_turns": max((len(s.turns) for s in read.sessions), default=0),
+            "non_nfc_texts": read.non_nfc_texts,
+            "normalized_texts": read.normalized_texts,
             "skipped_records": len(read.skipped),
             "skipped": [str(e) for e in read.skipped[:SKIPS_KEPT]],
             "dropped_trailing_questions": read.dropped_trailing_questions,
@@ -124,6 +136,12 @@ class DialogueSource:
         temporary.write_text(json.dumps(summary, ensure_ascii=False, indent=1))
         temporary.replace(path)  # whole or absent: runs side by side read it while another writes it
         return summary
+
+
+def _check_normalize(normalize: str | None) -> str | None:
+    if normalize not in (None, "NFC", "NFKC"):
+        raise ConfigError("data.normalize", normalize, "null (texts as they are), NFC or NFKC")
+    return normalize
 
 
 def _check_holdout(holdout: Mapping[str, float] | None) -> dict[str, float]:

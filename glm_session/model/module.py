@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from transformers import GlmConfig, GlmForCausalLM
 
-from glm_session.checkpoints import check_init_from, initial_state, load_weights_into
+from glm_session.checkpoints import BUILTIN_ATTENTION, check_init_from, initial_state, load_weights_into
 from glm_session.errors import ConfigError, UserError, check_choice, check_int
 from glm_session.model.kernels import KERNELS, use_liger_kernels
 from glm_session.model.loss import REDUCTIONS, chunked_token_losses, denominator, reduce, token_losses
@@ -93,7 +93,10 @@ class ChatGLM2Module(L.LightningModule):
         self.init_from = check_init_from(init_from)
         self.compile_layers = compile_layers
         self.loss_chunk_tokens = check_int("model.loss_chunk_tokens", loss_chunk_tokens, minimum=1, optional=True)
-        self.config._attn_implementation = attn_implementation
+        # transformers' own attention only: a Hub kernel name would download and run code
+        self.config._attn_implementation = check_choice(
+            "model.attn_implementation", attn_implementation, BUILTIN_ATTENTION
+        )
         self.kernels = _check_kernels(kernels)
         self.model: GlmForCausalLM | None = None
         # Step accumulators: numerator and (tokens, samples, turns) of the micro-batches since the last step.
