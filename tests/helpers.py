@@ -90,8 +90,8 @@ class SignalAtStepIfSeed(SignalAtStep):
 
 
 class FullDiskAfterStep(L.Callback):
-    """From optimizer step ``step`` on, every ``torch.save`` writes part of its file, then fails as a full disk does
-    (``OSError`` ENOSPC): a save that runs out of space in the middle."""
+    """From the save after optimizer step ``step`` on, every ``torch.save`` writes part of its file, then fails as a
+    full disk does (``OSError`` ENOSPC): a save that runs out of space in the middle."""
 
     def __init__(self, step: int) -> None:
         self.step = step

@@ -135,7 +135,7 @@ def test_a_slurm_preemption_saves_at_a_step_boundary_requeues_and_the_relaunch_r
         command(relaunch, cache, "trainer.accumulate_grad_batches=2"), {**env, "SLURM_RESTART_COUNT": "1"}
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resuming SLURM job 4242's preempted run from {first / 'checkpoints' / 'last.ckpt'}" in result.stderr
+    assert f"resuming SLURM job 4242's preempted run from {first / 'checkpoints' / 'last.ckpt'}" in result.stdout
     final = metrics(relaunch)
     assert final["global_steps"] == uninterrupted["global_steps"]
     assert final["val_loss_by_epoch"] == pytest.approx(uninterrupted["val_loss_by_epoch"], abs=1e-6)
@@ -182,8 +182,8 @@ def test_an_atomic_write_that_fails_keeps_the_previous_file(tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_a_full_disk_during_training_keeps_the_last_checkpoint_and_says_so_in_one_line(tmp_path, cache_dir):
-    """Saves fail with ENOSPC from step 4 on (helpers.FullDiskAfterStep): one line, exit 2, the step-3 checkpoint
-    whole, metrics.json valid JSON."""
+    """Saves fail with ENOSPC from step 3's on (helpers.FullDiskAfterStep): one line, exit 2, the step-2
+    checkpoint whole, metrics.json valid JSON."""
     run_dir = tmp_path / "run"
     result = launch(command(run_dir, f"data.cache_dir={cache_dir}", "callbacks.last_checkpoint.every_n_train_steps=1",
                             "+callbacks.full._target_=helpers.FullDiskAfterStep", "+callbacks.full.step=3"))  # fmt: skip
@@ -194,7 +194,7 @@ def test_a_full_disk_during_training_keeps_the_last_checkpoint_and_says_so_in_on
         "last.ckpt: the checkpoint could not be written (No space left on device); the previous one is kept"
         in line
     )
-    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
     assert metrics(run_dir)["status"] == "failed" and "No space left on device" in metrics(run_dir)["error"]
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
 
