@@ -96,6 +96,11 @@ def run_app(app: Callable[[], Any]) -> None:
             raise SystemExit(stop.exit_code) from None
         except AbortRun as abort:
             raise abort.error from None
+        except KeyboardInterrupt:  # before training started, or during an evaluation
+            print(
+                "interrupted (Ctrl-C) outside the training steps: nothing was saved by this stop", file=sys.stderr
+            )
+            raise SystemExit(130) from None
         report_failures()
 
 

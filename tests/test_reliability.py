@@ -276,8 +276,12 @@ def test_resume_compares_data_by_content_and_says_what_changed(tmp_path, cache_d
 # texts --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("answer", ["\u200b\u200b", "\x00", " \n\t ", "\ufeff", "\u3000"])
-def test_an_answer_with_nothing_visible_is_an_input_error(tmp_path, answer):
+@pytest.mark.parametrize(
+    "answer,reason",
+    [("\u200b\u200b", "no visible character"), ("\x00", "no visible character"), ("\ufeff", "no visible character"),
+     ("\u200b \u200c", "no visible character"), (" \n\t ", "empty"), ("\u3000", "empty")],
+)  # fmt: skip
+def test_an_answer_with_nothing_visible_is_an_input_error(tmp_path, answer, reason):
     from glm_session.data.readers import read_sessions
     from glm_session.data.session import DataError
 
@@ -285,7 +289,8 @@ def test_an_answer_with_nothing_visible_is_an_input_error(tmp_path, answer):
     good = {"messages": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]}
     bad = {"messages": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": answer}]}
     path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
-    with pytest.raises(DataError, match=rf"{path}, line 2: message 2: assistant text with no visible character"):
+    expected = "assistant text with no visible character" if reason != "empty" else "empty assistant text"
+    with pytest.raises(DataError, match=rf"{path}, line 2: message 2: {expected}"):
         read_sessions(path)
     skipped = read_sessions(path, on_error="skip")
     assert len(skipped.sessions) == 1 and len(skipped.skipped) == 1

@@ -28,3 +28,14 @@ for i in range(500):
         {"role": "assistant", "content": f"第{i}个回答：天气很好，可以去公园散步，也可以去看电影。"},
     ]
 w("long.jsonl", [{"id": "long", "messages": msgs}])
+
+# Issue 20: texts with nothing visible, and a text in NFD (decomposed) form.
+invisible = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "\u200b\u200b"}]
+w(
+    "invisible.jsonl",
+    [good, {"messages": invisible}, {"messages": [good["messages"][0], {"role": "assistant", "content": "\x00"}]}],
+)
+nfd = {
+    "messages": [{"role": "user", "content": "caf\u0065\u0301，你好"}, {"role": "assistant", "content": "好的"}]
+}
+w("nfd.jsonl", [nfd, good])

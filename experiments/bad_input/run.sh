@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Each issue-11 item's command and the last lines it prints (stderr and stdout): bash run.sh [WORK_DIR] > report.txt
+# Each issue-11, issue-19 and issue-20 item's command and the last lines it prints (stderr and stdout):
+# bash run.sh [WORK_DIR] > report.txt
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 WORK=${1:-/tmp/glm_session_bad_input}
 rm -rf "$WORK" && mkdir -p "$WORK" && cd "$WORK" && python "$ROOT/experiments/bad_input/make_files.py"
@@ -45,3 +46,39 @@ mkdir -p src && echo '[1, 2]' > src/config.json
 item 15c "python -m glm_session.convert src dst" "error"
 item 15d "python -m glm_session.train $T data.limit=3" "error"
 item 16 "python -m glm_session.data stats data.path=long.jsonl data.max_seq_len=2048 $C" "warning"
+
+# Issue 19: supervision policies.
+item 19a "python -m glm_session.data stats supervision=positions 'supervision.weights=[1,-2]'" "error"
+item 19b "python -m glm_session.train $T supervision=from_turn supervision.m=40" "error"
+item 19c "python -m glm_session.data stats supervision=first" "error"
+item 19d "python -m glm_session.data stats supervision=positions 'supervision.weights=[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1]' $C" "error"
+# Issue 20: signals, preemption, concurrency, full disks, code from checkpoints, moved data, texts, one line.
+S="PYTHONPATH=$ROOT/tests python -m glm_session.train $T data.limit=20 trainer.max_epochs=2 trainer.limit_train_batches=1.0"
+item 20-1a "$S trainer.accumulate_grad_batches=2 +callbacks.sig._target_=helpers.SignalAtStep +callbacks.sig.step=3 hydra.run.dir=SIG; python -c \"import json; m=json.load(open('SIG/metrics.json')); print({k: m[k] for k in ('status','signal','stopped_at_step')})\"" "stopped by|status|error|Traceback" 2
+item 20-1b "$S trainer.accumulate_grad_batches=2 ckpt_path=SIG/checkpoints/last.ckpt hydra.run.dir=SIG2" "validation loss|error"
+item 20-1c "$S trainer.accumulate_grad_batches=2 hydra.run.dir=WHOLE" "validation loss|error"
+item 20-1d "$S -m trainer.max_epochs=1 seed=0,1,2 +callbacks.sig._target_=helpers.SignalAtStepIfSeed +callbacks.sig.step=2 +callbacks.sig.seed=1 '+callbacks.sig.run_seed=\${seed}' hydra.sweep.dir=SWEEP" "^sweep|stopped by|error" 4
+mkdir -p bin && printf '#!/bin/sh\necho "scontrol $@" >> scontrol.log\n' > bin/scontrol && chmod +x bin/scontrol
+SL="PATH=$WORK/bin:$PATH SLURM_NTASKS=1 SLURM_JOB_NAME=glm SLURM_JOB_ID=4242 SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NODEID=0 SLURM_NODELIST=localhost"
+item 20-2a "$SL $S trainer.accumulate_grad_batches=2 +callbacks.sig._target_=helpers.SignalAtStep +callbacks.sig.step=3 +callbacks.sig.signal=SIGUSR1 hydra.run.dir=slurm/first; cat scontrol.log" "stopped by|scontrol|error" 2
+item 20-2b "$SL SLURM_RESTART_COUNT=1 $S trainer.accumulate_grad_batches=2 strategy=split hydra.run.dir=slurm/split" "error"
+item 20-2c "$SL SLURM_RESTART_COUNT=1 $S trainer.accumulate_grad_batches=2 hydra.run.dir=slurm/relaunch" "resuming|validation loss|error" 2
+item 20-3 "($S trainer.max_epochs=3 hydra.run.dir=BUSY > busy.txt 2>&1 &); sleep 12; $S hydra.run.dir=BUSY" "error"
+mkdir -p FULL && if mount -t tmpfs -o size=14M tmpfs FULL 2>/dev/null; then
+item 20-4a "$S callbacks.last_checkpoint.every_n_train_steps=1 hydra.run.dir=FULL/run; ls FULL/run/checkpoints; python -c \"import json, torch; print('last.ckpt step', torch.load('FULL/run/checkpoints/last.ckpt', weights_only=True)['global_step'], json.load(open('FULL/run/metrics.json'))['status'])\"" "error|Traceback|last.ckpt" 3
+umount FULL; else echo "### 20-4a"; echo "skipped: no tmpfs could be mounted here"; fi
+item 20-4b "PYTHONPATH=$ROOT/tests python -m glm_session.train $T data.limit=20 trainer.max_epochs=2 trainer.limit_train_batches=1.0 callbacks.last_checkpoint.every_n_train_steps=1 +callbacks.full._target_=helpers.FullDiskAfterStep +callbacks.full.step=3 hydra.run.dir=FULL2; python -c \"import json; print(json.load(open('FULL2/metrics.json'))['status'])\"" "error|Traceback|failed" 2
+python -c "
+import torch; c=torch.load('R/checkpoints/last.ckpt', weights_only=True); m=c['glm_session']['model_config']
+m.update(attn_implementation='kernels-community/flash-attn', auto_map={'AutoModelForCausalLM': 'evil.Model'}); torch.save(c, 'kernel.ckpt')"
+item 20-5 "python -m glm_session.evaluate ckpt_path=kernel.ckpt limit=1 $C hydra.run.dir=E5" "ignored|ROUGE|error" 2
+mkdir -p moved && cp "$ROOT"/glm_session/resources/kdconv/*.jsonl moved/ && head -n 15 moved/train.jsonl > moved/fewer.jsonl
+M="data.validation_path=moved/validation.jsonl data.test_path=moved/test.jsonl"
+item 20-6a "python -m glm_session.train $T data.limit=20 trainer.max_steps=3 trainer.limit_train_batches=1.0 data.train_path=moved/train.jsonl $M ckpt_path=R/checkpoints/last.ckpt hydra.run.dir=MOVED" "same content|error"
+item 20-6b "python -m glm_session.train $T data.limit=20 trainer.max_steps=3 trainer.limit_train_batches=1.0 data.train_path=moved/fewer.jsonl $M ckpt_path=R/checkpoints/last.ckpt hydra.run.dir=FEWER" "error"
+item 20-7a "python -m glm_session.data stats data.path=invisible.jsonl $C" "error"
+item 20-7b "python -m glm_session.data stats data.path=invisible.jsonl data.on_error=skip $C" "skipped_records|skipped:" 2
+item 20-7c "python -m glm_session.data stats data.path=nfd.jsonl $C; python -m glm_session.data stats data.path=nfd.jsonl data.normalize=NFC $C" "nfc|normalized" 4
+item 20-8a "python -m glm_session.train $T data.limit=abc" "." 3
+item 20-8b "python -m glm_session.evaluate ckpt_path=no.ckpt" "." 3
+item 20-8c "python -m glm_session.train -m $T data.limit=4 trainer.max_steps=1 trainer.limit_train_batches=1.0 data.max_seq_len=1024,0 hydra.sweep.dir=FAILSWEEP" "error|Error executing|Traceback" 3

@@ -67,6 +67,7 @@ def run_one(name: str, overrides: list[str], runs: Path) -> dict:
     tokens_per_second = metrics["tokens_per_second"]
     return {
         "name": name,
+        "status": metrics["status"],  # train returns only for a completed run (a stop raises)
         "overrides": overrides,
         "model": cfg.model.preset,
         "parameters": metrics["parameters"],

@@ -139,7 +139,7 @@ def _problem(role: str, text: str) -> str:
     """Why a message cannot come where it stands."""
     if role not in ROLES:
         return f"role {role!r} is not system, user or assistant"
-    if not text:
+    if not text.strip():
         return f"empty {role} text"
     if not visible(text):
         return f"{role} text with no visible character ({len(text)} whitespace, zero-width or control characters)"
