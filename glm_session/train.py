@@ -120,7 +120,7 @@ def _train(
     generation = build(cfg.generation) if evaluation else None
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule = build(cfg.data)
     if generation is not None:

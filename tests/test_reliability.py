@@ -312,6 +312,8 @@ def test_unicode_forms_are_counted_and_normalised_by_choice(tmp_path, cache_dir)
     nfc = DialogueDataModule(tokenizer, train_path=str(path), cache_dir=cache_dir, normalize="NFC")
     assert nfc.statistics("train")["normalized_texts"] == 1
     assert nfc.read("train").sessions[0].turns[0].question == unicodedata.normalize("NFC", composed)
+    one_file = DialogueDataModule(tokenizer, path=str(path), cache_dir=cache_dir)  # split by holdout: counted too
+    assert one_file.statistics("train")["non_nfc_texts"] == 1
     with pytest.raises(ConfigError, match="data.normalize='NFD': must be null"):
         DialogueDataModule(tokenizer, train_path=str(path), cache_dir=cache_dir, normalize="NFD")
 

@@ -54,20 +54,21 @@ item 19c "python -m glm_session.data stats supervision=first" "error"
 item 19d "python -m glm_session.data stats supervision=positions 'supervision.weights=[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1]' $C" "error"
 # Issue 20: signals, preemption, concurrency, full disks, code from checkpoints, moved data, texts, one line.
 S="PYTHONPATH=$ROOT/tests python -m glm_session.train $T data.limit=20 trainer.max_epochs=2 trainer.limit_train_batches=1.0"
-item 20-1a "$S trainer.accumulate_grad_batches=2 +callbacks.sig._target_=helpers.SignalAtStep +callbacks.sig.step=3 hydra.run.dir=SIG; python -c \"import json; m=json.load(open('SIG/metrics.json')); print({k: m[k] for k in ('status','signal','stopped_at_step')})\"" "stopped by|status|error|Traceback" 2
+E='echo "(train exited $?)";'   # in an item of several commands, the exit code of the run
+item 20-1a "$S trainer.accumulate_grad_batches=2 +callbacks.sig._target_=helpers.SignalAtStep +callbacks.sig.step=3 hydra.run.dir=SIG; $E python -c \"import json; m=json.load(open('SIG/metrics.json')); print({k: m[k] for k in ('status','signal','stopped_at_step')})\"" "stopped by|status|error|Traceback|exited" 3
 item 20-1b "$S trainer.accumulate_grad_batches=2 ckpt_path=SIG/checkpoints/last.ckpt hydra.run.dir=SIG2" "validation loss|error"
 item 20-1c "$S trainer.accumulate_grad_batches=2 hydra.run.dir=WHOLE" "validation loss|error"
-item 20-1d "$S -m trainer.max_epochs=1 seed=0,1,2 +callbacks.sig._target_=helpers.SignalAtStepIfSeed +callbacks.sig.step=2 +callbacks.sig.seed=1 '+callbacks.sig.run_seed=\${seed}' hydra.sweep.dir=SWEEP" "^sweep|stopped by|error" 4
+item 20-1d "PYTHONPATH=$ROOT/tests python -m glm_session.train -m $T data.limit=20 trainer.limit_train_batches=1.0 trainer.max_epochs=1 seed=0,1,2 +callbacks.sig._target_=helpers.SignalAtStepIfSeed +callbacks.sig.step=2 +callbacks.sig.seed=1 '+callbacks.sig.run_seed=\${seed}' hydra.sweep.dir=SWEEP" "^sweep|stopped by|error" 4
 mkdir -p bin && printf '#!/bin/sh\necho "scontrol $@" >> scontrol.log\n' > bin/scontrol && chmod +x bin/scontrol
 SL="PATH=$WORK/bin:$PATH SLURM_NTASKS=1 SLURM_JOB_NAME=glm SLURM_JOB_ID=4242 SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NODEID=0 SLURM_NODELIST=localhost"
-item 20-2a "$SL $S trainer.accumulate_grad_batches=2 +callbacks.sig._target_=helpers.SignalAtStep +callbacks.sig.step=3 +callbacks.sig.signal=SIGUSR1 hydra.run.dir=slurm/first; cat scontrol.log" "stopped by|scontrol|error" 2
+item 20-2a "$SL $S trainer.accumulate_grad_batches=2 +callbacks.sig._target_=helpers.SignalAtStep +callbacks.sig.step=3 +callbacks.sig.signal=SIGUSR1 hydra.run.dir=slurm/first; $E cat scontrol.log" "stopped by|scontrol|error|exited" 3
 item 20-2b "$SL SLURM_RESTART_COUNT=1 $S trainer.accumulate_grad_batches=2 strategy=split hydra.run.dir=slurm/split" "error"
 item 20-2c "$SL SLURM_RESTART_COUNT=1 $S trainer.accumulate_grad_batches=2 hydra.run.dir=slurm/relaunch" "resuming|validation loss|error" 2
 item 20-3 "($S trainer.max_epochs=3 hydra.run.dir=BUSY > busy.txt 2>&1 &); sleep 12; $S hydra.run.dir=BUSY" "error"
 mkdir -p FULL && if mount -t tmpfs -o size=14M tmpfs FULL 2>/dev/null; then
-item 20-4a "$S callbacks.last_checkpoint.every_n_train_steps=1 hydra.run.dir=FULL/run; ls FULL/run/checkpoints; python -c \"import json, torch; print('last.ckpt step', torch.load('FULL/run/checkpoints/last.ckpt', weights_only=True)['global_step'], json.load(open('FULL/run/metrics.json'))['status'])\"" "error|Traceback|last.ckpt" 3
+item 20-4a "$S callbacks.last_checkpoint.every_n_train_steps=1 hydra.run.dir=FULL/run; $E ls -a FULL/run/checkpoints | tr '\\n' ' '; echo; python -c \"import json, torch; print('last.ckpt step', torch.load('FULL/run/checkpoints/last.ckpt', weights_only=True)['global_step'], json.load(open('FULL/run/metrics.json'))['status'])\"" "error|Traceback|last.ckpt|exited" 4
 umount FULL; else echo "### 20-4a"; echo "skipped: no tmpfs could be mounted here"; fi
-item 20-4b "PYTHONPATH=$ROOT/tests python -m glm_session.train $T data.limit=20 trainer.max_epochs=2 trainer.limit_train_batches=1.0 callbacks.last_checkpoint.every_n_train_steps=1 +callbacks.full._target_=helpers.FullDiskAfterStep +callbacks.full.step=3 hydra.run.dir=FULL2; python -c \"import json; print(json.load(open('FULL2/metrics.json'))['status'])\"" "error|Traceback|failed" 2
+item 20-4b "PYTHONPATH=$ROOT/tests python -m glm_session.train $T data.limit=20 trainer.max_epochs=2 trainer.limit_train_batches=1.0 callbacks.last_checkpoint.every_n_train_steps=1 +callbacks.full._target_=helpers.FullDiskAfterStep +callbacks.full.step=3 hydra.run.dir=FULL2; $E python -c \"import json; print(json.load(open('FULL2/metrics.json'))['status'])\"" "error|Traceback|failed|exited" 3
 python -c "
 import torch; c=torch.load('R/checkpoints/last.ckpt', weights_only=True); m=c['glm_session']['model_config']
 m.update(attn_implementation='kernels-community/flash-attn', auto_map={'AutoModelForCausalLM': 'evil.Model'}); torch.save(c, 'kernel.ckpt')"

@@ -81,7 +81,12 @@ class DialogueSource:
 
     def _split_by_holdout(self, result: ReadResult) -> dict[str, ReadResult]:
         splits = {name: ReadResult() for name in SPLITS}
+        # What concerns the whole file is counted with the train split.
         splits["train"].skipped = result.skipped
+        splits["train"].non_nfc_texts, splits["train"].normalized_texts = (
+            result.non_nfc_texts,
+            result.normalized_texts,
+        )
         validation, test = self.holdout.get("validation", 0.0), self.holdout.get("test", 0.0)
         for session in result.sessions:
             u = int(hashlib.sha256(session.id.encode()).hexdigest()[:8], 16) / 2**32

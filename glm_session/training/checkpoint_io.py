@@ -47,8 +47,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(temporary, path)
             fsync_folder(path.parent)
         except (OSError, RuntimeError) as err:
-            raise WriteError(f"{path}: the checkpoint could not be written ({describe_os_error(err)}); the previous "
-                             "one is kept") from None  # fmt: skip
+            reason = describe_os_error(err)
+            if not isinstance(err, OSError):  # torch's writer does not say why: the space left often does
+                reason = f"{reason}; {shutil.disk_usage(path.parent).free:,} bytes free on its filesystem"
+            raise WriteError(
+                f"{path}: the checkpoint could not be written ({reason}); the previous one is kept"
+            ) from None
         finally:
             temporary.unlink(missing_ok=True)
         remove_stale_saves(path.parent)
