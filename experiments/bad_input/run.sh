@@ -64,7 +64,7 @@ SL="PATH=$WORK/bin:$PATH SLURM_NTASKS=1 SLURM_JOB_NAME=glm SLURM_JOB_ID=4242 SLU
 item 20-2a "$SL $S trainer.accumulate_grad_batches=2 +callbacks.sig._target_=helpers.SignalAtStep +callbacks.sig.step=3 +callbacks.sig.signal=SIGUSR1 hydra.run.dir=slurm/first; $E cat scontrol.log" "stopped by|scontrol|error|exited" 3
 item 20-2b "$SL SLURM_RESTART_COUNT=1 $S trainer.accumulate_grad_batches=2 strategy=split hydra.run.dir=slurm/split" "error"
 item 20-2c "$SL SLURM_RESTART_COUNT=1 $S trainer.accumulate_grad_batches=2 hydra.run.dir=slurm/relaunch" "resuming|validation loss|error" 2
-item 20-3 "($S trainer.max_epochs=3 hydra.run.dir=BUSY > busy.txt 2>&1 &); sleep 12; $S hydra.run.dir=BUSY" "error"
+item 20-3 "$S trainer.max_epochs=50 hydra.run.dir=BUSY > busy.txt 2>&1 & P=\$!; sleep 15; $S hydra.run.dir=BUSY; $E kill -TERM \$P; wait \$P; echo \"(the first run, sent SIGTERM, exited \$?)\"" "error|exited" 3
 mkdir -p FULL && if mount -t tmpfs -o size=14M tmpfs FULL 2>/dev/null; then
 item 20-4a "$S callbacks.last_checkpoint.every_n_train_steps=1 hydra.run.dir=FULL/run; $E ls -a FULL/run/checkpoints | tr '\\n' ' '; echo; python -c \"import json, torch; print('last.ckpt step', torch.load('FULL/run/checkpoints/last.ckpt', weights_only=True)['global_step'], json.load(open('FULL/run/metrics.json'))['status'])\"" "error|Traceback|last.ckpt|exited" 4
 umount FULL; else echo "### 20-4a"; echo "skipped: no tmpfs could be mounted here"; fi
