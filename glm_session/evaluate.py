@@ -1,6 +1,7 @@
 """Evaluate a run's checkpoint: ``python -m glm_session.evaluate ckpt_path=... [overrides]`` (``conf/evaluate.yaml``).
 
-The model, its template and (unless ``tokenizer.path`` is given) its tokenizer come from the checkpoint's run record;
+The model, its template and (unless ``tokenizer.path`` is given) its tokenizer come from the checkpoint's run record
+(a base pretrained on plain text is scored in ``template=...``, the dialogue template its fine-tuning uses);
 ``data.*`` says where the sessions are and how long a prompt may be. The work is ``evaluation.evaluator``'s; the
 results land in ``<run>/evaluations/<date>_<time>/`` unless ``hydra.run.dir`` says otherwise.
 """
@@ -17,7 +18,7 @@ from omegaconf import DictConfig
 from glm_session.checkpoints import CheckpointError, load_model
 from glm_session.config import CONFIG_DIR, build
 from glm_session.data.strategy import SessionStrategy
-from glm_session.data.template import get_template
+from glm_session.data.template import PLAIN, get_template
 from glm_session.evaluation.evaluator import evaluate_model
 from glm_session.hydra_jobs import job, run_app
 from glm_session.tokenizer import ChatGLM2Tokenizer
@@ -40,14 +41,17 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"{cfg.ckpt_path}: trained with tokenizer {info.tokenizer_fingerprint}, not with "
             f"{tokenizer.vocab_file} ({tokenizer.fingerprint})"
         )
-    data = build(cfg.data, tokenizer=tokenizer, template=get_template(info.template), strategy=SessionStrategy())
+    # A base language-modelled on plain text (template plain) has no dialogue template: it is scored in the one given
+    # (template=..., chatglm2 by default), the template its fine-tuning will use.
+    template = get_template(info.template) if info.template != PLAIN.name else build(cfg.template)
+    data = build(cfg.data, tokenizer=tokenizer, template=template, strategy=SessionStrategy())
     device = (
         "cuda"
         if cfg.device == "auto" and torch.cuda.is_available()
         else ("cpu" if cfg.device == "auto" else cfg.device)
     )
     model.to(device)
-    log.info("evaluating %s (template %s) on %s", cfg.ckpt_path, info.template, cfg.split)
+    log.info("evaluating %s (template %s) on %s", cfg.ckpt_path, template.name, cfg.split)
     return evaluate_model(model, data, cfg.split, cfg.output_dir, generation, cfg.limit)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -15,7 +15,7 @@ from glm_session.data.samples import shortest_sample
 from glm_session.data.source import SPLITS, DialogueSource
 from glm_session.data.strategy import STRATEGIES, Strategy, get_strategy
 from glm_session.data.template import Template, get_template
-from glm_session.errors import check_bool, check_choice, check_int
+from glm_session.errors import ConfigError, check_bool, check_choice, check_int
 from glm_session.supervision import Supervision, get_supervision
 from glm_session.tokenizer import ChatGLM2Tokenizer
 
@@ -29,8 +29,9 @@ class DialogueDataModule(L.LightningDataModule):
         supervision: which answers of the training samples are trained and how much each turn weighs (a
             ``Supervision`` policy or its name). Validation and test samples train every answer with weight 1, so
             that a run is scored on every turn whatever its policy.
-        train_path, validation_path, test_path, path, holdout, format, role_map, on_error, drop_trailing_question,
-            limit, normalize: where the sessions come from and how they are read (``DialogueSource``).
+        train_path, validation_path, test_path, path, holdout, holdout_by, format, role_map, on_error,
+            drop_trailing_question, limit, normalize: where the sessions come from and how they are read
+            (``DialogueSource``). ``format=text`` reads plain-text documents, for ``template=plain strategy=lm``.
         max_seq_len: the most tokens in a sample (and in a packed row).
         validation_strategy: the strategy of the validation and test samples (``None``: the training strategy).
             ``session`` gives split runs the same validation loss at a third of the compute (Invariant 1: every
@@ -53,8 +54,9 @@ class DialogueDataModule(L.LightningDataModule):
         train_path: str | None = None,
         validation_path: str | None = None,
         test_path: str | None = None,
-        path: str | None = None,
+        path: str | Sequence[str] | None = None,
         holdout: Mapping[str, float] | None = None,
+        holdout_by: str = "id",
         format: str = "auto",
         role_map: Mapping[str, str] | None = None,
         on_error: str = "raise",
@@ -86,8 +88,13 @@ class DialogueDataModule(L.LightningDataModule):
             check_choice("data.validation_strategy", validation_strategy, tuple(STRATEGIES))
         evaluation_strategy = strategy if validation_strategy is None else get_strategy(validation_strategy)
         evaluation = SampleSpec(tokenizer, template, evaluation_strategy, max_seq_len)  # every answer, weight 1
-        source = DialogueSource(train_path, validation_path, test_path, path, holdout, format, role_map, on_error,
-                                drop_trailing_question, limit, normalize)  # fmt: skip
+        if (format == "text") != (template.name == "plain") or format == "text" and strategy.name != "lm":
+            raise ConfigError(
+                "data.format", format, "text together with template=plain and strategy=lm (plain-text documents are "
+                "language-modelled, dialogues are written by a dialogue template)"
+            )  # fmt: skip
+        source = DialogueSource(train_path, validation_path, test_path, path, holdout, holdout_by, format, role_map,
+                                on_error, drop_trailing_question, limit, normalize)  # fmt: skip
         batching = Batching(batch_size, batch_tokens, batch_sessions, batch_supervised_tokens, pad_to, max_seq_len,
                             packing, shuffle, seed)  # fmt: skip
         self.pipeline = DialoguePipeline(

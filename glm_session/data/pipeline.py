@@ -158,6 +158,7 @@ class DialoguePipeline:
             "max_seq_len": self.samples.max_seq_len,
             "sessions": prepared.summary["sessions"],
             "turns": prepared.summary["turns"],
+            "openings": prepared.summary["openings"],  # distinct first questions
             "samples": int((columns["length"] > 0).sum()),
             "rows": sum(len(b) for b in batches),
             "batches": len(batches),

@@ -1,4 +1,4 @@
-"""Read dialogue files (.json, .jsonl, .json.gz, .jsonl.gz) in the three common record shapes.
+"""Read dialogue files (.json, .jsonl, each also as .gz or .xz) in the three common record shapes, or plain text.
 
 - ShareGPT: ``{"conversations": [{"from": "human"|"gpt"|..., "value": str}], "system"?: str}``
 - OpenAI messages: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}]}``
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import lzma
 import unicodedata
 import zlib
 from collections.abc import Iterator, Mapping
@@ -20,9 +21,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from glm_session.data.session import DataError, Message, Session, Turn, check_unicode, session_from_messages
+from glm_session.data.session import (
+    DataError,
+    Message,
+    Session,
+    Turn,
+    check_unicode,
+    session_from_messages,
+    visible,
+)
 
-Format = Literal["auto", "sharegpt", "openai", "chatglm"]
+Format = Literal["auto", "sharegpt", "openai", "chatglm", "text"]
 OnError = Literal["raise", "skip"]
 
 DEFAULT_ROLE_MAP = {
@@ -141,9 +150,11 @@ def parse_record(
         check_unicode(session_id, path, record_number, "'id'")
     else:
         raise DataError(path, record_number, f"'id' must be a string or an integer, got {_type(raw_id)}")
+    if format == "text":
+        return _document(record, session_id, path, record_number)
     parse = {"sharegpt": _sharegpt, "openai": _openai, "chatglm": _chatglm}.get(format)
     if parse is None:
-        raise ValueError(f"unknown data format {format!r}: use auto, sharegpt, openai or chatglm")
+        raise ValueError(f"unknown data format {format!r}: use auto, sharegpt, openai, chatglm or text")
     messages = parse(record, path, record_number)
     mapped = []
     for role, text, where in messages:
@@ -154,7 +165,19 @@ def parse_record(
     return session_from_messages(mapped, session_id, path, record_number, drop_trailing_question)
 
 
+def _document(record: dict, session_id: str, path: str, record_number: int | str) -> Session:
+    """A plain-text record ``{"id", "text"}``: a document, held as one turn whose question is empty (the ``plain``
+    template writes its text alone; ``strategy=lm`` trains every token of it)."""
+    text = _field(record, "text", str, path, record_number)
+    check_unicode(text, path, record_number, "'text'")
+    if not visible(text):
+        raise DataError(path, record_number, "'text': empty, or no visible character")
+    return Session(session_id, (Turn("", text),))
+
+
 def _detect(record: dict, path: str, record_number: int | str) -> Format:
+    if "text" in record and not {"conversations", "messages", "prompt", "response"} & record.keys():
+        return "text"
     if "conversations" in record:
         return "sharegpt"
     if "messages" in record:
@@ -162,7 +185,7 @@ def _detect(record: dict, path: str, record_number: int | str) -> Format:
     if "prompt" in record or "response" in record:
         return "chatglm"
     raise DataError(
-        path, record_number, "missing field: expected 'conversations', 'messages' or 'prompt'/'response'"
+        path, record_number, "missing field: expected 'conversations', 'messages', 'prompt'/'response' or 'text'"
     )
 
 
@@ -253,10 +276,12 @@ def _records(path: Path) -> Iterator[tuple[int | str, Any]]:
     if not path.is_file():
         raise DataError(str(path), None, "no such file")
     name = path.name.lower()
-    compressed = name.endswith(".gz")
-    stem = name[:-3] if compressed else name
+    compressed = next((suffix for suffix in (".gz", ".xz") if name.endswith(suffix)), None)
+    stem = name.removesuffix(compressed) if compressed else name
     if not (stem.endswith(".jsonl") or stem.endswith(".json")):
-        raise DataError(str(path), None, "unknown file type: expected .json, .jsonl, .json.gz or .jsonl.gz")
+        raise DataError(
+            str(path), None, "unknown file type: expected .json or .jsonl, optionally compressed (.gz or .xz)"
+        )
     data = _read_bytes(path, compressed)
     if stem.endswith(".jsonl"):
         yield from _jsonl_records(path, data)
@@ -264,17 +289,18 @@ def _records(path: Path) -> Iterator[tuple[int | str, Any]]:
         yield from _json_records(path, data)
 
 
-def _read_bytes(path: Path, compressed: bool) -> bytes:
+def _read_bytes(path: Path, compressed: str | None) -> bytes:
     try:
         raw = path.read_bytes()
     except OSError as err:
         raise DataError(str(path), None, f"cannot be read ({err.strerror or err})") from None
-    if not compressed:
+    if compressed is None:
         return raw
     try:
-        return gzip.decompress(raw)
-    except (EOFError, OSError, zlib.error) as err:
-        raise DataError(str(path), None, f"not a complete gzip file ({err})") from None
+        return gzip.decompress(raw) if compressed == ".gz" else lzma.decompress(raw)
+    except (EOFError, OSError, zlib.error, lzma.LZMAError) as err:
+        kind = "gzip" if compressed == ".gz" else "xz"
+        raise DataError(str(path), None, f"not a complete {kind} file ({err})") from None
 
 
 def _parse_json(text: str) -> tuple[Any, str | None]:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,12 @@ class DialogueSource:
 
     Args:
         train_path, validation_path, test_path: one file per split.
-        path: one file whose sessions are all used, in file order (the split files are then not used); ``holdout``
-            moves a deterministic share of them (by a hash of the session id) to validation and test, e.g.
-            ``{"validation": 0.05, "test": 0.05}``.
+        path: one file, or a list of files read in order, whose sessions are all used (the split files are then not
+            used); ``holdout`` moves a deterministic share of them (by a hash, ``holdout_by``) to validation and test,
+            e.g. ``{"validation": 0.05, "test": 0.05}``.
+        holdout_by: what the holdout hashes: ``id`` (each session on its own) or ``opening`` (the session's first
+            question: every session with the same opening lands in the same split, so a test session never opens
+            as a training session does).
         format, role_map, on_error, drop_trailing_question, normalize: how files are read
             (``readers.read_sessions``).
         limit: the first ``limit`` sessions of each file.
@@ -43,8 +47,9 @@ class DialogueSource:
         train_path: str | None = None,
         validation_path: str | None = None,
         test_path: str | None = None,
-        path: str | None = None,
+        path: str | Sequence[str] | None = None,
         holdout: Mapping[str, float] | None = None,
+        holdout_by: str = "id",
         format: str = "auto",
         role_map: Mapping[str, str] | None = None,
         on_error: str = "raise",
@@ -53,9 +58,10 @@ class DialogueSource:
         normalize: str | None = None,
     ) -> None:
         self.files = {"train": train_path, "validation": validation_path, "test": test_path}
-        self.path, self.holdout = path, _check_holdout(holdout)
+        self.path, self.holdout = _check_path(path), _check_holdout(holdout)
+        self.holdout_by = check_choice("data.holdout_by", holdout_by, ("id", "opening"))
         self.read_options = {
-            "format": check_choice("data.format", format, ("auto", "sharegpt", "openai", "chatglm")),
+            "format": check_choice("data.format", format, ("auto", "sharegpt", "openai", "chatglm", "text")),
             "role_map": _check_role_map(role_map),
             "on_error": check_choice("data.on_error", on_error, ("raise", "skip")),
             "limit": check_int("data.limit", limit, minimum=1, optional=True),
@@ -89,7 +95,8 @@ class DialogueSource:
         )
         validation, test = self.holdout.get("validation", 0.0), self.holdout.get("test", 0.0)
         for session in result.sessions:
-            u = int(hashlib.sha256(session.id.encode()).hexdigest()[:8], 16) / 2**32
+            key = session.id if self.holdout_by == "id" else session.turns[0].question
+            u = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 2**32
             name = "validation" if u < validation else "test" if u < validation + test else "train"
             splits[name].sessions.append(session)
         return splits
@@ -98,8 +105,8 @@ class DialogueSource:
         """Hash of the input files' content (by the split each one feeds, whatever its path) and of how they are read
         and split."""
         digest = hashlib.sha256()
-        files = {"path": self.path} if self.path is not None else self.files
-        for role, path in files.items():
+        files = [("path", p) for p in self.path] if self.path is not None else list(self.files.items())
+        for role, path in files:
             digest.update(role.encode())
             if path is None:
                 digest.update(b"none")
@@ -107,6 +114,8 @@ class DialogueSource:
                 file = Path(path)
                 digest.update(hashlib.sha256(file.read_bytes()).digest() if file.is_file() else b"missing")
         settings = {"one file": self.path is not None, "holdout": self.holdout, "read": self.read_options}
+        if self.holdout_by != "id":  # (the key of earlier runs stays what it was)
+            settings["holdout_by"] = self.holdout_by
         digest.update(json.dumps(settings, sort_keys=True).encode())
         return digest.hexdigest()[:32]
 
@@ -114,22 +123,22 @@ class DialogueSource:
         """The file ``split`` comes from, as an error message names it."""
         if self.path is None:
             return str(self.files.get(split))
-        return (
-            self.path if split == "train" else f"{self.path} (data.holdout.{split}={self.holdout.get(split, 0.0)})"
-        )
+        files = ", ".join(self.path)
+        return files if split == "train" else f"{files} (data.holdout.{split}={self.holdout.get(split, 0.0)})"
 
     def summary(self, split: str, cache_dir: Path) -> dict[str, Any]:
         """What reading ``split`` found (from the cache when the same files were read before)."""
         path = cache_dir / f"read-{self.key()}-{split}.json"
         if path.exists():
             summary = json.loads(path.read_text())
-            if "non_nfc_texts" in summary:  # else written by an earlier version: read again
+            if "openings" in summary:  # else written by an earlier version: read again
                 return summary
         read = self.read(split)
         summary = {
             "sessions": len(read.sessions),
             "turns": sum(len(s.turns) for s in read.sessions),
             "max_turns": max((len(s.turns) for s in read.sessions), default=0),
+            "openings": len({s.turns[0].question for s in read.sessions}),  # distinct first questions
             "non_nfc_texts": read.non_nfc_texts,
             "normalized_texts": read.normalized_texts,
             "skipped_records": len(read.skipped),
@@ -141,6 +150,16 @@ class DialogueSource:
         temporary.write_text(json.dumps(summary, ensure_ascii=False, indent=1))
         temporary.replace(path)  # whole or absent: runs side by side read it while another writes it
         return summary
+
+
+def _check_path(path: str | Sequence[str] | None) -> list[str] | None:
+    """``data.path`` as a list of files (one file or several)."""
+    if path is None:
+        return None
+    paths = [path] if isinstance(path, str | os.PathLike) else list(path) if isinstance(path, Sequence) else None
+    if not paths or not all(isinstance(p, str | os.PathLike) for p in paths):
+        raise ConfigError("data.path", path, "a file or a non-empty list of files")
+    return [str(p) for p in paths]
 
 
 def _check_normalize(normalize: str | None) -> str | None:

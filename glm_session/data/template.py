@@ -12,6 +12,8 @@ always prompted in the format it was trained on.
 - ``chatglm2_article``: the article's reference code (SpongebBob/Finetune-ChatGLM2-6B ``preprocess_function``),
   byte for byte: ``[Round i]`` counted from 0, answers written as ``a + "\\n\\n"`` and followed by an eos token
   that stays in the context.
+- ``plain``: plain-text documents (``data.format=text``), each written as it is after ``[gMASK] sop`` and followed
+  by eos: language modelling of text (``strategy=lm``), e.g. to pretrain a base on text that holds no dialogue.
 """
 
 from __future__ import annotations
@@ -107,7 +109,9 @@ def prompt_text(segments: Sequence[Segment]) -> str:
 
 CHATGLM2 = Template(name="chatglm2", first_round=1, answer_suffix="", eos_in_context=False)
 CHATGLM2_ARTICLE = Template(name="chatglm2_article", first_round=0, answer_suffix="\n\n", eos_in_context=True)
-TEMPLATES = {t.name: t for t in (CHATGLM2, CHATGLM2_ARTICLE)}
+# Plain text: a document (``data.format=text``: one turn, no question) written as it is, then eos.
+PLAIN = Template(name="plain", first_round=1, answer_suffix="", eos_in_context=False, user_format="{question}")
+TEMPLATES = {t.name: t for t in (CHATGLM2, CHATGLM2_ARTICLE, PLAIN)}
 
 
 def get_template(name: str) -> Template:
