@@ -90,13 +90,15 @@ def plan(
                                        "generation.batch_size=256", "generation.max_new_tokens=64",
                                        *eval_extra, f"hydra.run.dir={root / name}"],
                                 needs=[f"data/{corpus}", f"pretrain/seed{seed}"]))  # fmt: skip
-    if "pilot" in phases:
-        smile = [corpora["smile"][1]]
+    for corpus in ("smile", "cpsycoun"):
+        if f"pilot_{corpus}" not in phases and not (corpus == "smile" and "pilot" in phases):
+            continue
         for rate in PILOT_RATES:
-            name = f"pilot/smile_session+token_lr{rate}"
-            jobs.append(Job(name, [*python, "glm_session.train", "experiment=unseen/smile_session", *smile,
-                                   f"optimizer.lr={rate}", *QUIET, *extra, f"hydra.run.dir={root / name}"],
-                            needs=["data/smile", "pretrain/seed0"], base="pretrain/seed0"))  # fmt: skip
+            name = f"pilot/{corpus}_session+token_lr{rate}"
+            jobs.append(Job(name, [*python, "glm_session.train", f"experiment=unseen/{corpus}_session",
+                                   corpora[corpus][1], f"optimizer.lr={rate}", *QUIET, *extra,
+                                   f"hydra.run.dir={root / name}"],
+                            needs=[f"data/{corpus}", "pretrain/seed0"], base="pretrain/seed0"))  # fmt: skip
     return jobs
 
 
@@ -192,7 +194,9 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=ROOT / "outputs" / "unseen_base")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--phase", nargs="+", choices=("pretrain", "evaluate", "pilot"), default=["pretrain"])
+    parser.add_argument(
+        "--phase", nargs="+", choices=("pretrain", "evaluate", "pilot", "pilot_cpsycoun"), default=["pretrain"]
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument(
         "--deadline", type=float, default=480.0, help="seconds after which running jobs are stopped"
