@@ -1,5 +1,6 @@
 """Every experiment config (and the default job) composes and trains one fast step: tiny model, a few sessions."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,9 @@ FAST = [
 def test_there_are_experiments():
     arms = ("session", "split_grouped", "split_shuffled", "split_equal_compute", "session_unpacked", "pretrain")
     assert {"kdconv_session_packed", "kdconv_split_padded", *(f"comparison/smile_{arm}" for arm in arms),
-            "comparison/kdconv_session", "comparison/kdconv_split_shuffled", "comparison/kdconv_pretrain"} <= set(EXPERIMENTS)  # fmt: skip
+            "comparison/kdconv_session", "comparison/kdconv_split_shuffled", "comparison/kdconv_pretrain",
+            "unseen/pretrain", "unseen/smile_session", "unseen/smile_split_shuffled",
+            "unseen/cpsycoun_session"} <= set(EXPERIMENTS)  # fmt: skip
 
 
 def test_an_experiment_overrides_the_default_job():
@@ -42,8 +45,16 @@ def test_an_experiment_overrides_the_default_job():
 @pytest.mark.parametrize("experiment", RUNS)
 def test_experiment_runs_one_step(experiment, tmp_path, cache_dir):
     chosen = [] if experiment == "default" else [f"experiment={experiment}"]
-    if "smile" in experiment:  # SMILE is not bundled: the bundled KdConv file in its place, split by the holdout
+    if "smile" in experiment or "cpsycoun" in experiment:  # not bundled: KdConv's file in their place, held out
         chosen += [f"data.path={RESOURCES_DIR / 'kdconv' / 'train.jsonl'}", "data.limit=60"]
+    if "split_shuffled" in experiment:  # a step of the arm's answer tokens (6,275) is ~100k tokens of KdConv history
+        chosen += ["data.batch_supervised_tokens=600"]  # and its (B, T, 16,128) logits take over 20 GB on a CPU
+    if experiment == "unseen/pretrain":  # zhbase is not bundled: a few plain-text documents in its place
+        documents = [
+            {"id": f"d{i}", "text": f"第{i}篇。天地玄黄，宇宙洪荒。\n日月盈昃，辰宿列张。"} for i in range(60)
+        ]
+        (tmp_path / "docs.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in documents))
+        chosen += [f"data.path=[{tmp_path / 'docs.jsonl'}]", "data.holdout={validation: 0.2, test: 0.1}"]
     cfg = compose_config("train", [*FAST, *chosen, f"output_dir={tmp_path}", f"data.cache_dir={cache_dir}"])
     metrics, objects = train(cfg)
     assert objects["trainer"].global_step == 1
