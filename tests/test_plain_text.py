@@ -132,3 +132,23 @@ def test_the_zhbase_tokenizer_keeps_chatglm2s_layout():
     specials = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"]  # after the SentencePiece pieces, as in ChatGLM2
     assert [tokenizer.convert_tokens_to_ids(t) for t in specials] == [16000, 16001, 16002, 16003, 16004]
     assert tokenizer.convert_ids_to_tokens(tokenizer.sp.encode("你好！谢谢")) == ["你好", "！", "谢谢"]
+
+
+def test_a_plain_text_base_is_evaluated_in_the_dialogue_template(tmp_path, cache_dir):
+    from glm_session.config import compose_config
+    from glm_session.evaluate import evaluate
+    from glm_session.train import train
+
+    documents = [{"id": f"d{i}", "text": f"第{i}篇。天地玄黄，宇宙洪荒。"} for i in range(40)]
+    path = write_jsonl(tmp_path / "docs.jsonl", documents)
+    run = tmp_path / "base"
+    overrides = ["experiment=unseen/pretrain", "model=chatglm2-tiny", f"data.path=[{path}]", "trainer.max_epochs=1",
+                 "data.holdout={validation: 0.2, test: 0.1}", "data.num_workers=0", "data.pin_memory=false",
+                 f"data.cache_dir={cache_dir}", f"output_dir={run}"]  # fmt: skip
+    metrics, _ = train(compose_config("train", overrides))
+    assert metrics["run_info"]["template"] == "plain" and metrics["run_info"]["strategy"] == "lm"
+    cfg = compose_config("evaluate", [f"ckpt_path={run}/checkpoints/last.ckpt", "data.limit=3", "limit=1",
+                                      "generation.max_new_tokens=2", f"output_dir={tmp_path / 'eval'}",
+                                      f"data.cache_dir={cache_dir}"])  # fmt: skip
+    evaluation = evaluate(cfg)  # KdConv's test sessions, in the chatglm2 template and the base's own tokenizer
+    assert evaluation["template"] == "chatglm2" and evaluation["teacher_forced"]["sessions"] == 3
