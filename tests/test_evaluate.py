@@ -118,6 +118,21 @@ class PreferPaddingId:
         return logits
 
 
+def test_a_model_trained_with_flex_attention_generates_through_sdpa(tokenizer, three_turns):
+    torch.manual_seed(0)
+    model = GlmForCausalLM(chatglm2_config("chatglm2-tiny", vocab_size=padded_vocab_size(len(tokenizer)))).eval()
+    prompts, _ = build_prompts([three_turns], CHATGLM2, tokenizer, max_prompt_tokens=1000)
+    expected = generate_answers(model, prompts, tokenizer, batch_size=3, max_new_tokens=4)
+    model.config._attn_implementation = "flex_attention"  # as speed=fast trains
+    seen = []
+    model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda *_: seen.append(model.config._attn_implementation)
+    )
+    assert generate_answers(model, prompts, tokenizer, batch_size=3, max_new_tokens=4) == expected
+    assert seen and set(seen) == {"sdpa"}  # every forward of the generation
+    assert model.config._attn_implementation == "flex_attention"  # and training's choice back afterwards
+
+
 def test_padded_vocabulary_ids_are_never_generated(tokenizer, three_turns):
     torch.manual_seed(0)
     model = GlmForCausalLM(chatglm2_config("chatglm2-tiny", vocab_size=padded_vocab_size(len(tokenizer)))).eval()

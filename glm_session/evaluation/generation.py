@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +96,22 @@ def build_prompts(
     return prompts, skipped
 
 
+@contextmanager
+def generation_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Generate through sdpa when the model trained with flex attention: flex's compiled kernels are for packed
+    training rows; with left padding and the KV cache every new shape recompiles them, and on an H200 one such
+    recompilation failed (CPsyCoun's 181 test sessions after ``speed=fast`` training, 2026-12-02). The same weights,
+    the same masks: only the kernel differs."""
+    config = model.config
+    before = config._attn_implementation
+    if before == "flex_attention":
+        config._attn_implementation = "sdpa"
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
 @torch.no_grad()
 def generate_answers(
     model: torch.nn.Module,
@@ -109,7 +126,8 @@ def generate_answers(
 ) -> list[str]:
     """The decoded answer of every prompt (up to eos), in the order of ``prompts``.
 
-    Prompts are batched by length, left-padded, and generated with the KV cache (``model.generate``). The ids of the
+    Prompts are batched by length, left-padded, and generated with the KV cache (``model.generate``), through sdpa
+    attention whatever the model trained with (``generation_attention``). The ids of the
     model's vocabulary padding (``len(tokenizer)`` and above), which no text decodes to, are never generated.
     """
     device = next(model.parameters()).device
@@ -130,13 +148,14 @@ def generate_answers(
             ids = prompts[i].ids
             input_ids[row, width - len(ids) :] = torch.tensor(ids)
             attention_mask[row, width - len(ids) :] = 1
-        output = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            **options,
-        )[:, width:]  # (B, new)
+        with generation_attention(model):
+            output = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                **options,
+            )[:, width:]  # (B, new)
         for row, i in enumerate(chunk):
             new = output[row].tolist()
             if tokenizer.eos_token_id in new:
