@@ -64,9 +64,9 @@ def grids(runs: dict) -> dict:
     """Per arm + reduction: every rate's last and best validation loss, its test loss, the chosen rate."""
     result: dict = {}
     for name, run in runs.items():
-        if not name.startswith("pilot/") or run["status"] != "completed":
+        if not name.startswith(("grid/", "pilot/")) or run["status"] != "completed":
             continue
-        arm, rate = name.removeprefix("pilot/").rsplit("_lr", 1)
+        arm, rate = name.split("/", 1)[1].rsplit("_lr", 1)
         losses = [point["loss"] for point in run["val_curve"]]
         entry = result.setdefault(arm, {"rates": {}})
         entry["rates"][rate] = {

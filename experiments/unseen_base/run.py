@@ -1,8 +1,9 @@
 """Pretrain bases on zhbase, then fine-tune them on dialogues they never saw (issue 21), on one GPU machine, in
 calls that continue one another.
 
-    python experiments/unseen_base/run.py --root DIR --out OUT --data DATA --phase pretrain [evaluate pilot]
-        [--seeds 0 1] [--deadline 480] [--jobs 12] [--extra speed=fast ...] [--eval-extra ...]
+    python experiments/unseen_base/run.py --root DIR --out OUT --data DATA [--phase pretrain evaluate]
+        [--arms smile_session+token ...] [--seeds 0 1] [--deadline 480] [--jobs 12] [--extra speed=fast ...]
+        [--eval-extra ...]
 
 ``DATA`` holds zhbase's three files (``books_pd``, ``laws``, ``medqa_sample``, each ``.jsonl.gz`` or ``.jsonl.xz``),
 ``smile_20k.jsonl.gz`` and ``cpsycound.jsonl.gz``. The jobs, in order of dependence:
@@ -11,8 +12,10 @@ calls that continue one another.
 2. ``pretrain/seed<s>``: ``experiment=unseen/pretrain`` (chatglm2-small on zhbase, 3 epochs);
 3. ``base_eval/<corpus>_seed<s>``: each base's step-0 test answer loss and generated answers on SMILE, CPsyCoun
    and KdConv, in the chatglm2 template its fine-tuning uses;
-4. ``pilot/smile_session+token_lr<r>``: the gate (one epoch of session+token on SMILE from base 0 over a grid of
-   rates; it must end 0.3 nats below the base's step-0 test loss).
+4. ``grid/<arm>+<reduction>_lr<r>``: one epoch of each ``--arms`` entry (``experiment=unseen/<arm>``, e.g.
+   ``smile_session+token``, ``smile_split_shuffled+sample``) from base 0 over ``GRID_RATES``; session+token on SMILE
+   is the gate (it must end 0.3 nats below the base's step-0 test loss). The first calls named these jobs
+   ``pilot/...`` (``raw/``); ``aggregate.py`` reads both.
 
 A job whose run status (``metrics.json``) says ``completed`` is done and is not run again; at ``--deadline`` seconds
 the running jobs get SIGTERM, finish their step, save ``last.ckpt`` and record ``stopped``: the next call resumes
@@ -40,7 +43,13 @@ CORPORA = {  # name: evaluation overrides (data config and file)
     "cpsycoun": ["data=cpsycoun", "data.path={data}/cpsycound.jsonl.gz"],
     "kdconv": ["data=kdconv"],
 }
-PILOT_RATES = ("1e-4", "2e-4", "5e-4", "1e-3", "2e-3", "5e-3")  # 6 rates, 1.7 decades
+GRID_RATES = ("1e-4", "2e-4", "5e-4", "1e-3", "2e-3", "5e-3")  # 6 rates, 1.7 decades
+ARMS = [  # <corpus>_<arm>+<reduction>: conf/experiment/unseen/<corpus>_<arm>.yaml, model.reduction
+    f"{corpus}_{arm}+{reduction}"
+    for corpus in ("smile", "cpsycoun")
+    for arm, reductions in (("session", ("token", "turn")), ("split_shuffled", ("token", "sample")))
+    for reduction in reductions
+]
 
 
 @dataclass
@@ -64,7 +73,13 @@ def zhbase_files(data: Path) -> list[str]:
 
 
 def plan(
-    root: Path, data: Path, phases: list[str], seeds: list[int], extra: list[str], eval_extra: list[str]
+    root: Path,
+    data: Path,
+    phases: list[str],
+    seeds: list[int],
+    arms: list[str],
+    extra: list[str],
+    eval_extra: list[str],
 ) -> list[Job]:
     python = [sys.executable, "-m"]
     zhbase = ["experiment=unseen/pretrain", f"data.path=[{','.join(zhbase_files(data))}]"]
@@ -90,14 +105,14 @@ def plan(
                                        "generation.batch_size=256", "generation.max_new_tokens=64",
                                        *eval_extra, f"hydra.run.dir={root / name}"],
                                 needs=[f"data/{corpus}", f"pretrain/seed{seed}"]))  # fmt: skip
-    for corpus in ("smile", "cpsycoun"):
-        if f"pilot_{corpus}" not in phases and not (corpus == "smile" and "pilot" in phases):
-            continue
-        for rate in PILOT_RATES:
-            name = f"pilot/{corpus}_session+token_lr{rate}"
-            jobs.append(Job(name, [*python, "glm_session.train", f"experiment=unseen/{corpus}_session",
-                                   corpora[corpus][1], f"optimizer.lr={rate}", *QUIET, *extra,
-                                   f"hydra.run.dir={root / name}"],
+    for arm in arms:  # a rate grid per arm + reduction, from base 0 (seed 0)
+        experiment, reduction = arm.split("+")
+        corpus = experiment.split("_")[0]
+        for rate in GRID_RATES:
+            name = f"grid/{arm}_lr{rate}"
+            jobs.append(Job(name, [*python, "glm_session.train", f"experiment=unseen/{experiment}",
+                                   corpora[corpus][1], f"model.reduction={reduction}", f"optimizer.lr={rate}",
+                                   *QUIET, *extra, f"hydra.run.dir={root / name}"],
                             needs=[f"data/{corpus}", "pretrain/seed0"], base="pretrain/seed0"))  # fmt: skip
     return jobs
 
@@ -194,10 +209,9 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=ROOT / "outputs" / "unseen_base")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument(
-        "--phase", nargs="+", choices=("pretrain", "evaluate", "pilot", "pilot_cpsycoun"), default=["pretrain"]
-    )
+    parser.add_argument("--phase", nargs="*", choices=("pretrain", "evaluate"), default=[])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--arms", nargs="*", default=[], choices=ARMS, help="a rate grid for each, from base 0")
     parser.add_argument(
         "--deadline", type=float, default=480.0, help="seconds after which running jobs are stopped"
     )
@@ -207,7 +221,7 @@ def main() -> None:
     parser.add_argument("--eval-extra", nargs="*", default=[], help="overrides for the evaluation jobs")
     args = parser.parse_args()
     begin = time.monotonic()
-    jobs = plan(args.root, args.data.resolve(), args.phase, args.seeds, args.extra, args.eval_extra)
+    jobs = plan(args.root, args.data.resolve(), args.phase, args.seeds, args.arms, args.extra, args.eval_extra)
     run(jobs, args.root, args.deadline, args.grace, args.jobs)
     result = {"seconds": round(time.monotonic() - begin), **summary(jobs, args.root)}
     out = args.out or args.root
