@@ -176,8 +176,6 @@ def _document(record: dict, session_id: str, path: str, record_number: int | str
 
 
 def _detect(record: dict, path: str, record_number: int | str) -> Format:
-    if "text" in record and not {"conversations", "messages", "prompt", "response"} & record.keys():
-        return "text"
     if "conversations" in record:
         return "sharegpt"
     if "messages" in record:
@@ -185,7 +183,10 @@ def _detect(record: dict, path: str, record_number: int | str) -> Format:
     if "prompt" in record or "response" in record:
         return "chatglm"
     raise DataError(
-        path, record_number, "missing field: expected 'conversations', 'messages', 'prompt'/'response' or 'text'"
+        path,
+        record_number,
+        "missing field: expected 'conversations', 'messages' or 'prompt'/'response' "
+        "(plain-text documents {'id', 'text'}: data.format=text)",
     )
 
 
