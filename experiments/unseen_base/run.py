@@ -2,34 +2,45 @@
 calls that continue one another.
 
     python experiments/unseen_base/run.py --root DIR --out OUT --data DATA [--phase pretrain evaluate]
-        [--arms smile_session+token ...] [--seeds 0 1] [--deadline 480] [--jobs 12] [--extra speed=fast ...]
-        [--eval-extra ...]
+        [--arms smile_session+token ...] [--seeds-of smile_session+token ...] [--bases 0 1] [--deadline 480]
+        [--last-start 300] [--jobs 8] [--extra speed=fast ...] [--eval-extra ...]
 
 ``DATA`` holds zhbase's three files (``books_pd``, ``laws``, ``medqa_sample``, each ``.jsonl.gz`` or ``.jsonl.xz``),
 ``smile_20k.jsonl.gz`` and ``cpsycound.jsonl.gz``. The jobs, in order of dependence:
 
 1. ``data/*``: the sample caches every later job reads (built once, before jobs read them side by side);
-2. ``pretrain/seed<s>``: ``experiment=unseen/pretrain`` (chatglm2-small on zhbase, 3 epochs);
-3. ``base_eval/<corpus>_seed<s>``: each base's step-0 test answer loss and generated answers on SMILE, CPsyCoun
+2. ``pretrain/seed<b>``: ``experiment=unseen/pretrain`` (chatglm2-small on zhbase, 3 epochs), for each ``--bases``;
+3. ``base_eval/<corpus>_seed<b>``: each base's step-0 test answer loss and generated answers on SMILE, CPsyCoun
    and KdConv, in the chatglm2 template its fine-tuning uses;
-4. ``grid/<arm>+<reduction>_lr<r>``: one epoch of each ``--arms`` entry (``experiment=unseen/<arm>``, e.g.
+4. ``grid/<arm>+<reduction>_lr<r>``: one run of each ``--arms`` entry (``experiment=unseen/<arm>``, e.g.
    ``smile_session+token``, ``smile_split_shuffled+sample``) from base 0 over ``GRID_RATES``; session+token on SMILE
    is the gate (it must end 0.3 nats below the base's step-0 test loss). The first calls named these jobs
-   ``pilot/...`` (``raw/``); ``aggregate.py`` reads both.
+   ``pilot/...`` (``raw/``); ``aggregate.py`` reads both;
+5. ``seeds/<arm>+<reduction>_seed<s>``: each ``--seeds-of`` entry at its chosen rate (``results.json``'s
+   ``lr_grid``, or this root's grid when it is complete), seeds 0-4, seed ``s`` from base ``s % 2``; seed 0 is the
+   grid's run at the chosen rate where ``raw/`` holds its per-session test losses (then it is not run again);
+   ``check/<corpus>_split_grouped+token_seed0``: split samples of the session arm's very steps, at session+token's
+   rate (Invariant 2: it trains as session+token does).
 
-A job whose run status (``metrics.json``) says ``completed`` is done and is not run again; at ``--deadline`` seconds
-the running jobs get SIGTERM, finish their step, save ``last.ckpt`` and record ``stopped``: the next call resumes
-them (``ckpt_path``). ``OUT/summary.json`` holds every job's status and the numbers the README's tables come from.
+A job whose run status (``metrics.json``) says ``completed`` is done and is not run again; no job starts after
+``--last-start`` seconds; at ``--deadline`` seconds the running jobs get SIGTERM, finish their step, save
+``last.ckpt`` and record ``stopped``: the next call (while the machine is held: ``DIR`` stays) resumes them
+(``ckpt_path``). A finished run's checkpoints are deleted (the disk holds about 100 of them otherwise).
+``OUT/summary.json`` holds every job's status and the numbers the README's tables come from, ``OUT/runs.tgz`` each
+finished run's per-session test losses and generated answers (for the bootstrap and the fixed-answer references).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +48,7 @@ from pathlib import Path
 from glm_session.run_status import read_record, run_status
 
 ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).parent
 QUIET = ["trainer.enable_progress_bar=false"]
 CORPORA = {  # name: evaluation overrides (data config and file)
     "smile": ["data=smile_by_opening", "data.path={data}/smile_20k.jsonl.gz"],
@@ -44,12 +56,23 @@ CORPORA = {  # name: evaluation overrides (data config and file)
     "kdconv": ["data=kdconv"],
 }
 GRID_RATES = ("1e-4", "2e-4", "5e-4", "1e-3", "2e-3", "5e-3")  # 6 rates, 1.7 decades
-ARMS = [  # <corpus>_<arm>+<reduction>: conf/experiment/unseen/<corpus>_<arm>.yaml, model.reduction
+ARM_REDUCTIONS = (  # conf/experiment/unseen/<corpus>_<arm>.yaml and the model.reduction of each
+    ("session", ("token", "sample", "turn")),
+    ("split_shuffled", ("token", "sample")),  # split+turn is split+sample: a split sample trains one turn
+    ("split_samples", ("token",)),
+    ("split_equal_compute", ("token",)),
+    ("last", ("token",)),
+    ("rising", ("token",)),
+    ("session_3ep", ("token",)),
+    ("split_shuffled_3ep", ("token",)),
+)
+ARMS = [
     f"{corpus}_{arm}+{reduction}"
     for corpus in ("smile", "cpsycoun")
-    for arm, reductions in (("session", ("token", "turn")), ("split_shuffled", ("token", "sample")))
+    for arm, reductions in ARM_REDUCTIONS
     for reduction in reductions
 ]
+SEEDS = range(5)
 
 
 @dataclass
@@ -59,6 +82,7 @@ class Job:
     needs: list[str] = field(default_factory=list)
     base: str | None = None  # the job whose last.ckpt is GLM_SESSION_INIT
     resumable: bool = False  # a stopped run continues from its last.ckpt
+    memory_gib: float = 10.0  # what it holds on the GPU at its peak (reserved included)
     status: str = "pending"
     process: subprocess.Popen | None = None
     started: float | None = None
@@ -72,12 +96,39 @@ def zhbase_files(data: Path) -> list[str]:
     return files
 
 
+def memory_gib(experiment: str) -> float:
+    """Peak GPU memory of a run, reserved included (H200, speed=fast, 2026-12-02: a SMILE split step of ~38,000
+    tokens under 20 GiB; the bases at 65,536 tokens a step and generation of 256 prompts about 25)."""
+    return 22.0 if experiment.startswith("smile_split") else 10.0
+
+
+def chosen_rates(path: Path) -> dict[str, str]:
+    """arm + reduction -> its chosen rate, from ``results.json``'s ``lr_grid`` (interior choices only)."""
+    if not path.is_file():
+        return {}
+    grid = json.loads(path.read_text()).get("lr_grid", {})
+    return {arm: entry["chosen"] for arm, entry in grid.items() if entry.get("interior")}
+
+
+def kept_test_losses(raw: Path) -> set[str]:
+    """The jobs whose per-session test losses ``raw/*.tgz`` holds."""
+    names = set()
+    for archive in sorted(raw.glob("*.tgz")):
+        with tarfile.open(archive) as tar:
+            names |= {m.name.removesuffix("/evaluation/test_losses.json") for m in tar.getmembers()
+                      if m.name.endswith("/evaluation/test_losses.json")}  # fmt: skip
+    return names
+
+
 def plan(
     root: Path,
     data: Path,
     phases: list[str],
-    seeds: list[int],
+    bases: list[int],
     arms: list[str],
+    seeds_of: list[str],
+    rates: dict[str, str],
+    kept: set[str],
     extra: list[str],
     eval_extra: list[str],
 ) -> list[Job]:
@@ -85,35 +136,55 @@ def plan(
     zhbase = ["experiment=unseen/pretrain", f"data.path=[{','.join(zhbase_files(data))}]"]
     corpora = {name: [o.format(data=data) for o in overrides] for name, overrides in CORPORA.items()}
     jobs: list[Job] = []
+
+    def train(name: str, experiment: str, reduction: str, rate: str, seed: int, base: int) -> Job:
+        corpus = experiment.split("_")[0]
+        command = [*python, "glm_session.train", f"experiment=unseen/{experiment}", corpora[corpus][1],
+                   f"model.reduction={reduction}", f"optimizer.lr={rate}", f"seed={seed}", *QUIET, *extra,
+                   f"hydra.run.dir={root / name}"]  # fmt: skip
+        return Job(name, command, needs=[f"data/{corpus}", f"pretrain/seed{base}"], base=f"pretrain/seed{base}",
+                   resumable=True, memory_gib=memory_gib(experiment))  # fmt: skip
+
     if "pretrain" in phases:
         jobs.append(Job("data/zhbase", [*python, "glm_session.data", "stats", *zhbase, "split=all",
                                         f"out={root}/data/zhbase.json"]))  # fmt: skip
-        for seed in seeds:
+        for seed in bases:
             name = f"pretrain/seed{seed}"
             jobs.append(Job(name, [*python, "glm_session.train", *zhbase, f"seed={seed}", *QUIET, *extra,
-                                   f"hydra.run.dir={root / name}"], needs=["data/zhbase"], resumable=True))  # fmt: skip
-    if "evaluate" in phases:
+                                   f"hydra.run.dir={root / name}"], needs=["data/zhbase"], resumable=True,
+                            memory_gib=25.0))  # fmt: skip
+    if "evaluate" in phases or arms or seeds_of:
         for corpus, overrides in corpora.items():
             jobs.append(Job(f"data/{corpus}", [*python, "glm_session.data", "stats", *overrides, "tokenizer=zhbase",
                                                "split=all", "data.packing=true", "data.max_seq_len=2048",
                                                f"out={root}/data/{corpus}.json"]))  # fmt: skip
-            for seed in seeds:
+    if "evaluate" in phases:
+        for corpus, overrides in corpora.items():
+            for seed in bases:
                 name = f"base_eval/{corpus}_seed{seed}"
                 checkpoint = root / f"pretrain/seed{seed}" / "checkpoints" / "last.ckpt"
                 jobs.append(Job(name, [*python, "glm_session.evaluate", f"ckpt_path={checkpoint}", *overrides,
                                        "data.batch_tokens=65536", "split=test", "limit=150",
                                        "generation.batch_size=256", "generation.max_new_tokens=64",
                                        *eval_extra, f"hydra.run.dir={root / name}"],
-                                needs=[f"data/{corpus}", f"pretrain/seed{seed}"]))  # fmt: skip
+                                needs=[f"data/{corpus}", f"pretrain/seed{seed}"], memory_gib=25.0))  # fmt: skip
+    for arm in seeds_of:  # final runs first: they are what the tables report
+        experiment, reduction = arm.split("+")
+        if arm not in rates:
+            print(f"{arm}: no interior rate chosen yet (results.json lr_grid): its seeds wait", flush=True)
+            continue
+        for seed in SEEDS:
+            if seed == 0 and f"grid/{arm}_lr{rates[arm]}" in kept:
+                continue  # the grid's run at the chosen rate, per-session losses in raw/
+            jobs.append(train(f"seeds/{arm}_seed{seed}", experiment, reduction, rates[arm], seed, seed % 2))
+        corpus = experiment.split("_")[0]
+        if experiment == f"{corpus}_session" and reduction == "token":
+            jobs.append(train(f"check/{corpus}_split_grouped+token_seed0", f"{corpus}_split_grouped", "token",
+                              rates[arm], 0, 0))  # fmt: skip
     for arm in arms:  # a rate grid per arm + reduction, from base 0 (seed 0)
         experiment, reduction = arm.split("+")
-        corpus = experiment.split("_")[0]
         for rate in GRID_RATES:
-            name = f"grid/{arm}_lr{rate}"
-            jobs.append(Job(name, [*python, "glm_session.train", f"experiment=unseen/{experiment}",
-                                   corpora[corpus][1], f"model.reduction={reduction}", f"optimizer.lr={rate}",
-                                   *QUIET, *extra, f"hydra.run.dir={root / name}"],
-                            needs=[f"data/{corpus}", "pretrain/seed0"], base="pretrain/seed0"))  # fmt: skip
+            jobs.append(train(f"grid/{arm}_lr{rate}", experiment, reduction, rate, 0, 0))
     return jobs
 
 
@@ -141,7 +212,14 @@ def start(job: Job, root: Path) -> None:
     job.status, job.started = "running", time.monotonic()
 
 
-def run(jobs: list[Job], root: Path, deadline: float, grace: float, at_once: int) -> None:
+def finish(job: Job, root: Path) -> None:
+    """A finished fine-tuning run needs its checkpoints no more (the bases keep theirs: later jobs start there)."""
+    if job.status == "done" and job.name.startswith(("grid/", "seeds/", "check/")):
+        shutil.rmtree(root / job.name / "checkpoints", ignore_errors=True)
+
+
+def run(jobs: list[Job], root: Path, deadline: float, last_start: float, grace: float, at_once: int,
+        memory: float) -> None:  # fmt: skip
     begin = time.monotonic()
     by_name = {job.name: job for job in jobs}
     for job in jobs:
@@ -158,6 +236,7 @@ def run(jobs: list[Job], root: Path, deadline: float, grace: float, at_once: int
                     job.process.kill()
                 continue
             job.status = "done" if done(root, job) else f"{run_status(root / job.name) or 'failed'} (exit {code})"
+            finish(job, root)
             print(f"[{now:6.0f}s] {job.name}: {job.status}", flush=True)
         if now > deadline and not stopping:
             stopping = True
@@ -165,9 +244,10 @@ def run(jobs: list[Job], root: Path, deadline: float, grace: float, at_once: int
                 if job.status == "running":
                     job.process.send_signal(signal.SIGTERM)  # finish the step, save last.ckpt, record "stopped"
         running = [job for job in jobs if job.status == "running"]
-        if not stopping:
+        if not stopping and now <= last_start:
             for job in jobs:
-                if job.status != "pending" or len(running) >= at_once:
+                held = sum(j.memory_gib for j in running)
+                if job.status != "pending" or len(running) >= at_once or held + job.memory_gib > memory:
                     continue
                 needs = [by_name[n].status for n in job.needs if n in by_name]
                 if all(s == "done" for s in needs):
@@ -176,18 +256,37 @@ def run(jobs: list[Job], root: Path, deadline: float, grace: float, at_once: int
                     print(f"[{now:6.0f}s] {job.name}: started", flush=True)
                 elif any(s not in ("done", "pending", "running") for s in needs):
                     job.status = "skipped (a job it needs did not finish)"
-        if not running and (stopping or not any(job.status == "pending" for job in jobs)):
+        waiting = not stopping and now <= last_start and any(job.status == "pending" for job in jobs)
+        if not running and not waiting:
             return
         time.sleep(1.0)
 
 
+def base_fingerprint(checkpoint: Path) -> str | None:
+    """sha256 of a base's weights (names, shapes and bytes, in order): equal across calls iff the base is."""
+    if not checkpoint.is_file():
+        return None
+    import torch
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def summary(jobs: list[Job], root: Path) -> dict:
     """Every job's status and the numbers the tables come from."""
-    result: dict = {"jobs": {job.name: job.status for job in jobs}, "data": {}, "runs": {}, "base_eval": {}}
+    result: dict = {"jobs": {job.name: job.status for job in jobs}, "data": {}, "runs": {}, "base_eval": {},
+                    "bases": {}}  # fmt: skip
     for path in sorted((root / "data").glob("*.json")):
         result["data"][path.stem] = json.loads(path.read_text())
     for job in jobs:
         folder = root / job.name
+        if job.name.startswith("pretrain/"):
+            result["bases"][job.name] = base_fingerprint(folder / "checkpoints" / "last.ckpt")
         if job.name.startswith("base_eval/"):
             found = sorted(folder.glob("**/metrics.json"))
             if found:
@@ -204,29 +303,59 @@ def summary(jobs: list[Job], root: Path) -> dict:
     return result
 
 
+def pack(jobs: list[Job], root: Path, archive: Path) -> None:
+    """Each finished run's (and base evaluation's) per-session test losses and generated answers, prompts left out
+    (the sessions rebuild them)."""
+    with tarfile.open(archive, "w:gz") as tar:
+        for job in jobs:
+            if job.status != "done" or job.name.startswith(("data/", "pretrain/")):
+                continue
+            folder = root / job.name
+            evaluation = folder if job.name.startswith("base_eval/") else folder / "evaluation"
+            for path in (evaluation / "test_losses.json", evaluation / "predictions.jsonl"):
+                if not path.is_file():
+                    continue
+                if path.name == "predictions.jsonl":
+                    records = [json.loads(line) for line in path.read_text().splitlines()]
+                    slim = path.with_name("predictions.slim.jsonl")
+                    slim.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "prompt"},
+                                                       ensure_ascii=False) + "\n" for r in records))  # fmt: skip
+                    path = slim
+                arcname = f"{job.name}/evaluation/{path.name.replace('.slim', '')}"
+                tar.add(path, arcname=arcname)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=ROOT / "outputs" / "unseen_base")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--phase", nargs="*", choices=("pretrain", "evaluate"), default=[])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--bases", "--seeds", nargs="+", type=int, default=[0, 1], help="the bases' seeds")
     parser.add_argument("--arms", nargs="*", default=[], choices=ARMS, help="a rate grid for each, from base 0")
+    parser.add_argument("--seeds-of", nargs="*", default=[], choices=ARMS, help="5 seeds at the chosen rate")
+    parser.add_argument("--rates", type=Path, default=HERE / "results.json", help="the chosen rates (lr_grid)")
     parser.add_argument(
         "--deadline", type=float, default=480.0, help="seconds after which running jobs are stopped"
     )
+    parser.add_argument("--last-start", type=float, default=None, help="no job starts after (default: deadline)")
     parser.add_argument("--grace", type=float, default=60.0, help="then seconds before they are killed")
-    parser.add_argument("--jobs", type=int, default=12, help="jobs at a time")
+    parser.add_argument("--jobs", type=int, default=8, help="jobs at a time")
+    parser.add_argument("--memory", type=float, default=120.0, help="GiB of the GPU the jobs may hold together")
     parser.add_argument("--extra", nargs="*", default=["speed=fast"], help="overrides for every training job")
     parser.add_argument("--eval-extra", nargs="*", default=[], help="overrides for the evaluation jobs")
     args = parser.parse_args()
     begin = time.monotonic()
-    jobs = plan(args.root, args.data.resolve(), args.phase, args.seeds, args.arms, args.extra, args.eval_extra)
-    run(jobs, args.root, args.deadline, args.grace, args.jobs)
-    result = {"seconds": round(time.monotonic() - begin), **summary(jobs, args.root)}
+    rates = chosen_rates(args.rates)
+    jobs = plan(args.root, args.data.resolve(), args.phase, args.bases, args.arms, args.seeds_of, rates,
+                kept_test_losses(HERE / "raw"), args.extra, args.eval_extra)  # fmt: skip
+    last_start = args.deadline if args.last_start is None else args.last_start
+    run(jobs, args.root, args.deadline, last_start, args.grace, args.jobs, args.memory)
+    result = {"seconds": round(time.monotonic() - begin), "rates": rates, **summary(jobs, args.root)}
     out = args.out or args.root
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    pack(jobs, args.root, out / "runs.tgz")
     print(json.dumps(result["jobs"], indent=1))
 
 
