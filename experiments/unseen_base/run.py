@@ -194,7 +194,10 @@ def done(root: Path, job: Job) -> bool:
         return (root / f"{job.name}.json").is_file()
     if job.name.startswith("base_eval/"):
         return any((root / job.name).glob("**/metrics.json"))
-    return run_status(root / job.name) == "completed"
+    if job.name.startswith("pretrain/"):
+        return run_status(root / job.name) == "completed"
+    # A fine-tuning run evaluates the test split after training: a run stopped in that evaluation is not done.
+    return run_status(root / job.name) == "completed" and (root / job.name / "evaluation" / "metrics.json").is_file()
 
 
 def start(job: Job, root: Path) -> None:
