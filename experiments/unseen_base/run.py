@@ -205,6 +205,8 @@ def start(job: Job, root: Path) -> None:
     last = root / job.name / "checkpoints" / "last.ckpt"
     if job.resumable and run_status(root / job.name) == "stopped" and last.is_file():
         command.append(f"ckpt_path={last}")
+    elif not job.name.startswith("data/"):
+        shutil.rmtree(root / job.name, ignore_errors=True)  # a fresh start (say, a run stopped in its evaluation)
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1",
            "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # fmt: skip
     if job.base is not None:
