@@ -30,9 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from glm_session.config import build, compose_config
-from glm_session.evaluation.official import official_scores
-from glm_session.evaluation.rouge import RougeByTurn
+from glm_session.evaluation.references import fixed_answers, generation_scores
 
 HERE = Path(__file__).parent
 BUCKETS = [str(t) for t in range(1, 9)] + ["9+"]
@@ -138,35 +136,6 @@ def paired(a: list, b: list, weights: np.ndarray, rng: np.random.Generator) -> d
             "seeds": len(full)}  # fmt: skip
 
 
-def generation_scores(predictions: list[dict]) -> dict:
-    answers, references = [p["prediction"] for p in predictions], [p["reference"] for p in predictions]
-    rouge = RougeByTurn()
-    rouge.update(answers, references, [p["turn"] for p in predictions])
-    return {
-        "rouge": rouge.compute()["overall"],
-        "chatglm2_official": official_scores(answers, references),
-        "prediction_chars_mean": sum(map(len, answers)) / len(answers),
-        "reference_chars_mean": sum(map(len, references)) / len(references),
-    }
-
-
-def fixed_answers(corpus: str, predictions: list[dict]) -> dict:
-    """The generation metrics of two fixed answers on the prompts of ``predictions``."""
-    data = build(compose_config("data_tool", CORPORA[corpus]).data)
-    train_answers = collections.Counter(t.answer for s in data.read("train").sessions for t in s.turns)
-    frequent, count = train_answers.most_common(1)[0]
-    questions = {(s.id, k + 1): t.question for s in data.read("test").sessions for k, t in enumerate(s.turns)}
-    out = {}
-    for name, answer in (
-        ("most_frequent_answer", lambda p: frequent),
-        ("question_copy", lambda p: questions[(p["session_id"], p["turn"])]),
-    ):
-        out[name] = generation_scores([{**p, "prediction": answer(p)} for p in predictions])
-    out["most_frequent_answer"]["answer"] = frequent
-    out["most_frequent_answer"]["count_in_training"] = count
-    return out
-
-
 def curve_diff(a: dict, b: dict) -> float:
     ca, cb = a["metrics"]["val_curve"], b["metrics"]["val_curve"]
     assert [p["step"] for p in ca] == [p["step"] for p in cb], "the two curves are validated at other steps"
@@ -265,7 +234,7 @@ def corpus_results(data: dict, corpus: str, rng: np.random.Generator) -> dict:
             **generation_scores(run["predictions"]),
         }
     reference_prompts = next(iter(bases.values()))["predictions"] if bases else all_runs[0]["predictions"]
-    result["baselines"].update(fixed_answers(corpus, reference_prompts))
+    result["baselines"].update(fixed_answers(CORPORA[corpus], reference_prompts))
     # A metric that a fixed answer reaches (mean of the best arm) does not measure quality here.
     flags = {}
     for family, keys in (

@@ -1,27 +1,64 @@
-"""Merge the driver's ``summary.json`` files (one a call, ``raw/``) into ``results.json`` and ``tables.md``.
+"""Merge the driver's records (``raw/``: one ``summary.json`` and one ``runs.tgz`` a call) into ``results.json`` and
+``tables.md``.
 
-    python experiments/unseen_base/aggregate.py [raw/*.json]
+    python experiments/unseen_base/aggregate.py
 
 What is declared before the runs (README "Declared before the runs") is applied here, not chosen after them:
-- a rate is chosen per arm + reduction on the **last** validation loss of its run (seed 0, base 0); the choice is
+
+- a rate is chosen per arm + reduction on the **last** validation loss of its grid run (seed 0, base 0); the choice is
   **interior** when the grid holds a lower and a higher rate, both with a higher last validation loss;
 - the gate: the session+token run at the chosen rate must end at least ``GATE_NATS`` below the base's step-0 test
-  answer loss on SMILE.
+  answer loss on SMILE;
+- the headline is the test answer loss (token mean over every answer token of every test session, teacher-forced),
+  overall and by turn position; an arm's estimate is the mean over its 5 seeds (seed s from base s % 2); 95%
+  intervals from a paired hierarchical bootstrap (bases, then seeds, then test sessions: the same draws for every
+  arm; ``glm_session.analysis.statistics``);
+- ``CONTRASTS``: the family of headline differences, Holm-adjusted within each corpus; ``EQUIVALENCE``:
+  session+token vs split_shuffled+token, two one-sided tests with a ±``MARGIN_NATS`` margin;
+- generation metrics (ChatGLM2's official ROUGE/BLEU and torchmetrics ROUGE) beside the bases' step-0 scores and two
+  fixed answers on the same prompts; a metric a fixed answer reaches is flagged.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
+import tarfile
 from pathlib import Path
+
+import numpy as np
+
+from glm_session.analysis.statistics import hierarchical_resamples, holm, interval, paired_difference, tost
+from glm_session.evaluation.references import fixed_answers, generation_scores
 
 HERE = Path(__file__).parent
 GATE_NATS = 0.3
+MARGIN_NATS = 0.02
+SEEDS = 5
+RESAMPLES = 2000
+BUCKETS = [str(t) for t in range(1, 9)] + ["9+"]
+DATA = {  # the corpora for the fixed answers (the shared data folder beside the repository)
+    "smile": ["data=smile_by_opening"],
+    "cpsycoun": ["data=cpsycoun"],
+}
+EQUIVALENCE = ("session+token", "split_shuffled+token")
+CONTRASTS = [  # (a, b): the declared family of a - b differences, per corpus
+    ("session+token", "split_shuffled+token"),
+    ("session+token", "session+sample"),
+    ("session+token", "session+turn"),
+    ("split_shuffled+token", "split_shuffled+sample"),
+    ("session+token", "split_samples+token"),
+    ("session+token", "split_equal_compute+token"),
+    ("session+token", "last+token"),
+    ("session+token", "rising+token"),
+]
+
+
+# -- the records --------------------------------------------------------------------------------------------------
 
 
 def merge(paths: list[Path]) -> dict:
-    merged: dict = {"runs": {}, "base_eval": {}, "data": {}, "jobs": {}}
+    merged: dict = {"runs": {}, "base_eval": {}, "data": {}, "jobs": {}, "bases": {}}
     for path in paths:  # in order: a later call's record of a job replaces an earlier one's
         summary = json.loads(path.read_text())
         for key in merged:
@@ -29,7 +66,27 @@ def merge(paths: list[Path]) -> dict:
     return merged
 
 
-def pretraining(runs: dict) -> dict:
+def per_session(archives: list[Path]) -> dict[str, dict]:
+    """job -> {"test_losses": {session: {turn: [sum, count]}}, "predictions": [...]}, from every ``runs.tgz``."""
+    found: dict[str, dict] = {}
+    for archive in archives:
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                if not member.isfile():
+                    continue
+                job, _, file = member.name.rpartition("/evaluation/")
+                text = tar.extractfile(member).read().decode()
+                if file == "test_losses.json":
+                    found.setdefault(job, {})["test_losses"] = json.loads(text)
+                elif file == "predictions.jsonl":
+                    found.setdefault(job, {})["predictions"] = [json.loads(line) for line in text.splitlines()]
+    return found
+
+
+# -- regime: bases, step 0, rate grids, gate ---------------------------------------------------------------------
+
+
+def pretraining(runs: dict, fingerprints: dict) -> dict:
     bases = {}
     for name, run in sorted(runs.items()):
         if name.startswith("pretrain/"):
@@ -42,6 +99,7 @@ def pretraining(runs: dict) -> dict:
                 "val_loss_by_epoch": [round(point["loss"], 4) for point in curve],
                 "train_seconds": round(run["train_seconds"], 1),
                 "tokens_per_second": round(run["tokens_per_second"]),
+                "weights_sha256": fingerprints.get(name),
             }
     return bases
 
@@ -64,17 +122,18 @@ def grids(runs: dict) -> dict:
     """Per arm + reduction: every rate's last and best validation loss, its test loss, the chosen rate."""
     result: dict = {}
     for name, run in runs.items():
-        if not name.startswith(("grid/", "pilot/")) or run["status"] != "completed":
+        if not name.startswith(("grid/", "pilot/")) or run["status"] != "completed" or not run["val_curve"]:
             continue
         arm, rate = name.split("/", 1)[1].rsplit("_lr", 1)
         losses = [point["loss"] for point in run["val_curve"]]
+        test = run.get("test")  # missing where the call's deadline stopped the run in its test evaluation
         entry = result.setdefault(arm, {"rates": {}})
         entry["rates"][rate] = {
             "val_last": round(losses[-1], 4),
             "val_best": round(min(losses), 4),
             "val_curve": [round(x, 4) for x in losses],
-            "test_loss": round(run["test"]["teacher_forced"]["loss"], 4),
-            "official": {k: round(v, 2) for k, v in run["test"]["chatglm2_official"].items()},
+            "test_loss": round(test["teacher_forced"]["loss"], 4) if test else None,
+            "official": {k: round(v, 2) for k, v in test["chatglm2_official"].items()} if test else None,
             "steps": run["global_steps"],
         }
     for entry in result.values():
@@ -84,7 +143,7 @@ def grids(runs: dict) -> dict:
         entry["chosen"] = chosen
         entry["interior"] = 0 < rates.index(chosen) < len(rates) - 1
         entry["decades"] = round(math.log10(float(rates[-1]) / float(rates[0])), 2)
-    return result
+    return dict(sorted(result.items()))
 
 
 def gate(bases: dict, lr_grid: dict) -> dict:
@@ -103,6 +162,165 @@ def gate(bases: dict, lr_grid: dict) -> dict:
     }
 
 
+# -- the arms ------------------------------------------------------------------------------------------------------
+
+
+def final_runs(runs: dict, sessions: dict, lr_grid: dict) -> dict[str, dict[int, str]]:
+    """corpus_arm+reduction -> seed -> the job that is that seed's run at the chosen rate (``seeds/...``, or for
+    seed 0 the grid's run at the chosen rate when its per-session losses were kept)."""
+    arms: dict[str, dict[int, str]] = {}
+    for name, run in runs.items():
+        if name.startswith("seeds/") and run["status"] == "completed" and name in sessions:
+            arm, seed = name.removeprefix("seeds/").rsplit("_seed", 1)
+            arms.setdefault(arm, {})[int(seed)] = name
+    for arm, entry in lr_grid.items():
+        grid_job = f"grid/{arm}_lr{entry['chosen']}"
+        if entry["interior"] and grid_job in sessions and 0 not in arms.get(arm, {}):
+            arms.setdefault(arm, {})[0] = grid_job
+    return arms
+
+
+def session_arrays(
+    test_losses: dict, order: list[str], bucket: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-session loss sums and token counts (of every turn, or of one turn-position bucket) in ``order``."""
+    sums, counts = np.zeros(len(order)), np.zeros(len(order))
+    for i, session in enumerate(order):
+        for turn, (total, count) in test_losses.get(session, {}).items():
+            if bucket is None or (turn if int(turn) <= 8 else "9+") == bucket:
+                sums[i] += total
+                counts[i] += count
+    return sums, counts
+
+
+def mean_std(values: list[float]) -> dict:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "n": len(values)}  # fmt: skip
+
+
+def corpus_arms(corpus: str, runs: dict, sessions: dict, lr_grid: dict, step0_losses: dict) -> dict:
+    """The arms of one corpus: each arm's seeds, test loss (overall, by turn) with hierarchical intervals, generation
+    metrics; the declared contrasts, the equivalence test, the check, the references."""
+    prefix = f"{corpus}_"
+    arms = {a.removeprefix(prefix): seeds for a, seeds in final_runs(runs, sessions, lr_grid).items()
+            if a.startswith(prefix)}  # fmt: skip
+    result: dict = {"arms": {}, "contrasts": {}, "equivalence": None, "check": None, "references": {}}
+    base_jobs = {f"base_eval/{corpus}_seed{b}": b for b in (0, 1)}
+    order = sorted(next((sessions[j]["test_losses"] for j in base_jobs if j in sessions), {}))
+    if not order:
+        return result
+    complete = {arm: seeds for arm, seeds in arms.items() if sorted(seeds) == list(range(SEEDS))}
+
+    def as_arm(seeds: dict[int, str], bucket: str | None = None) -> dict:
+        arm: dict = {}
+        for seed, job in seeds.items():
+            arm.setdefault(seed % 2, {})[seed] = session_arrays(sessions[job]["test_losses"], order, bucket)
+        return arm
+
+    replicates = hierarchical_resamples({a: as_arm(s) for a, s in complete.items()}, RESAMPLES) if complete else {}
+    by_turn_reps = {
+        bucket: hierarchical_resamples({a: as_arm(s, bucket) for a, s in complete.items()}, RESAMPLES)
+        for bucket in BUCKETS
+        if complete
+        and all(
+            session_arrays(sessions[j]["test_losses"], order, bucket)[1].sum() > 0
+            for s in complete.values()
+            for j in s.values()
+        )  # fmt: skip
+    }
+    for arm, seeds in sorted(arms.items()):
+        losses = {s: float(a.sum() / c.sum()) for s, job in sorted(seeds.items())
+                  for a, c in [session_arrays(sessions[job]["test_losses"], order)]}  # fmt: skip
+        entry = {
+            "rate": lr_grid[prefix + arm]["chosen"] if prefix + arm in lr_grid else None,
+            "seeds": sorted(seeds),
+            "complete": arm in complete,
+            "test_loss": {**mean_std(list(losses.values())), "per_seed": losses},
+            "val_last": mean_std([runs[j]["val_curve"][-1]["loss"] for j in seeds.values()]),
+            "val_best": mean_std([min(p["loss"] for p in runs[j]["val_curve"]) for j in seeds.values()]),
+            "steps": runs[seeds[min(seeds)]]["global_steps"],
+            "input_tokens": runs[seeds[min(seeds)]]["input_tokens"],
+            "official": {
+                k: mean_std([runs[j]["test"]["chatglm2_official"][k] for j in seeds.values()])
+                for k in ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
+            },  # fmt: skip
+            "rouge": {
+                k: mean_std([runs[j]["test"]["rouge"][k] for j in seeds.values()])
+                for k in ("rouge1", "rouge2", "rougeL")
+            },  # fmt: skip
+        }
+        if arm in replicates:
+            entry["test_loss"]["ci95"] = interval(replicates[arm])
+            entry["test_loss_by_turn"] = {
+                bucket: {"mean": float(np.mean(reps[arm])), "ci95": interval(reps[arm])}
+                for bucket, reps in by_turn_reps.items()
+            }
+        base = min(step0_losses.get(corpus, {}).get(f"seed{b}", {}).get("test_loss", math.inf) for b in (0, 1))
+        entry["gain_over_base"] = float(base - entry["test_loss"]["mean"])
+        result["arms"][arm] = entry
+    points = {arm: result["arms"][arm]["test_loss"]["mean"] for arm in complete}
+    for a, b in CONTRASTS:
+        if a in replicates and b in replicates:
+            result["contrasts"][f"{a} - {b}"] = paired_difference(
+                replicates[a], replicates[b], points[a], points[b]
+            )
+        else:
+            result["contrasts"][f"{a} - {b}"] = None  # not run yet: its arms lack 5 seeds
+    computed = {k: v["p_two_sided"] for k, v in result["contrasts"].items() if v is not None}
+    if computed and len(computed) == len(CONTRASTS):
+        for key, p in holm(computed).items():
+            result["contrasts"][key]["p_holm"] = p
+    a, b = EQUIVALENCE
+    if a in replicates and b in replicates:
+        result["equivalence"] = tost(replicates[a], replicates[b], points[a], points[b], MARGIN_NATS)
+    check = runs.get(f"check/{corpus}_split_grouped+token_seed0")
+    session0 = arms.get("session+token", {}).get(0)
+    if check and session0:
+        curve_a, curve_b = runs[session0]["val_curve"], check["val_curve"]
+        result["check"] = {
+            "pair": "split_grouped+token vs session+token (seed 0, base 0, the same sessions every step)",
+            "max_abs_val_loss_diff": max(abs(p["loss"] - q["loss"]) for p, q in zip(curve_a, curve_b, strict=True)),
+            "test_loss_diff": check["test"]["teacher_forced"]["loss"] - runs[session0]["test"]["teacher_forced"]["loss"],
+            "seed_std_of_session_token": result["arms"]["session+token"]["test_loss"]["std"],
+        }  # fmt: skip
+    return result
+
+
+def references(corpus: str, sessions: dict) -> dict:
+    """The bases' generation metrics and two fixed answers on the same prompts (base 0's generated sessions)."""
+    result = {}
+    for b in (0, 1):
+        job = f"base_eval/{corpus}_seed{b}"
+        if job in sessions and "predictions" in sessions[job]:
+            result[f"base_seed{b}"] = generation_scores(sessions[job]["predictions"])
+    prompts = sessions.get(f"base_eval/{corpus}_seed0", {}).get("predictions")
+    if prompts and corpus in DATA:
+        result.update(fixed_answers(DATA[corpus], prompts))
+    return result
+
+
+def fixed_answer_flags(arms: dict, refs: dict) -> dict:
+    """Per metric: the best arm's mean, the best fixed answer's score, and whether the fixed answer reaches it."""
+    flags = {}
+    fixed = [refs[f] for f in ("most_frequent_answer", "question_copy") if f in refs]
+    for family, keys in (("official", ("rouge-1", "rouge-2", "rouge-l", "bleu-4")),
+                         ("rouge", ("rouge1", "rouge2", "rougeL"))):  # fmt: skip
+        source = "chatglm2_official" if family == "official" else "rouge"
+        for key in keys:
+            best = max((e[family][key]["mean"] for e in arms.values()), default=math.nan)
+            reached = max((f[source][key] for f in fixed), default=math.nan)
+            flags[f"{family}.{key}"] = {"best_arm": best, "best_fixed_answer": reached,
+                                        "fixed_answer_reaches_it": bool(reached >= best)}  # fmt: skip
+    return flags
+
+
+# -- the tables ----------------------------------------------------------------------------------------------------
+
+
+def ci(pair: list | tuple | None) -> str:
+    return f"[{pair[0]:.4f}, {pair[1]:.4f}]" if pair else "—"
+
+
 def tables(results: dict) -> str:
     lines = ["## Bases (chatglm2-small, zhbase, 3 epochs)", "",
              "| seed | steps | tokens | zhbase validation loss by epoch | train s | tokens/s |", "|---|---|---|---|---|---|"]  # fmt: skip
@@ -118,50 +336,114 @@ def tables(results: dict) -> str:
             o = m["official"]
             lines.append(f"| {corpus} | {seed} | {m['test_sessions']} | {m['test_loss']:.4f} | {o['rouge-1']:.2f} | "
                          f"{o['rouge-2']:.2f} | {o['rouge-l']:.2f} | {o['bleu-4']:.2f} | {o['empty_predictions']} |")  # fmt: skip
-    for arm, entry in results["lr_grid"].items():
-        lines += ["", f"## Rate grid: {arm} (one epoch, base seed 0, seed 0)", "",
-                  "| rate | validation loss every quarter epoch | last | best | test loss | ROUGE-1 | ROUGE-L | BLEU-4 |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for rate, r in entry["rates"].items():
-            mark = " **chosen**" if rate == entry["chosen"] else ""
-            o = r["official"]
-            lines.append(f"| {rate}{mark} | {' → '.join(f'{x:.4f}' for x in r['val_curve'])} | {r['val_last']:.4f} | "
-                         f"{r['val_best']:.4f} | {r['test_loss']:.4f} | {o['rouge-1']:.2f} | {o['rouge-l']:.2f} | "
-                         f"{o['bleu-4']:.2f} |")  # fmt: skip
-        lines.append(
-            f"\nChosen {entry['chosen']} (interior: {entry['interior']}; grid spans {entry['decades']} decades)."
-        )
     g = results["gate"]
     lines += ["", "## The gate", "", f"SMILE base seed 0 step-0 test loss {g['base_step0_test_loss']:.4f}; "
               f"{g['pilot']} ends at {g['pilot_test_loss']:.4f}: {g['drop_nats']:.4f} nats below "
               f"(required {g['required_nats']}): {'passed' if g['passed'] else 'NOT passed'}."]  # fmt: skip
+    lines += ["", "## Rate grids (one run a rate: base seed 0, seed 0; last validation loss, the chosen rate in bold)",
+              "", "| arm + reduction | " + " | ".join(f"lr {r}" for r in ("1e-4", "2e-4", "5e-4", "1e-3", "2e-3", "5e-3"))
+              + " | chosen | interior |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for arm, entry in results["lr_grid"].items():
+        cells = []
+        for rate in ("1e-4", "2e-4", "5e-4", "1e-3", "2e-3", "5e-3"):
+            r = entry["rates"].get(rate)
+            cell = f"{r['val_last']:.4f}" if r else "—"
+            cells.append(f"**{cell}**" if rate == entry["chosen"] else cell)
+        lines.append(f"| {arm} | {' | '.join(cells)} | {entry['chosen']} | {entry['interior']} |")
+    for corpus, c in results["arms"].items():
+        lines += ["", f"## {corpus}: the arms at their chosen rates (test answer loss, every test session)", "",
+                  "| arm | rate | seeds | test loss mean ± std | 95% interval (bases → seeds → sessions) | gain over base | "
+                  "last val | ROUGE-1 | ROUGE-L | BLEU-4 |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for arm, e in c["arms"].items():
+            t, o = e["test_loss"], e["official"]
+            lines.append(f"| {arm} | {e['rate']} | {t['n']} | {t['mean']:.4f} ± {t['std']:.4f} | {ci(t.get('ci95'))} | "
+                         f"{e['gain_over_base']:.4f} | {e['val_last']['mean']:.4f} | {o['rouge-1']['mean']:.2f} | "
+                         f"{o['rouge-l']['mean']:.2f} | {o['bleu-4']['mean']:.2f} |")  # fmt: skip
+        refs = c["references"]
+        for name, r in refs.items():
+            o = r["chatglm2_official"]
+            lines.append(f"| *{name}* | — | — | — | — | — | — | {o['rouge-1']:.2f} | {o['rouge-l']:.2f} | "
+                         f"{o['bleu-4']:.2f} |")  # fmt: skip
+        lines += [
+            "",
+            "| contrast (a − b, test loss) | difference | 95% interval | p | p (Holm) |",
+            "|---|---|---|---|---|",
+        ]
+        for key, d in c["contrasts"].items():
+            if d is None:
+                lines.append(f"| {key} | not run yet | | | |")
+            else:
+                holm_p = f"{d['p_holm']:.4f}" if "p_holm" in d else "— (family incomplete)"
+                lines.append(f"| {key} | {d['diff']:+.4f} | {ci(d['ci95'])} | {d['p_two_sided']:.4f} | {holm_p} |")
+        eq = c["equivalence"]
+        lines.append("")
+        if eq:
+            lines.append(f"Equivalence of {' and '.join(EQUIVALENCE)} within ±{MARGIN_NATS}: difference "
+                         f"{eq['diff']:+.4f}, 90% interval {ci(eq['ci90'])}, TOST p {eq['p']:.4f}: "
+                         f"{'equivalent' if eq['equivalent'] else 'not shown equivalent'}.")  # fmt: skip
+        else:
+            lines.append(f"Equivalence of {' and '.join(EQUIVALENCE)}: not run yet (both arms need 5 seeds).")
+        if c["check"]:
+            k = c["check"]
+            lines.append(f"\nCheck (Invariant 2): split_grouped+token vs session+token, seed 0: validation curves differ "
+                         f"by at most {k['max_abs_val_loss_diff']:.4f}, test losses by {k['test_loss_diff']:+.4f} "
+                         f"(session+token's seed std {k['seed_std_of_session_token']:.4f}).")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
-    paths = [Path(p) for p in sys.argv[1:]] or sorted((HERE / "raw").glob("*.json"))
-    merged = merge(paths)
+    raw = HERE / "raw"
+    merged = merge(sorted(raw.glob("*.json")))
+    sessions = per_session(sorted(raw.glob("*.tgz")))
     step0_losses = step0(merged["base_eval"])
     lr_grid = grids(merged["runs"])
+    arms = {}
+    for corpus in ("smile", "cpsycoun"):
+        arms[corpus] = corpus_arms(corpus, merged["runs"], sessions, lr_grid, step0_losses)
+        arms[corpus]["references"] = references(corpus, sessions)
+        arms[corpus]["fixed_answer_check"] = fixed_answer_flags(arms[corpus]["arms"], arms[corpus]["references"])
+    best_gain = {corpus: max(((arm, e["gain_over_base"]) for arm, e in c["arms"].items()), key=lambda x: x[1],
+                             default=None) for corpus, c in arms.items()}  # fmt: skip
     results = {
         "regime": {
             "preset": "chatglm2-small",
             "tokenizer": "glm_session/resources/tokenizer_zhbase (16,005 pieces, zhbase only)",
             "pretraining": "experiment=unseen/pretrain: zhbase, 3 epochs, 65,536 tokens a step, lr 2e-3",
             "fine_tuning": "experiment=unseen/<corpus>_<arm>: one epoch, validation every quarter epoch",
+            "base_step0_test_loss": {
+                f"seed{b}": {
+                    corpus: seeds[f"seed{b}"]["test_loss"]
+                    for corpus, seeds in step0_losses.items()
+                    if f"seed{b}" in seeds
+                }
+                for b in (0, 1)
+            },  # fmt: skip
+            "best_gain_over_base": {
+                corpus: {"arm": g[0], "nats": round(g[1], 4)} if g else None for corpus, g in best_gain.items()
+            },  # fmt: skip
         },
         "splits": {
             corpus: {"sessions": data["sessions"], "openings": data["openings"], "turns": data["turns"]}
             for corpus, data in merged["data"].items()
-        },
-        "pretraining": pretraining(merged["runs"]),
+            if "openings" in data
+        },  # fmt: skip
+        "pretraining": pretraining(merged["runs"], merged["bases"]),
         "step0": step0_losses,
         "lr_grid": lr_grid,
         "gate": gate(step0_losses, lr_grid),
-        "equivalence": None,  # the arms' comparison (TOST): not run yet
-        "sources": [p.name for p in paths],
+        "arms": arms,
+        "equivalence": {corpus: c["equivalence"] for corpus, c in arms.items()},
+        "declared": {
+            "margin_nats": MARGIN_NATS,
+            "equivalence": list(EQUIVALENCE),
+            "contrasts": CONTRASTS,
+            "seeds": SEEDS,
+            "resamples": RESAMPLES,
+            "gate_nats": GATE_NATS,
+        },  # fmt: skip
+        "sources": sorted(p.name for p in raw.iterdir()),
     }
-    (HERE / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (HERE / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     (HERE / "tables.md").write_text(tables(results))
     print(tables(results))
 
