@@ -125,6 +125,9 @@ def test_holdout_by_opening_keeps_sessions_that_open_alike_in_one_split(tokenize
     assert summary["sessions"] == 4 * summary["openings"]
     with pytest.raises(ConfigError, match="data.holdout_by='turn'"):
         DialogueDataModule(tokenizer, path=str(path), holdout=holdout, holdout_by="turn")
+    with pytest.raises(ConfigError, match="data.holdout_by='opening': must be id with data.format=text"):
+        DialogueDataModule(tokenizer, template=PLAIN, strategy=LanguageModelStrategy(), path=str(path),
+                           holdout=holdout, holdout_by="opening", format="text")  # fmt: skip
 
 
 def test_the_zhbase_tokenizer_keeps_chatglm2s_layout():

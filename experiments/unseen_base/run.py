@@ -80,7 +80,7 @@ class Job:
     name: str  # also its folder under --root
     command: list[str]
     needs: list[str] = field(default_factory=list)
-    base: str | None = None  # the job whose last.ckpt is GLM_SESSION_INIT
+    init: Path | None = None  # the base it starts from (GLM_SESSION_INIT: a last.ckpt or a converted folder)
     resumable: bool = False  # a stopped run continues from its last.ckpt
     memory_gib: float = 10.0  # what it holds on the GPU at its peak (reserved included)
     status: str = "pending"
@@ -131,21 +131,30 @@ def plan(
     kept: set[str],
     extra: list[str],
     eval_extra: list[str],
+    given: list[Path] | None = None,
 ) -> list[Job]:
+    """The jobs, in order; ``given``: bases to start from instead of pretraining (base ``b`` is ``given[b]``)."""
     python = [sys.executable, "-m"]
     zhbase = ["experiment=unseen/pretrain", f"data.path=[{','.join(zhbase_files(data))}]"]
     corpora = {name: [o.format(data=data) for o in overrides] for name, overrides in CORPORA.items()}
     jobs: list[Job] = []
+
+    def init(base: int) -> tuple[Path, list[str]]:
+        """Base ``base``'s weights and the job that makes them (none for a given base)."""
+        if given:
+            return given[base % len(given)], []
+        return root / f"pretrain/seed{base}" / "checkpoints" / "last.ckpt", [f"pretrain/seed{base}"]
 
     def train(name: str, experiment: str, reduction: str, rate: str, seed: int, base: int) -> Job:
         corpus = experiment.split("_")[0]
         command = [*python, "glm_session.train", f"experiment=unseen/{experiment}", corpora[corpus][1],
                    f"model.reduction={reduction}", f"optimizer.lr={rate}", f"seed={seed}", *QUIET, *extra,
                    f"hydra.run.dir={root / name}"]  # fmt: skip
-        return Job(name, command, needs=[f"data/{corpus}", f"pretrain/seed{base}"], base=f"pretrain/seed{base}",
-                   resumable=True, memory_gib=memory_gib(experiment))  # fmt: skip
+        weights, making = init(base)
+        return Job(name, command, needs=[f"data/{corpus}", *making], init=weights, resumable=True,
+                   memory_gib=memory_gib(experiment))  # fmt: skip
 
-    if "pretrain" in phases:
+    if "pretrain" in phases and not given:
         jobs.append(Job("data/zhbase", [*python, "glm_session.data", "stats", *zhbase, "split=all",
                                         f"out={root}/data/zhbase.json"]))  # fmt: skip
         for seed in bases:
@@ -156,18 +165,21 @@ def plan(
     if "evaluate" in phases or arms or seeds_of:
         for corpus, overrides in corpora.items():
             jobs.append(Job(f"data/{corpus}", [*python, "glm_session.data", "stats", *overrides, "tokenizer=zhbase",
-                                               "split=all", "data.packing=true", "data.max_seq_len=2048",
+                                               "split=all", "data.packing=true", "data.max_seq_len=2048", *eval_extra,
                                                f"out={root}/data/{corpus}.json"]))  # fmt: skip
     if "evaluate" in phases:
         for corpus, overrides in corpora.items():
             for seed in bases:
                 name = f"base_eval/{corpus}_seed{seed}"
-                checkpoint = root / f"pretrain/seed{seed}" / "checkpoints" / "last.ckpt"
+                checkpoint, making = init(seed)
+                if checkpoint.is_dir():  # evaluate reads a run's checkpoint file, not a converted folder
+                    print(f"{name}: left out (glm_session.evaluate reads a run's checkpoint file, not a folder)")
+                    continue
                 jobs.append(Job(name, [*python, "glm_session.evaluate", f"ckpt_path={checkpoint}", *overrides,
                                        "data.batch_tokens=65536", "split=test", "limit=150",
                                        "generation.batch_size=256", "generation.max_new_tokens=64",
                                        *eval_extra, f"hydra.run.dir={root / name}"],
-                                needs=[f"data/{corpus}", f"pretrain/seed{seed}"], memory_gib=25.0))  # fmt: skip
+                                needs=[f"data/{corpus}", *making], memory_gib=25.0))  # fmt: skip
     for arm in seeds_of:  # final runs first: they are what the tables report
         experiment, reduction = arm.split("+")
         if arm not in rates:
@@ -197,7 +209,9 @@ def done(root: Path, job: Job) -> bool:
     if job.name.startswith("pretrain/"):
         return run_status(root / job.name) == "completed"
     # A fine-tuning run evaluates the test split after training: a run stopped in that evaluation is not done.
-    return run_status(root / job.name) == "completed" and (root / job.name / "evaluation" / "metrics.json").is_file()
+    return (
+        run_status(root / job.name) == "completed" and (root / job.name / "evaluation" / "metrics.json").is_file()
+    )
 
 
 def start(job: Job, root: Path) -> None:
@@ -209,8 +223,8 @@ def start(job: Job, root: Path) -> None:
         shutil.rmtree(root / job.name, ignore_errors=True)  # a fresh start (say, a run stopped in its evaluation)
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1",
            "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # fmt: skip
-    if job.base is not None:
-        env["GLM_SESSION_INIT"] = str(root / job.base / "checkpoints" / "last.ckpt")
+    if job.init is not None:
+        env["GLM_SESSION_INIT"] = str(job.init)
     log = root / "logs" / f"{job.name.replace('/', '__')}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     job.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("a"), stderr=subprocess.STDOUT)
@@ -337,6 +351,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--phase", nargs="*", choices=("pretrain", "evaluate"), default=[])
     parser.add_argument("--bases", "--seeds", nargs="+", type=int, default=[0, 1], help="the bases' seeds")
+    parser.add_argument("--base", nargs="+", type=Path, default=None,
+                        help="start from these bases instead of pretraining (a run's last.ckpt or a converted "
+                             "folder, e.g. ChatGLM2-6B from glm_session.convert): seed s starts from the (s %% n)-th")  # fmt: skip
     parser.add_argument("--arms", nargs="*", default=[], choices=ARMS, help="a rate grid for each, from base 0")
     parser.add_argument("--seeds-of", nargs="*", default=[], choices=ARMS, help="5 seeds at the chosen rate")
     parser.add_argument("--rates", type=Path, default=HERE / "results.json", help="the chosen rates (lr_grid)")
@@ -348,12 +365,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=8, help="jobs at a time")
     parser.add_argument("--memory", type=float, default=120.0, help="GiB of the GPU the jobs may hold together")
     parser.add_argument("--extra", nargs="*", default=["speed=fast"], help="overrides for every training job")
-    parser.add_argument("--eval-extra", nargs="*", default=[], help="overrides for the evaluation jobs")
+    parser.add_argument("--eval-extra", nargs="*", default=[], help="overrides for the data and evaluation jobs")
     args = parser.parse_args()
     begin = time.monotonic()
     rates = chosen_rates(args.rates)
     jobs = plan(args.root, args.data.resolve(), args.phase, args.bases, args.arms, args.seeds_of, rates,
-                kept_test_losses(HERE / "raw"), args.extra, args.eval_extra)  # fmt: skip
+                kept_test_losses(HERE / "raw"), args.extra, args.eval_extra, args.base)  # fmt: skip
     last_start = args.deadline if args.last_start is None else args.last_start
     run(jobs, args.root, args.deadline, last_start, args.grace, args.jobs, args.memory)
     result = {"seconds": round(time.monotonic() - begin), "rates": rates, **summary(jobs, args.root)}

@@ -1,0 +1,82 @@
+"""The driver of experiments/unseen_base: which jobs it plans, from which base, and when a job counts as done."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("unseen_run", ROOT / "experiments" / "unseen_base" / "run.py")
+driver = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = driver  # dataclasses look their module up
+spec.loader.exec_module(driver)
+
+
+def plan(tmp_path, **kwargs):
+    defaults = dict(phases=[], bases=[0, 1], arms=[], seeds_of=[], rates={}, kept=set(), extra=[], eval_extra=[])
+    return driver.plan(tmp_path / "root", tmp_path / "data", **{**defaults, **kwargs})
+
+
+def overrides(job):
+    return {a.split("=", 1)[0]: a.split("=", 1)[1] for a in job.command if "=" in a}
+
+
+def test_seeds_alternate_bases_at_the_chosen_rate(tmp_path):
+    jobs = plan(tmp_path, seeds_of=["cpsycoun_session+token"], rates={"cpsycoun_session+token": "2e-3"})
+    runs = [j for j in jobs if not j.name.startswith("data/")]
+    assert [j.name for j in runs] == [f"seeds/cpsycoun_session+token_seed{s}" for s in range(5)] + [
+        "check/cpsycoun_split_grouped+token_seed0"
+    ]
+    root = tmp_path / "root"
+    assert [j.init for j in runs] == [root / f"pretrain/seed{b}/checkpoints/last.ckpt" for b in (0, 1, 0, 1, 0, 0)]
+    assert [overrides(j)["seed"] for j in runs] == ["0", "1", "2", "3", "4", "0"]
+    assert {overrides(j)["optimizer.lr"] for j in runs} == {"2e-3"}
+    assert overrides(runs[-1])["experiment"] == "unseen/cpsycoun_split_grouped"
+    assert runs[1].needs == ["data/cpsycoun", "pretrain/seed1"]
+
+
+def test_a_kept_grid_run_is_seed_0_and_an_arm_without_an_interior_rate_waits(tmp_path):
+    jobs = plan(tmp_path, seeds_of=["smile_last+token", "smile_rising+token"], rates={"smile_last+token": "5e-4"},
+                kept={"grid/smile_last+token_lr5e-4"})  # fmt: skip
+    assert [j.name for j in jobs if j.name.startswith("seeds/")] == [
+        f"seeds/smile_last+token_seed{s}" for s in (1, 2, 3, 4)
+    ]
+
+
+def test_a_grid_runs_six_rates_from_base_0(tmp_path):
+    jobs = [j for j in plan(tmp_path, arms=["smile_split_shuffled+sample"]) if j.name.startswith("grid/")]
+    assert [overrides(j)["optimizer.lr"] for j in jobs] == ["1e-4", "2e-4", "5e-4", "1e-3", "2e-3", "5e-3"]
+    assert {overrides(j)["model.reduction"] for j in jobs} == {"sample"}
+    assert {overrides(j)["seed"] for j in jobs} == {"0"}
+    assert {j.memory_gib for j in jobs} == {22.0}  # a SMILE split arm
+
+
+def test_a_given_base_replaces_pretraining(tmp_path):
+    base = tmp_path / "chatglm2-6b"
+    base.mkdir()
+    jobs = plan(tmp_path, phases=["pretrain", "evaluate"], seeds_of=["smile_session+token"],
+                rates={"smile_session+token": "1e-4"}, given=[base])  # fmt: skip
+    assert not [j for j in jobs if j.name.startswith(("pretrain/", "base_eval/"))]  # a folder: not evaluate's input
+    runs = [j for j in jobs if j.name.startswith("seeds/")]
+    assert {j.init for j in runs} == {base} and all(j.needs == ["data/smile"] for j in runs)
+
+
+def test_a_run_is_done_only_when_trained_and_evaluated(tmp_path):
+    root = tmp_path / "root"
+    job = driver.Job("seeds/smile_session+token_seed1", [])
+    folder = root / job.name
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"status": "stopped"}))
+    assert not driver.done(root, job)
+    (folder / "metrics.json").write_text(json.dumps({"status": "completed"}))
+    assert not driver.done(root, job)  # stopped by the deadline while it evaluated the test split
+    (folder / "evaluation").mkdir()
+    (folder / "evaluation" / "metrics.json").write_text("{}")
+    assert driver.done(root, job)
+
+
+def test_only_interior_rates_are_chosen(tmp_path):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"lr_grid": {"a+token": {"chosen": "2e-3", "interior": True},
+                                               "b+token": {"chosen": "5e-3", "interior": False}}}))  # fmt: skip
+    assert driver.chosen_rates(results) == {"a+token": "2e-3"}
