@@ -56,7 +56,9 @@ def test_a_given_base_replaces_pretraining(tmp_path):
     base.mkdir()
     jobs = plan(tmp_path, phases=["pretrain", "evaluate"], seeds_of=["smile_session+token"],
                 rates={"smile_session+token": "1e-4"}, given=[base])  # fmt: skip
-    assert not [j for j in jobs if j.name.startswith(("pretrain/", "base_eval/"))]  # a folder: not evaluate's input
+    assert not [
+        j for j in jobs if j.name.startswith(("pretrain/", "base_eval/"))
+    ]  # a folder: not evaluate's input
     runs = [j for j in jobs if j.name.startswith("seeds/")]
     assert {j.init for j in runs} == {base} and all(j.needs == ["data/smile"] for j in runs)
 

@@ -70,7 +70,9 @@ class DialogueSource:
         }
         if self.holdout_by == "opening" and self.read_options["format"] == "text":
             # a document is one turn with an empty question: every document would open alike, in one split
-            raise ConfigError("data.holdout_by", holdout_by, "id with data.format=text (documents have no opening)")
+            raise ConfigError(
+                "data.holdout_by", holdout_by, "id with data.format=text (documents have no opening)"
+            )
         self._reads: dict[str, ReadResult] = {}
 
     def read(self, split: str) -> ReadResult:
