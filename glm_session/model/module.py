@@ -20,6 +20,7 @@ from transformers import GlmConfig, GlmForCausalLM
 
 from glm_session.checkpoints import BUILTIN_ATTENTION, check_init_from, initial_state, load_weights_into
 from glm_session.errors import ConfigError, UserError, check_choice, check_int
+from glm_session.model.adapters import add_lora, check_peft, is_adapter_key
 from glm_session.model.kernels import KERNELS, use_liger_kernels
 from glm_session.model.loss import REDUCTIONS, chunked_token_losses, denominator, reduce, token_losses
 from glm_session.model.presets import chatglm2_config, padded_vocab_size
@@ -72,6 +73,9 @@ class ChatGLM2Module(L.LightningModule):
             logits only at the trained positions, that many at a time, made again in the backward pass
             (``loss.chunked_token_losses``): the (B, T, V) logits never exist, the output layer's work shrinks to
             the trained tokens' share, and the per-token losses are the same.
+        peft: ``model.peft`` (``conf/peft/``): ``None`` or ``{method: none}`` trains every weight; ``{method:
+            lora, ...}`` injects LoRA adapters (``adapters.py``) after the initial weights are loaded, freezes the
+            base, and saves the adapters (and their optimizer state) only in checkpoints.
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class ChatGLM2Module(L.LightningModule):
         run_info: RunInfo | None = None,
         loss_chunk_tokens: int | None = None,
         kernels: str = "torch",
+        peft: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.config, self.reduction = config, check_choice("model.reduction", reduction, REDUCTIONS)
@@ -98,6 +103,9 @@ class ChatGLM2Module(L.LightningModule):
             "model.attn_implementation", attn_implementation, BUILTIN_ATTENTION
         )
         self.kernels = _check_kernels(kernels)
+        self.lora = check_peft(peft, self.loss_chunk_tokens)
+        # A LoRA run's checkpoints hold the adapters only: loading one leaves the (frozen) base as it is.
+        self.strict_loading = self.lora is None
         self.model: GlmForCausalLM | None = None
         # Step accumulators: numerator and (tokens, samples, turns) of the micro-batches since the last step.
         self.register_buffer("_step_numerator", torch.zeros((), dtype=torch.float64), persistent=False)
@@ -136,6 +144,8 @@ class ChatGLM2Module(L.LightningModule):
             strategy = self.trainer.strategy
             with torch.device("meta"):
                 model = GlmForCausalLM(self.config)
+                if self.lora is not None:  # before sharding: each decoder layer's unit holds its adapters
+                    add_lora(model, self.lora)
             self._fuse(model)
             self.model = shard_model(
                 model, mesh, strategy.root_device, strategy.param_dtype, strategy.activation_checkpointing
@@ -146,7 +156,15 @@ class ChatGLM2Module(L.LightningModule):
         self.model = GlmForCausalLM(self.config)
         if self.init_from:
             load_weights_into(self.model, initial_state(self.init_from), f"model.init_from={self.init_from}")
+        if self.lora is not None:
+            add_lora(self.model, self.lora, bf16_base=self._bf16_base())
         self._fuse(self.model)
+
+    def _bf16_base(self) -> bool:
+        """Whether a LoRA run keeps its frozen base in bf16: ``base_dtype=bf16``, or ``auto`` under bf16 training."""
+        if self.lora.base_dtype != "auto":
+            return self.lora.base_dtype == "bf16"
+        return self._trainer is not None and str(self.trainer.precision).startswith("bf16")
 
     def _fuse(self, model: GlmForCausalLM) -> None:
         """The kernels of ``model.kernels``, then ``torch.compile`` of each decoder layer if asked."""
@@ -308,6 +326,9 @@ class ChatGLM2Module(L.LightningModule):
         ]
         info = self.run_info.to_dict() if self.run_info is not None else {"model_config": self.config.to_dict()}
         checkpoint["glm_session"] = info
+        if self.lora is not None:  # the adapters only: the base is model.init_from (its fingerprint in the record)
+            state = checkpoint.get("state_dict", {})
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if is_adapter_key(k)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.history = list(checkpoint.get("loss_history", []))

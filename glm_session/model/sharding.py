@@ -34,6 +34,7 @@ def shard_model(
     model.to_empty(device=device)
     with torch.no_grad():
         model.apply(model._init_weights)  # transformers' own init (normal linears, unit norms, rotary tables)
+        reset_adapters(model)
     return model
 
 
@@ -46,5 +47,28 @@ def load_full_weights(model: GlmForCausalLM, init_from: str) -> None:
 
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     state = initial_state(init_from) if rank0 else {}
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    adapters = [name for name in model.state_dict() if ".lora_" in name]
+    if adapters:  # LoRA layers hold the base's weight as base_layer.weight; the adapters keep their init
+        names = set(model.state_dict())
+        state = {_injected(key, names): value for key, value in state.items()}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=not adapters)
     set_model_state_dict(model, state, options=options)
+
+
+def _injected(key: str, names: set[str]) -> str:
+    """The name of a base weight once peft wrapped its module (``q_proj.weight`` -> ``q_proj.base_layer.weight``)."""
+    if key in names:
+        return key
+    module, _, leaf = key.rpartition(".")
+    return f"{module}.base_layer.{leaf}"
+
+
+def reset_adapters(model: torch.nn.Module) -> None:
+    """Give peft's LoRA layers their own init again (B = 0: the adapted model starts as the base) after
+    transformers' ``_init_weights`` drew every linear layer, the adapters' included."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.lora_A:
+                module.reset_lora_parameters(adapter, init_lora_weights=True)
