@@ -11,6 +11,7 @@ checkpoint, weights of another model, non-finite weights, or a run made otherwis
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from pathlib import Path
@@ -148,9 +149,11 @@ def model_config(values: dict[str, Any], source: str | Path) -> GlmConfig:
     return config
 
 
-def load_model(path: str | Path) -> tuple[GlmForCausalLM, RunInfo]:
+def load_model(path: str | Path, merge_adapters: bool = True) -> tuple[GlmForCausalLM, RunInfo]:
     """The model of a run's checkpoint file, built from the config it was trained with (``model_config``: nothing
-    in it can make transformers fetch or run code), and its ``RunInfo``."""
+    in it can make transformers fetch or run code), and its ``RunInfo``. A LoRA run's model is its base with the
+    adapters merged in; with ``merge_adapters=False``, with the adapters as peft layers (the only trainable
+    parameters: ``analysis measure`` takes its gradients on them)."""
     checkpoint = read_checkpoint(path)
     info = run_info_of(checkpoint, path)
     state = model_state(checkpoint, path)
@@ -158,9 +161,39 @@ def load_model(path: str | Path) -> tuple[GlmForCausalLM, RunInfo]:
         model = GlmForCausalLM(model_config(info.model_config, path))
     except Exception as err:
         raise CheckpointError(f"{path}: an unusable model config ({type(err).__name__}: {err})") from None
-    load_weights_into(model, state, path)
+    if info.peft:  # the adapters only: the base they were trained on, then the adapters merged into it
+        model = _with_base(model, info, state, path, merge_adapters)
+    else:
+        load_weights_into(model, state, path)
     check_finite(model.state_dict(), path)
     return model, info
+
+
+def _with_base(
+    model: GlmForCausalLM, info: RunInfo, adapters: dict[str, torch.Tensor], path: str | Path, merge: bool = True
+):
+    """A LoRA run's model: its base (``info.init_from``, checked by fingerprint) with its adapters merged in (or
+    kept as peft layers, the base frozen)."""
+    from glm_session.model.adapters import merged, settings_of, with_adapters
+
+    if not info.init_from:
+        raise CheckpointError(f"{path}: LoRA adapters without a recorded base (model.init_from)")
+    check_init_from(info.init_from)
+    if weights_fingerprint(info.init_from) != info.base_fingerprint:
+        raise CheckpointError(
+            f"{path}: its base {info.init_from} has changed since the run (fingerprint "
+            f"{(info.base_fingerprint or 'none')[:12]} then, {weights_fingerprint(info.init_from)[:12]} now)"
+        )
+    load_weights_into(model, initial_state(info.init_from), f"model.init_from={info.init_from}")
+    try:
+        if merge:
+            return merged(model, settings_of(info.peft), adapters)
+        with_adapters(model, settings_of(info.peft), adapters)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(".lora_" in name)
+        return model
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from None
 
 
 def read_initial_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -187,6 +220,25 @@ def read_initial_weights(path: str | Path) -> dict[str, torch.Tensor]:
     state = model_state(checkpoint, path)
     check_finite(state, path)
     return state
+
+
+def weights_fingerprint(init_from: str | None) -> str | None:
+    """sha256 of the files ``model.init_from`` reads (a folder's ``*.safetensors`` in name order, or the checkpoint
+    file; a Hub id as written): equal fingerprints, equal initial weights."""
+    if init_from is None:
+        return None
+    digest = hashlib.sha256()
+    path = Path(init_from)
+    if init_from.startswith(HUB_PREFIX) or not path.exists():
+        digest.update(init_from.encode())
+        return digest.hexdigest()
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    for file in files:
+        digest.update(file.name.encode())
+        with file.open("rb") as f:
+            while block := f.read(1 << 23):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def initial_state(init_from: str) -> dict[str, torch.Tensor]:
@@ -221,6 +273,12 @@ def check_resumable(path: str | Path, run: RunInfo, allow_changes: bool = False)
     shape = saved.differences(run, ("model_shape",))
     if shape:
         raise CheckpointError(f"{path}: a checkpoint of another model ({'; '.join(shape)})")
+    if saved.peft and saved.base_fingerprint and saved.base_fingerprint != run.base_fingerprint:
+        raise CheckpointError(
+            f"{path}: its adapters were trained on the base {saved.init_from} (fingerprint "
+            f"{saved.base_fingerprint[:12]}), not on model.init_from={run.init_from} "
+            f"({(run.base_fingerprint or 'none')[:12]}): resume with the same base weights"
+        )
     if not sharded:
         check_finite(model_state(checkpoint, path), path)
     moved = saved.moved_data(run)

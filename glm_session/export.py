@@ -14,6 +14,11 @@ lightning.fabric.utilities.consolidate_checkpoint FOLDER``, which writes ``FOLDE
 - ``glm_session.json``: what the run recorded (template, strategy, reduction, tokenizer fingerprint, ...), so the
   model is prompted in the format it was trained on.
 
+A LoRA run (``peft=lora``) exports its base with the adapters merged in (a plain ``GlmForCausalLM`` folder, as
+above), or with ``--adapter`` its adapters alone: ``adapter_config.json`` and ``adapter_model.safetensors``, which
+``peft.PeftModel.from_pretrained(<the base>, DST)`` loads, and which ``model.init_from=<base>
+model.init_adapter=DST`` continues training from.
+
 The fast tokenizer is built from the SentencePiece model's own settings (transformers'
 ``SpmConverter.build_tokenizer_from_spm_proto``; reading the model needs ``protobuf``) and checked against
 ``ChatGLM2Tokenizer`` on ``PROBE_TEXTS`` before anything is written.
@@ -31,7 +36,7 @@ from omegaconf import OmegaConf
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 from glm_session.atomic_files import new_folder
-from glm_session.checkpoints import load_model
+from glm_session.checkpoints import load_model, model_state, read_checkpoint, run_info_of
 from glm_session.data.session import Turn
 from glm_session.data.template import TEMPLATES, prompt_text
 from glm_session.errors import UserError, cli_errors
@@ -134,6 +139,7 @@ def export(
     dst: str | Path,
     tokenizer: ChatGLM2Tokenizer | None = None,
     dtype: torch.dtype | None = None,
+    adapter: bool = False,
 ) -> Path:
     """Write the model of a training checkpoint, its tokenizer and its run's metadata as a Hugging Face folder.
 
@@ -144,6 +150,7 @@ def export(
         tokenizer: the run's tokenizer; ``None``: the one its ``config.yaml`` names (or the bundled one). Its
             fingerprint must be the checkpoint's.
         dtype: the dtype of the written weights; ``None``: the checkpoint's (fp32).
+        adapter: a LoRA run's adapters alone (``export_adapter``), instead of its base with them merged in.
 
     Returns:
         ``dst``.
@@ -154,6 +161,8 @@ def export(
     checkpoint, dst = Path(checkpoint), Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise ExportError(f"{dst}: exists and is not an empty folder")
+    if adapter:
+        return export_adapter(checkpoint, dst, tokenizer)
     model, info = load_model(checkpoint)
     tokenizer = tokenizer or run_tokenizer(checkpoint, info)
     if tokenizer.fingerprint != info.tokenizer_fingerprint:
@@ -180,16 +189,48 @@ def export(
     return dst
 
 
+def export_adapter(checkpoint: Path, dst: Path, tokenizer: ChatGLM2Tokenizer | None = None) -> Path:
+    """Write a LoRA run's adapters as peft writes them (``adapter_config.json``, ``adapter_model.safetensors``:
+    ``PeftModel.from_pretrained(base, dst)`` loads them), with the run's tokenizer and record."""
+    from safetensors.torch import save_file
+
+    from glm_session.model.adapters import peft_config, peft_names, settings_of
+
+    state = read_checkpoint(checkpoint)
+    info = run_info_of(state, checkpoint)
+    if not info.peft:
+        raise ExportError(f"{checkpoint}: a full fine-tuning run has no adapters to export; leave out --adapter")
+    tokenizer = tokenizer or run_tokenizer(checkpoint, info)
+    if tokenizer.fingerprint != info.tokenizer_fingerprint:
+        raise ExportError(
+            f"{checkpoint}: trained with tokenizer {info.tokenizer_fingerprint}, not with "
+            f"{tokenizer.vocab_file} ({tokenizer.fingerprint}); pass the run's with --tokenizer"
+        )
+    config = peft_config(settings_of(info.peft))
+    config.base_model_name_or_path = info.init_from
+    metadata = {key: value for key, value in info.to_dict().items() if key != "model_config"}
+    with new_folder(dst, "export") as folder:
+        config.save_pretrained(folder)
+        weights = {k: v.contiguous() for k, v in peft_names(model_state(state, checkpoint)).items()}
+        save_file(weights, folder / "adapter_model.safetensors")
+        (folder / VOCAB_FILE).write_bytes(tokenizer.sp.serialized_model_proto())
+        (folder / INFO_FILE).write_text(json.dumps({**metadata, "checkpoint": str(checkpoint)}, indent=2) + "\n")
+    return dst
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path, help="a run's checkpoint file, e.g. <run>/checkpoints/last.ckpt")
     parser.add_argument("dst", type=Path, help="new folder for transformers' from_pretrained")
     parser.add_argument("--tokenizer", type=Path, help="the run's tokenizer.model or folder (default: the run's)")
     parser.add_argument("--dtype", choices=DTYPES, help="dtype of the written weights (default: the checkpoint's)")
+    parser.add_argument("--adapter", action="store_true", help="a LoRA run's adapters alone (peft's folder)")
     args = parser.parse_args(argv)
     with cli_errors():
         tokenizer = ChatGLM2Tokenizer.from_pretrained(args.tokenizer) if args.tokenizer else None
-        dst = export(args.checkpoint, args.dst, tokenizer, DTYPES[args.dtype] if args.dtype else None)
+        dst = export(
+            args.checkpoint, args.dst, tokenizer, DTYPES[args.dtype] if args.dtype else None, args.adapter
+        )
     print(f"wrote {dst}")
 
 

@@ -23,6 +23,7 @@ RESUME_KEYS = (
     "data_source",
     "batching",
     "model_shape",
+    "peft",
 )
 # The model config keys that give its parameters their shapes.
 SHAPE_KEYS = (
@@ -53,6 +54,9 @@ class RunInfo:
         data_summary: each split's sessions and turns as read (so that a change of data is said in words).
         model_preset: the ``model.preset`` name; ``model_config``: the full ``GlmConfig`` as a dict.
         seed: the run's seed; ``experiment``: the experiment config's name, if any.
+        peft: the parameter-efficient method and its settings (``{"method": "lora", "rank": 16, ...}``; empty:
+            full fine-tuning); ``init_from`` and ``base_fingerprint``: the initial weights and a hash of their
+            files (a LoRA checkpoint holds the adapters only: its base must be these very weights).
     """
 
     template: str
@@ -70,6 +74,9 @@ class RunInfo:
     experiment: str | None = None
     supervision: str = "all"  # records from before the policies: every answer was trained
     data_summary: dict[str, Any] = field(default_factory=dict)
+    peft: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None
+    base_fingerprint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -23,11 +23,12 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from glm_session.atomic_files import write_text
-from glm_session.checkpoints import check_resumable
+from glm_session.checkpoints import check_resumable, weights_fingerprint
 from glm_session.config import CONFIG_DIR, build
 from glm_session.data.source import SPLITS
 from glm_session.errors import ConfigError, user_message
 from glm_session.hydra_jobs import job, run_app
+from glm_session.model.adapters import check_peft
 from glm_session.run_info import RunInfo
 from glm_session.run_status import METRICS_FILE, read_record
 from glm_session.training.checkpoint_io import AtomicCheckpointIO, remove_stale_saves
@@ -73,7 +74,20 @@ def run_info_of(cfg: DictConfig, datamodule: Any) -> RunInfo:
         seed=cfg.seed,
         experiment=_experiment_name(),
         supervision=datamodule.supervision.describe(),
+        **base_record(cfg.model),
     )
+
+
+def base_record(model: DictConfig) -> dict[str, Any]:
+    """``peft``, ``init_from`` and, for a parameter-efficient run, ``base_fingerprint`` of a run's record."""
+    peft = OmegaConf.to_container(model.get("peft"), resolve=True) if model.get("peft") else None
+    lora = check_peft(peft, model.get("loss_chunk_tokens"))
+    init_from = model.get("init_from")
+    return {
+        "peft": lora.describe() if lora else {},
+        "init_from": str(init_from) if init_from else None,
+        "base_fingerprint": weights_fingerprint(init_from) if lora else None,
+    }
 
 
 def preempted_checkpoint(output_dir: Path) -> str | None:

@@ -19,6 +19,7 @@ wheels=(
     datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19                  # cached data preparation
     nltk==3.10.4                                                       # rouge-score's tokenizer module, BLEU-4
     rouge-chinese==1.0.3                                               # ChatGLM2's official ROUGE
+    peft==0.21.2 accelerate==1.16.0                                       # peft=lora
 )
 sources=(antlr4-python3-runtime==4.9.3 rouge-score==0.1.2 jieba==0.42.1)
 case $action in

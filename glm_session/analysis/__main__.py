@@ -97,7 +97,9 @@ def measure(cfg: DictConfig) -> dict:
         if cfg.measure.ckpt_path:
             from glm_session.checkpoints import load_model
 
-            model, _ = load_model(cfg.measure.ckpt_path)
+            model, _ = load_model(
+                cfg.measure.ckpt_path, merge_adapters=False
+            )  # a LoRA run: its adapters' gradients
         else:
             torch.manual_seed(cfg.seed)
             model = GlmForCausalLM(

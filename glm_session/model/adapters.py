@@ -111,3 +111,73 @@ def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def is_adapter_key(key: str) -> bool:
     """Whether a state-dict key (the module's or peft's) belongs to an adapter."""
     return ".lora_" in key
+
+
+def settings_of(record: Mapping[str, Any]) -> LoraSettings:
+    """The ``LoraSettings`` of a run record's ``peft`` entry (``LoraSettings.describe``)."""
+    values = {k: v for k, v in record.items() if k != "method"}
+    return LoraSettings(**{**values, "target_modules": tuple(values.get("target_modules", LORA_TARGETS))})
+
+
+def with_adapters(base: torch.nn.Module, settings: LoraSettings, adapters: Mapping[str, torch.Tensor]):
+    """peft's ``LoraModel`` of ``base`` (adapters injected in place) holding ``adapters`` (the module's names, as a
+    run's checkpoint keeps them: ``model.layers.0.self_attn.q_proj.lora_A.default.weight``); ``ValueError`` naming
+    the first adapter tensor that is missing or unknown."""
+    from peft import LoraModel
+
+    lora = LoraModel(base, peft_config(settings), "default")
+    result = base.load_state_dict(dict(adapters), strict=False)
+    missing = [k for k in result.missing_keys if is_adapter_key(k)]
+    if missing or result.unexpected_keys:
+        first = (missing or result.unexpected_keys)[0]
+        raise ValueError(
+            f"the adapters do not fit the base: {len(missing)} missing, {len(result.unexpected_keys)} unknown "
+            f"(e.g. {first})"
+        )
+    return lora
+
+
+def merged(base: torch.nn.Module, settings: LoraSettings, adapters: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """``base`` with ``adapters`` merged into its weights (W + B A alpha / r): a plain transformers model again."""
+    return with_adapters(base, settings, adapters).merge_and_unload()
+
+
+def peft_names(adapters: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The module's adapter names as ``PeftModel.save_pretrained`` writes them: ``base_model.model.`` in front, the
+    adapter's name left out (``...q_proj.lora_A.default.weight`` -> ``base_model.model....q_proj.lora_A.weight``)."""
+    return {f"base_model.model.{k.replace('.default.', '.')}": v for k, v in adapters.items() if is_adapter_key(k)}
+
+
+def module_names(adapters: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of ``peft_names``: an adapter folder's tensors under the module's names."""
+    renamed = {}
+    for key, value in adapters.items():
+        key = key.removeprefix("base_model.model.")
+        module, _, leaf = key.rpartition(".")
+        renamed[f"{module}.default.{leaf}"] = value
+    return renamed
+
+
+def load_adapter_folder(model: torch.nn.Module, folder: str) -> None:
+    """Load an adapter folder (``export --adapter``, or any peft LoRA folder of this model) into the adapters
+    ``add_lora`` injected; ``ConfigError`` naming the folder and the first tensor that does not fit."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise ConfigError(
+            "model.init_adapter", folder, "a folder with adapter_model.safetensors (export --adapter)"
+        )
+    state = module_names(load_file(path))
+    own = model.state_dict()
+    wrong = [k for k in state if k not in own or own[k].shape != state[k].shape]
+    missing = [k for k in own if is_adapter_key(k) and k not in state]
+    if wrong or missing:
+        first = wrong[0] if wrong else missing[0]
+        raise ConfigError(
+            "model.init_adapter", folder, f"adapters of this model and model.peft ({len(wrong)} unknown or of another "
+            f"shape, {len(missing)} missing, e.g. {first})"
+        )  # fmt: skip
+    model.load_state_dict(state, strict=False)

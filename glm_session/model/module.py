@@ -20,7 +20,7 @@ from transformers import GlmConfig, GlmForCausalLM
 
 from glm_session.checkpoints import BUILTIN_ATTENTION, check_init_from, initial_state, load_weights_into
 from glm_session.errors import ConfigError, UserError, check_choice, check_int
-from glm_session.model.adapters import add_lora, check_peft, is_adapter_key
+from glm_session.model.adapters import add_lora, check_peft, is_adapter_key, load_adapter_folder
 from glm_session.model.kernels import KERNELS, use_liger_kernels
 from glm_session.model.loss import REDUCTIONS, chunked_token_losses, denominator, reduce, token_losses
 from glm_session.model.presets import chatglm2_config, padded_vocab_size
@@ -76,6 +76,7 @@ class ChatGLM2Module(L.LightningModule):
         peft: ``model.peft`` (``conf/peft/``): ``None`` or ``{method: none}`` trains every weight; ``{method:
             lora, ...}`` injects LoRA adapters (``adapters.py``) after the initial weights are loaded, freezes the
             base, and saves the adapters (and their optimizer state) only in checkpoints.
+        init_adapter: with LoRA, an adapter folder (``export --adapter``) to start the adapters from.
     """
 
     def __init__(
@@ -91,6 +92,7 @@ class ChatGLM2Module(L.LightningModule):
         loss_chunk_tokens: int | None = None,
         kernels: str = "torch",
         peft: dict[str, Any] | None = None,
+        init_adapter: str | None = None,
     ) -> None:
         super().__init__()
         self.config, self.reduction = config, check_choice("model.reduction", reduction, REDUCTIONS)
@@ -104,6 +106,9 @@ class ChatGLM2Module(L.LightningModule):
         )
         self.kernels = _check_kernels(kernels)
         self.lora = check_peft(peft, self.loss_chunk_tokens)
+        if init_adapter is not None and self.lora is None:
+            raise ConfigError("model.init_adapter", init_adapter, "used with peft=lora (adapters need a LoRA run)")
+        self.init_adapter = init_adapter
         # A LoRA run's checkpoints hold the adapters only: loading one leaves the (frozen) base as it is.
         self.strict_loading = self.lora is None
         self.model: GlmForCausalLM | None = None
@@ -152,12 +157,18 @@ class ChatGLM2Module(L.LightningModule):
             )
             if self.init_from:
                 load_full_weights(self.model, self.init_from)
+            if self.init_adapter:
+                raise ConfigError(
+                    "model.init_adapter", self.init_adapter, "used on one device (not with trainer=fsdp)"
+                )
             return
         self.model = GlmForCausalLM(self.config)
         if self.init_from:
             load_weights_into(self.model, initial_state(self.init_from), f"model.init_from={self.init_from}")
         if self.lora is not None:
             add_lora(self.model, self.lora, bf16_base=self._bf16_base())
+            if self.init_adapter:
+                load_adapter_folder(self.model, self.init_adapter)
         self._fuse(self.model)
 
     def _bf16_base(self) -> bool:

@@ -1,0 +1,259 @@
+"""LoRA through peft (peft=lora, glm_session/model/adapters.py) on CPU in fp32, chatglm2-tiny:
+
+- Invariant 2 on the adapters: one optimizer step of two accumulation micro-batches gives the same adapter gradient
+  for split+token and session+token, and for split+sample and session+turn;
+- the base is frozen: no gradient, and not a bit changed by AdamW (weight decay included);
+- a run's checkpoint holds the adapters only; resuming it on another base is refused;
+- export: the merged folder loads in plain transformers with the adapted model's logits; the adapter folder loads
+  with ``peft.PeftModel.from_pretrained`` to the same logits, and ``model.init_adapter`` starts a run from it;
+- bad settings are one-line config errors.
+"""
+
+import dataclasses
+import functools
+import json
+
+import lightning as L
+import pytest
+import torch
+from peft import PeftModel
+from transformers import GlmForCausalLM
+
+from glm_session.checkpoints import CheckpointError, load_model, read_checkpoint
+from glm_session.config import RESOURCES_DIR, compose_config
+from glm_session.data import DialogueDataModule
+from glm_session.errors import ConfigError
+from glm_session.export import main as export_main
+from glm_session.model import ChatGLM2Module, chatglm2_config, padded_vocab_size
+from glm_session.model.adapters import check_peft
+from glm_session.train import train
+
+VALIDATION = str(RESOURCES_DIR / "kdconv/validation.jsonl")
+LORA = {"method": "lora", "rank": 4, "alpha": 8}
+IDS = torch.tensor([[1, 5, 7, 300, 42, 9, 11, 2]])
+
+
+def lora_module(tokenizer, reduction="token", **kwargs) -> ChatGLM2Module:
+    """chatglm2-tiny (seed 0) with rank-4 adapters whose B is drawn too (seed 1): every adapter has a gradient."""
+    module = ChatGLM2Module.from_preset("chatglm2-tiny", len(tokenizer), reduction=reduction, peft=LORA, **kwargs)
+    torch.manual_seed(0)
+    module.configure_model()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05)
+    return module
+
+
+def one_step(tokenizer, cache_dir, strategy, reduction, optimizer=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the adapters' change, the base's change) in one step over every sample of 4 sessions, 2 micro-batches."""
+    datamodule = DialogueDataModule(tokenizer, "chatglm2", strategy, train_path=VALIDATION, limit=4, batch_size=1,
+                                    max_seq_len=2048, cache_dir=cache_dir)  # fmt: skip
+    rows = len(datamodule.pipeline.prepared("train").rows.samples)
+    datamodule.pipeline.batching = dataclasses.replace(datamodule.pipeline.batching, batch_size=-(-rows // 2))
+    module = lora_module(tokenizer, reduction, optimizer=optimizer or functools.partial(torch.optim.SGD, lr=1.0))
+    adapters = [p for n, p in module.named_parameters() if "lora_" in n]
+    base = [p for n, p in module.named_parameters() if "lora_" not in n]
+    before = [torch.cat([p.detach().flatten().clone() for p in group]) for group in (adapters, base)]
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", max_steps=1, accumulate_grad_batches=2,
+                        limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False)  # fmt: skip
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 1 and all(p.grad is None for p in base)
+    after = [torch.cat([p.detach().flatten() for p in group]) for group in (adapters, base)]
+    return before[0] - after[0], before[1] - after[1]
+
+
+@pytest.fixture(scope="module")
+def steps(tokenizer, cache_dir):
+    runs = [("split", "token"), ("session", "token"), ("split", "sample"), ("session", "turn")]
+    return {run: one_step(tokenizer, cache_dir, *run) for run in runs}
+
+
+def test_invariant_2_holds_on_the_adapter_gradients(steps):
+    for split, session in ((("split", "token"), ("session", "token")), (("split", "sample"), ("session", "turn"))):
+        a, b = steps[split][0], steps[session][0]
+        assert a.abs().max() > 1e-4  # a real gradient on every adapter kind (A and B)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # and the reductions differ: the check can fail
+    assert (steps["split", "token"][0] - steps["split", "sample"][0]).abs().max() > 1e-4
+
+
+def test_the_base_gets_no_gradient_and_does_not_change(steps, tokenizer, cache_dir):
+    for _, base_change in steps.values():
+        assert torch.count_nonzero(base_change) == 0
+    adamw = functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+    adapters, base = one_step(tokenizer, cache_dir, "session", "token", optimizer=adamw)
+    assert torch.count_nonzero(base) == 0 and adapters.abs().max() > 1e-4
+
+
+def test_adapters_are_fp32_on_a_bf16_base(tokenizer):
+    module = ChatGLM2Module.from_preset("chatglm2-tiny", len(tokenizer), optimizer=torch.optim.SGD,
+                                        peft={**LORA, "base_dtype": "bf16"})  # fmt: skip
+    module.configure_model()
+    dtypes = {n: p.dtype for n, p in module.named_parameters()}
+    assert {d for n, d in dtypes.items() if "lora_" in n} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n} == {torch.bfloat16}
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in dtypes if "lora_" in n} and len(trainable) == 2 * 2 * 6  # 2 layers, A and B
+
+
+@pytest.mark.parametrize(
+    "peft, chunk, message",
+    [
+        ({"method": "lora", "rank": 0}, None, "model.peft.rank=0"),
+        ({"method": "lora", "rank": 4, "target_modules": ["qkv"]}, None, "model.peft.target_modules"),
+        ({"method": "lora", "target_modules": ["q_proj", "lm_head"]}, 512, "without lm_head when model.loss_chunk"),
+        ({"method": "lora", "ranks": 4}, None, "model.peft.ranks"),
+        ({"method": "prefix"}, None, "model.peft.method='prefix'"),
+    ],
+)
+def test_bad_settings_are_config_errors(peft, chunk, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        check_peft(peft, chunk)
+
+
+def test_lm_head_takes_an_adapter_with_the_reference_loss():
+    settings = check_peft({"method": "lora", "target_modules": ["q_proj", "lm_head"]})
+    assert settings.target_modules == ("q_proj", "lm_head")
+
+
+# -- a LoRA run: checkpoint, resume, export ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory, tokenizer):
+    """A chatglm2-tiny base as a Hugging Face folder (what glm_session.convert writes)."""
+    folder = tmp_path_factory.mktemp("base")
+    torch.manual_seed(3)
+    GlmForCausalLM(chatglm2_config("chatglm2-tiny", vocab_size=padded_vocab_size(len(tokenizer)))).save_pretrained(
+        folder
+    )
+    return folder
+
+
+def lora_run(folder, base, cache_dir, *extra):
+    overrides = ["model=chatglm2-tiny", "peft=lora", "model.peft.rank=4", f"model.init_from={base}", "data.limit=8",
+                 "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+                 "trainer.enable_progress_bar=false", "optimizer.lr=1e-2", f"output_dir={folder}",
+                 f"data.cache_dir={cache_dir}", *extra]  # fmt: skip
+    return train(compose_config("train", overrides))
+
+
+@pytest.fixture(scope="module")
+def lora_checkpoint(tmp_path_factory, base_folder, cache_dir):
+    run = tmp_path_factory.mktemp("lora_run")
+    lora_run(run, base_folder, cache_dir)
+    return run / "checkpoints" / "last.ckpt"
+
+
+def test_a_checkpoint_holds_the_adapters_and_the_base_fingerprint(lora_checkpoint, base_folder):
+    checkpoint = read_checkpoint(lora_checkpoint)
+    keys = list(checkpoint["state_dict"])
+    assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys) and len(keys) == 2 * 2 * 6
+    info = checkpoint["glm_session"]
+    assert info["peft"]["method"] == "lora" and info["peft"]["rank"] == 4
+    assert info["init_from"] == str(base_folder) and len(info["base_fingerprint"]) == 64
+
+
+def test_resuming_on_another_base_is_refused(lora_checkpoint, tmp_path, tokenizer, cache_dir):
+    other = tmp_path / "other_base"
+    torch.manual_seed(4)
+    GlmForCausalLM(chatglm2_config("chatglm2-tiny", vocab_size=padded_vocab_size(len(tokenizer)))).save_pretrained(
+        other
+    )
+    with pytest.raises(CheckpointError, match="its adapters were trained on the base"):
+        lora_run(tmp_path / "resumed", other, cache_dir, f"ckpt_path={lora_checkpoint}")
+
+
+def adapted_logits(checkpoint) -> torch.Tensor:
+    model, _ = load_model(checkpoint)  # the base with the adapters merged in
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def test_the_adapters_moved_the_model(lora_checkpoint, base_folder):
+    base = GlmForCausalLM.from_pretrained(base_folder)
+    with torch.no_grad():
+        before = base(input_ids=IDS).logits
+    assert (adapted_logits(lora_checkpoint) - before).abs().max() > 1e-4
+
+
+def test_the_merged_export_gives_the_adapted_logits(lora_checkpoint, tmp_path):
+    export_main([str(lora_checkpoint), str(tmp_path / "merged")])
+    merged = GlmForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in name for name in merged.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=IDS).logits, adapted_logits(lora_checkpoint))
+
+
+def test_the_adapter_export_loads_in_peft_and_starts_a_run(lora_checkpoint, base_folder, tmp_path, cache_dir):
+    export_main([str(lora_checkpoint), str(tmp_path / "adapter"), "--adapter"])
+    files = {p.name for p in (tmp_path / "adapter").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.model", "glm_session.json"} <= files
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["base_model_name_or_path"] == str(base_folder)
+    peft_model = PeftModel.from_pretrained(GlmForCausalLM.from_pretrained(base_folder), tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(input_ids=IDS).logits, adapted_logits(lora_checkpoint))
+    # model.init_adapter: a run that starts from these adapters starts from the adapted model
+    _, objects = lora_run(tmp_path / "continued", base_folder, cache_dir, f"model.init_adapter={tmp_path / 'adapter'}",
+                          "trainer.limit_train_batches=0", "trainer.limit_val_batches=0")  # fmt: skip
+    module = objects["module"]
+    with torch.no_grad():
+        torch.testing.assert_close(module.model(input_ids=IDS).logits, adapted_logits(lora_checkpoint))
+
+
+def test_export_adapter_of_a_full_run_is_refused(tmp_path, cache_dir):
+    run = tmp_path / "full"
+    train(compose_config("train", ["model=chatglm2-tiny", "data.limit=4", "trainer.limit_train_batches=1",
+                                   "trainer.max_epochs=1", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
+                                   f"output_dir={run}", f"data.cache_dir={cache_dir}"]))  # fmt: skip
+    with pytest.raises(SystemExit):
+        export_main([str(run / "checkpoints" / "last.ckpt"), str(tmp_path / "adapter"), "--adapter"])
+
+
+@pytest.mark.slow
+def test_a_killed_lora_run_resumes_to_the_same_adapters(tmp_path, base_folder, cache_dir):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    common = ["model=chatglm2-tiny", "peft=lora", "model.peft.rank=4", f"model.init_from={base_folder}",
+              "data.limit=24", "data.max_seq_len=1024", "data.batch_tokens=1024", "trainer.max_epochs=1",
+              "trainer.limit_train_batches=1.0", "trainer.precision=32-true", "trainer.enable_progress_bar=false",
+              "optimizer.lr=1e-2", "callbacks.last_checkpoint.every_n_train_steps=3", f"data.cache_dir={cache_dir}"]  # fmt: skip
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    train(compose_config("train", [*common, f"output_dir={whole}"]))
+    command = [sys.executable, "-m", "glm_session.train", *common, f"hydra.run.dir={killed}",
+               "+callbacks.kill._target_=helpers.KillAtStep", "+callbacks.kill.step=7"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert result.returncode == -9, result.stderr[-2000:]
+    last = killed / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 6
+    train(compose_config("train", [*common, f"output_dir={killed}", f"ckpt_path={last}"]))
+    ends = [read_checkpoint(run / "checkpoints" / "last.ckpt") for run in (whole, killed)]
+    assert ends[0]["global_step"] == ends[1]["global_step"] > 7
+    for key, value in ends[0]["state_dict"].items():
+        torch.testing.assert_close(ends[1]["state_dict"][key], value, rtol=1e-5, atol=1e-6)
+    optimizer = [end["optimizer_states"][0]["state"] for end in ends]  # the adapters' AdamW moments only
+    assert len(optimizer[0]) == len(ends[0]["state_dict"]) == 2 * 2 * 6
+
+
+def test_analysis_measures_the_per_turn_weights_on_the_adapter_gradients(lora_checkpoint, tmp_path, cache_dir):
+    from glm_session.analysis.__main__ import main as analysis_main
+
+    model, _ = load_model(lora_checkpoint, merge_adapters=False)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    code = analysis_main(["measure", "measure.sessions=2", f"measure.ckpt_path={lora_checkpoint}",
+                          f"data.cache_dir={cache_dir}", f"out_dir={tmp_path}"])  # fmt: skip
+    assert code == 0
+    results = json.loads((tmp_path / "measured.json").read_text())
+    assert len(results) == 6
+    for name, result in results.items():
+        assert result["turns"] >= 10 and result["max_abs_error"] < 1e-4, name
