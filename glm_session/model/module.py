@@ -77,6 +77,9 @@ class ChatGLM2Module(L.LightningModule):
             lora, ...}`` injects LoRA adapters (``adapters.py``) after the initial weights are loaded, freezes the
             base, and saves the adapters (and their optimizer state) only in checkpoints.
         init_adapter: with LoRA, an adapter folder (``export --adapter``) to start the adapters from.
+        activation_checkpointing: on one device, recompute each decoder layer in the backward pass (transformers'
+            non-reentrant checkpointing): activations of one layer at a time instead of all (``trainer=fsdp`` has
+            its own switch).
     """
 
     def __init__(
@@ -93,6 +96,7 @@ class ChatGLM2Module(L.LightningModule):
         kernels: str = "torch",
         peft: dict[str, Any] | None = None,
         init_adapter: str | None = None,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.config, self.reduction = config, check_choice("model.reduction", reduction, REDUCTIONS)
@@ -109,6 +113,7 @@ class ChatGLM2Module(L.LightningModule):
         if init_adapter is not None and self.lora is None:
             raise ConfigError("model.init_adapter", init_adapter, "used with peft=lora (adapters need a LoRA run)")
         self.init_adapter = init_adapter
+        self.activation_checkpointing = activation_checkpointing
         # A LoRA run's checkpoints hold the adapters only: loading one leaves the (frozen) base as it is.
         self.strict_loading = self.lora is None
         self.model: GlmForCausalLM | None = None
@@ -169,6 +174,8 @@ class ChatGLM2Module(L.LightningModule):
             add_lora(self.model, self.lora, bf16_base=self._bf16_base())
             if self.init_adapter:
                 load_adapter_folder(self.model, self.init_adapter)
+        if self.activation_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._fuse(self.model)
 
     def _bf16_base(self) -> bool:
