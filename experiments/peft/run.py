@@ -1,0 +1,168 @@
+"""LoRA on the 6B shape on one GPU (issue 22), beside the yardstick ``lora_step.py`` in the same call.
+
+    python experiments/peft/run.py --out OUT --baselines DIR [--parts bench lifecycle] [--deadline 560] [--cpu]
+
+Parts (each step a subprocess with its own time limit, ``experiments/bench/run_all.Steps``):
+
+- ``bench``: the project's ``peft=lora`` (rank 16 on every decoder linear layer) on chatglm2-6b (random weights,
+  65,024-token vocabulary), session samples of KdConv packed into rows of 2,048 tokens, 16,384 tokens a step, in the
+  ``VARIANTS`` below; then ``lora_step.py`` (base and flex_liger) on the same session rows. tokens/s and peak memory
+  are RunMetrics' (``metrics.json``), MFU counted with 4 FLOPs a token for each frozen weight, 6 for each adapter
+  weight, plus causal attention (``glm_session/model/flops.py``), over 989 TFLOP/s;
+- ``lifecycle``: a LoRA run of the 6B shape from a base folder (written first, bf16) that is killed after its 6th
+  step, resumed from its last checkpoint to step 12, evaluated on 8 test sessions, and exported merged and as
+  adapters.
+
+``OUT/results.json``: every run's figures and ``ratios`` (``lora_over_yardstick``: the best variant's tokens/s over
+``lora_step.py``'s best; ``mfu_lora``; ``peak_memory_gib_lora``), the lifecycle's step results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from run_all import Steps  # noqa: E402  (subprocess steps within a call's deadline)
+
+ROOT = Path(__file__).resolve().parents[2]
+LORA = ["model=chatglm2-6b", "peft=lora", "strategy=session", "data.packing=true", "data.max_seq_len=2048"]
+BENCH = [
+    *LORA,
+    "profile=throughput",
+    "data.batch_tokens=16384",
+    "trainer.max_steps=30",
+    "metrics.warmup_batches=10",
+]
+VARIANTS = {  # name: overrides on top of BENCH
+    "fast": ["speed=fast", "model.activation_checkpointing=true"],
+    "fast_no_checkpointing": ["speed=fast"],  # what activation checkpointing costs in time, and saves in memory
+    "fast_8k_x2": [
+        "speed=fast",
+        "model.activation_checkpointing=true",
+        "data.batch_tokens=8192",
+        "trainer.accumulate_grad_batches=2",
+    ],  # fmt: skip  (the 24 GB setting: half the activations)
+}
+CPU = ["model=chatglm2-tiny", "trainer.accelerator=cpu", "trainer.precision=32-true", "model.vocab_size=null"]
+
+
+def bench_steps(work: Path, baselines: Path, cpu: bool) -> list[tuple[str, list[str], float]]:
+    py, steps = sys.executable, []
+    for name, overrides in VARIANTS.items():
+        extra = [*CPU, "trainer.max_steps=3", "metrics.warmup_batches=1", "data.limit=20"] if cpu else []
+        if cpu:
+            overrides = [o for o in overrides if o != "speed=fast"]
+        steps.append((f"lora_{name}", [py, "-m", "glm_session.train", *BENCH, *overrides, *extra,
+                                       f"hydra.run.dir={work / name}"], 240))  # fmt: skip
+    if not cpu:
+        steps.append(("lora_step", [py, str(baselines / "lora_step.py"), "--rows", str(work / "rows.jsonl"), "--out",
+                                    str(work / "lora_step.json"), "--variants", "base,flex_liger"], 240))  # fmt: skip
+    return steps
+
+
+def lifecycle_steps(work: Path, cpu: bool) -> list[tuple[str, list[str], float]]:
+    py, base, run = sys.executable, work / "base6b", work / "lifecycle"
+    preset = "chatglm2-tiny" if cpu else "chatglm2-6b"
+    write_base = (f"import torch; from transformers import GlmForCausalLM; from glm_session.model import chatglm2_config; "
+                  f"torch.manual_seed(0); device = 'cpu' if {cpu} else 'cuda'; "
+                  f"model = GlmForCausalLM(chatglm2_config({preset!r}, vocab_size={6144 if cpu else 65024})"
+                  f").to(device=device, dtype=torch.bfloat16); model.save_pretrained({str(base)!r})")  # fmt: skip
+    common = [*LORA, "profile=full", "trainer.max_epochs=-1", f"model.init_from={base}", "data.batch_tokens=16384",
+              "trainer.max_steps=12",
+              "trainer.limit_val_batches=2", "trainer.val_check_interval=6", "callbacks.last_checkpoint.every_n_train_steps=3",
+              "trainer.enable_progress_bar=false", "evaluate.enabled=true", "evaluate.limit=8",
+              "generation.max_new_tokens=16", f"hydra.run.dir={run}"]  # fmt: skip
+    if cpu:
+        common += [*CPU, "data.limit=200", "data.batch_tokens=4096"]
+    else:
+        common += ["speed=fast", "model.activation_checkpointing=true"]
+    kill = ["+callbacks.kill._target_=helpers.KillAtStep", "+callbacks.kill.step=7"]
+    last = run / "checkpoints" / "last.ckpt"
+    return [
+        ("write_base", [py, "-c", write_base], 240),
+        ("train_killed", [py, "-m", "glm_session.train", *common, *kill], 240),
+        ("train_resumed", [py, "-m", "glm_session.train", *common, f"ckpt_path={last}"], 240),
+        ("export_merged", [py, "-m", "glm_session.export", str(last), str(work / "merged")], 240),
+        ("export_adapter", [py, "-m", "glm_session.export", str(last), str(work / "adapter"), "--adapter"], 60),
+    ]
+
+
+def read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def summarise(work: Path) -> dict:
+    keep = ("tokens_per_second", "supervised_tokens_per_second", "mfu", "peak_memory_gib", "peak_reserved_gib",
+            "parameters", "trainable_parameters", "global_steps", "train_seconds", "accelerator")  # fmt: skip
+    runs = {}
+    for name in VARIANTS:
+        metrics = read(work / name / "metrics.json")
+        runs[name] = {k: metrics.get(k) for k in keep} if metrics else None
+    yardstick = read(work / "lora_step.json")
+    results: dict = {"runs": runs, "yardstick": yardstick, "ratios": {}}
+    measured = {n: r for n, r in runs.items() if r and r.get("tokens_per_second")}
+    best_yardstick = max((v.get("real_tokens_per_second") or v.get("tokens_per_second") or 0
+                          for v in (yardstick or {}).get("variants", {}).values()), default=0)  # fmt: skip
+    if measured:
+        best = max(measured, key=lambda n: measured[n]["tokens_per_second"])
+        results["ratios"] = {
+            "best_variant": best,
+            "lora_over_yardstick": measured[best]["tokens_per_second"] / best_yardstick
+            if best_yardstick
+            else None,
+            "mfu_lora": measured[best]["mfu"],
+            "peak_memory_gib_lora": measured[best]["peak_memory_gib"],
+        }
+    lifecycle = read(work / "lifecycle" / "metrics.json")
+    results["lifecycle"] = {
+        "status": lifecycle.get("status") if lifecycle else None,
+        "global_steps": lifecycle.get("global_steps") if lifecycle else None,
+        "evaluation": read(work / "lifecycle" / "evaluation" / "metrics.json"),
+        "merged_files": sorted(p.name for p in (work / "merged").iterdir())
+        if (work / "merged").is_dir()
+        else None,
+        "adapter_files": sorted(p.name for p in (work / "adapter").iterdir())
+        if (work / "adapter").is_dir()
+        else None,
+    }
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--baselines", type=Path, default=ROOT.parent / "shared" / "baselines")
+    parser.add_argument("--parts", nargs="*", default=["bench", "lifecycle"])
+    parser.add_argument("--deadline", type=float, default=560)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/glm_session_peft"))
+    parser.add_argument("--cpu", action="store_true", help="a smoke test of every step on chatglm2-tiny, on a CPU")
+    args = parser.parse_args()
+    work, log = args.work, args.work / "logs"
+    log.mkdir(parents=True, exist_ok=True)
+    run = Steps(log, time.monotonic() + args.deadline)
+    gpus = "" if args.cpu else "0"
+    env = {"PYTHONPATH": f"{ROOT / 'tests'}:{ROOT}"}  # helpers.KillAtStep
+    if "bench" in args.parts:
+        run("rows", [sys.executable, "-m", "glm_session.data", "export", "strategy=session", "data.packing=false",
+                     "template=chatglm2", "data.max_seq_len=2048", f"out={work / 'rows.jsonl'}"], 120, gpus="")  # fmt: skip
+        for name, command, limit in bench_steps(work, args.baselines, args.cpu):
+            run(name, command, limit, gpus=gpus, env=env)
+    if "lifecycle" in args.parts:
+        for name, command, limit in lifecycle_steps(work, args.cpu):
+            run(name, command, limit, gpus=gpus, env=env)
+    results = {**summarise(work), "steps": run.records}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    subprocess.run(["tar", "czf", str(args.out / "logs.tgz"), "-C", str(work), "logs"], check=False)
+    shutil.rmtree(work / "base6b", ignore_errors=True)
+    print(json.dumps(results["ratios"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
