@@ -100,3 +100,31 @@ def test_evaluation_after_sharded_training_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="evaluate.enabled=true: must be false with trainer=fsdp"):
         train(cfg)
     assert not (tmp_path / "config.yaml").exists()
+
+
+@pytest.mark.slow
+def test_lora_under_fsdp_saves_the_adapters_only_and_resumes(tmp_path, cache_dir, initial_weights):
+    """peft=lora with trainer=fsdp: the adapters are sharded with their decoder layer; the sharded checkpoint holds
+    the adapters (and their optimizer state), not the base; a killed run resumes to the uninterrupted run's end."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    lora = [initial_weights, "peft=lora", "model.peft.rank=4"]
+    result = torchrun(tmp_path / "whole", *lora, cache=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    whole = metrics(tmp_path / "whole")
+    # 2 layers x rank 4 x (in + out) of q (64, 64), k and v (64, 32: 2 key-value heads of 16), o (64, 64),
+    # gate_up (64, 2 x 128), down (128, 64)
+    assert whole["trainable_parameters"] == 2 * 4 * (
+        (64 + 64) + 2 * (64 + 32) + (64 + 64) + (64 + 256) + (128 + 64)
+    )
+    model_keys = [k for k in FileSystemReader(str(tmp_path / "whole/checkpoints/last.ckpt")).read_metadata()
+                  .state_dict_metadata if k.startswith("state_dict.")]  # fmt: skip
+    assert model_keys and all(".lora_" in k for k in model_keys)
+    killed = tmp_path / "killed"
+    result = torchrun(killed, *lora, "+callbacks.kill._target_=helpers.KillAtStep", "+callbacks.kill.step=5",
+                      cache=cache_dir)  # fmt: skip
+    assert result.returncode != 0
+    result = torchrun(killed, *lora, f"ckpt_path={killed / 'checkpoints/last.ckpt'}", cache=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for a, b in zip(metrics(killed)["val_loss_by_epoch"], whole["val_loss_by_epoch"], strict=True):
+        assert abs(a - b) < 1e-5

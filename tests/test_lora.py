@@ -104,7 +104,11 @@ def test_adapters_are_fp32_on_a_bf16_base(tokenizer):
     [
         ({"method": "lora", "rank": 0}, None, "model.peft.rank=0"),
         ({"method": "lora", "rank": 4, "target_modules": ["qkv"]}, None, "model.peft.target_modules"),
-        ({"method": "lora", "target_modules": ["q_proj", "lm_head"]}, 512, "without lm_head when model.loss_chunk"),
+        (
+            {"method": "lora", "target_modules": ["q_proj", "lm_head"]},
+            512,
+            "without lm_head when model.loss_chunk",
+        ),
         ({"method": "lora", "ranks": 4}, None, "model.peft.ranks"),
         ({"method": "prefix"}, None, "model.peft.method='prefix'"),
     ],

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from glm_session.atomic_files import fsync_folder
+from glm_session.checkpoints import SHARDED_METADATA
 from glm_session.training.checkpoint_io import REPLACED, SAVING, remove_stale_saves
 
 
@@ -54,3 +55,30 @@ class FSDP2Strategy(ModelParallelStrategy):
             fsync_folder(path.parent)
             remove_stale_saves(path.parent)
         self.barrier("checkpoint renamed")
+
+    def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's sharded load, for a LoRA run (whose checkpoints hold the adapters only) with the adapters as
+        the model's state: Lightning asks the checkpoint for every parameter, the frozen base's too."""
+        if getattr(self.lightning_module, "lora", None) is None:
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        from torch.distributed.checkpoint import load
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = Path(self.broadcast(checkpoint_path))
+        adapters = {k: v for k, v in get_model_state_dict(self.model).items() if ".lora_" in k}
+        state = {"state_dict": adapters}
+        load(state, checkpoint_id=path)
+        set_model_state_dict(self.model, state["state_dict"], options=StateDictOptions(strict=False))
+        for index, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{index}"
+            optimizer_state = {key: get_optimizer_state_dict(self.model, optimizer)}
+            load(optimizer_state, checkpoint_id=path)
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optimizer_state[key],
+                                     options=StateDictOptions(cpu_offload=True))  # fmt: skip
+        return torch.load(path / SHARDED_METADATA, weights_only=weights_only)
