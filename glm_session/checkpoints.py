@@ -174,7 +174,7 @@ def _with_base(
 ):
     """A LoRA run's model: its base (``info.init_from``, checked by fingerprint) with its adapters merged in (or
     kept as peft layers, the base frozen)."""
-    from glm_session.model.adapters import merged, settings_of, with_adapters
+    from glm_session.adapters import merged, settings_of, with_adapters
 
     if not info.init_from:
         raise CheckpointError(f"{path}: LoRA adapters without a recorded base (model.init_from)")

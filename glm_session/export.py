@@ -194,7 +194,7 @@ def export_adapter(checkpoint: Path, dst: Path, tokenizer: ChatGLM2Tokenizer | N
     ``PeftModel.from_pretrained(base, dst)`` loads them), with the run's tokenizer and record."""
     from safetensors.torch import save_file
 
-    from glm_session.model.adapters import peft_config, peft_names, settings_of
+    from glm_session.adapters import peft_config, peft_names, settings_of
 
     state = read_checkpoint(checkpoint)
     info = run_info_of(state, checkpoint)

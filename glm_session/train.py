@@ -22,13 +22,13 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 
+from glm_session.adapters import check_peft
 from glm_session.atomic_files import write_text
 from glm_session.checkpoints import check_resumable, weights_fingerprint
 from glm_session.config import CONFIG_DIR, build
 from glm_session.data.source import SPLITS
 from glm_session.errors import ConfigError, user_message
 from glm_session.hydra_jobs import job, run_app
-from glm_session.model.adapters import check_peft
 from glm_session.run_info import RunInfo
 from glm_session.run_status import METRICS_FILE, read_record
 from glm_session.training.checkpoint_io import AtomicCheckpointIO, remove_stale_saves

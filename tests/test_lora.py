@@ -1,4 +1,4 @@
-"""LoRA through peft (peft=lora, glm_session/model/adapters.py) on CPU in fp32, chatglm2-tiny:
+"""LoRA through peft (peft=lora, glm_session/adapters.py) on CPU in fp32, chatglm2-tiny:
 
 - Invariant 2 on the adapters: one optimizer step of two accumulation micro-batches gives the same adapter gradient
   for split+token and session+token, and for split+sample and session+turn;
@@ -19,13 +19,13 @@ import torch
 from peft import PeftModel
 from transformers import GlmForCausalLM
 
+from glm_session.adapters import check_peft
 from glm_session.checkpoints import CheckpointError, load_model, read_checkpoint
 from glm_session.config import RESOURCES_DIR, compose_config
 from glm_session.data import DialogueDataModule
 from glm_session.errors import ConfigError
 from glm_session.export import main as export_main
 from glm_session.model import ChatGLM2Module, chatglm2_config, padded_vocab_size
-from glm_session.model.adapters import check_peft
 from glm_session.train import train
 
 VALIDATION = str(RESOURCES_DIR / "kdconv/validation.jsonl")

@@ -18,9 +18,9 @@ import lightning as L
 import torch
 from transformers import GlmConfig, GlmForCausalLM
 
+from glm_session.adapters import add_lora, check_peft, is_adapter_key, load_adapter_folder
 from glm_session.checkpoints import BUILTIN_ATTENTION, check_init_from, initial_state, load_weights_into
 from glm_session.errors import ConfigError, UserError, check_choice, check_int
-from glm_session.model.adapters import add_lora, check_peft, is_adapter_key, load_adapter_folder
 from glm_session.model.kernels import KERNELS, use_liger_kernels
 from glm_session.model.loss import REDUCTIONS, chunked_token_losses, denominator, reduce, token_losses
 from glm_session.model.presets import chatglm2_config, padded_vocab_size
@@ -74,7 +74,7 @@ class ChatGLM2Module(L.LightningModule):
             (``loss.chunked_token_losses``): the (B, T, V) logits never exist, the output layer's work shrinks to
             the trained tokens' share, and the per-token losses are the same.
         peft: ``model.peft`` (``conf/peft/``): ``None`` or ``{method: none}`` trains every weight; ``{method:
-            lora, ...}`` injects LoRA adapters (``adapters.py``) after the initial weights are loaded, freezes the
+            lora, ...}`` injects LoRA adapters (``glm_session/adapters.py``) after the initial weights are loaded, freezes the
             base, and saves the adapters (and their optimizer state) only in checkpoints.
         init_adapter: with LoRA, an adapter folder (``export --adapter``) to start the adapters from.
         activation_checkpointing: on one device, recompute each decoder layer in the backward pass (transformers'
