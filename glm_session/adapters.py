@@ -4,7 +4,7 @@
 one model (``self.model``) whatever the method: the loss, the chunked loss, the kernels, compiled layers, FSDP and
 generation see the same modules as in full fine-tuning. The base's weights are frozen (and cast to bf16 under bf16
 training: they need no fp32 master copy); the adapters train in fp32. What a run saves is the adapters' state
-(``adapter_state``, peft's names); ``peft_config`` gives the ``LoraConfig`` that ``peft.PeftModel`` needs to load
+(``is_adapter_key``); ``peft_config`` gives the ``LoraConfig`` that ``peft.PeftModel`` needs to load
 or merge them (``export``).
 """
 
@@ -98,14 +98,6 @@ def add_lora(model: torch.nn.Module, settings: LoraSettings, bf16_base: bool = F
         if is_adapter and parameter.dtype != torch.float32:
             parameter.data = parameter.data.float()
     return model
-
-
-def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters' weights under peft's names (``base_model.model....lora_A.weight``), as ``PeftModel`` saves
-    them."""
-    from peft import get_peft_model_state_dict
-
-    return get_peft_model_state_dict(model)
 
 
 def is_adapter_key(key: str) -> bool:

@@ -11,6 +11,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import GlmForCausalLM
 
+from glm_session.adapters import is_adapter_key
+
 
 def shard_model(
     model: GlmForCausalLM,
@@ -47,7 +49,7 @@ def load_full_weights(model: GlmForCausalLM, init_from: str) -> None:
 
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     state = initial_state(init_from) if rank0 else {}
-    adapters = [name for name in model.state_dict() if ".lora_" in name]
+    adapters = [name for name in model.state_dict() if is_adapter_key(name)]
     if adapters:  # LoRA layers hold the base's weight as base_layer.weight; the adapters keep their init
         names = set(model.state_dict())
         state = {_injected(key, names): value for key, value in state.items()}

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
+from glm_session.adapters import is_adapter_key
 from glm_session.atomic_files import fsync_folder
 from glm_session.checkpoints import SHARDED_METADATA
 from glm_session.training.checkpoint_io import REPLACED, SAVING, remove_stale_saves
@@ -71,7 +72,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         )
 
         path = Path(self.broadcast(checkpoint_path))
-        adapters = {k: v for k, v in get_model_state_dict(self.model).items() if ".lora_" in k}
+        adapters = {k: v for k, v in get_model_state_dict(self.model).items() if is_adapter_key(k)}
         state = {"state_dict": adapters}
         load(state, checkpoint_id=path)
         set_model_state_dict(self.model, state["state_dict"], options=StateDictOptions(strict=False))
