@@ -82,3 +82,22 @@ def test_only_interior_rates_are_chosen(tmp_path):
     results.write_text(json.dumps({"lr_grid": {"a+token": {"chosen": "2e-3", "interior": True},
                                                "b+token": {"chosen": "5e-3", "interior": False}}}))  # fmt: skip
     assert driver.chosen_rates(results) == {"a+token": "2e-3"}
+
+
+def test_kept_runs_come_from_the_archives_or_from_the_index_when_the_archives_stayed_behind(tmp_path):
+    import io
+    import tarfile
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    assert driver.kept_test_losses(raw) == set()
+    with tarfile.open(raw / "s9_call1_arms.tgz", "w:gz") as tar:
+        for name in ("grid/smile_last+token_lr5e-4/evaluation/test_losses.json",
+                     "grid/smile_last+token_lr1e-3/evaluation/predictions.jsonl"):  # fmt: skip
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"{}"))
+    assert driver.kept_test_losses(raw) == {"grid/smile_last+token_lr5e-4"}
+    (raw / "s9_call1_arms.tgz").unlink()  # the GPU machine gets the index alone
+    (raw / driver.KEPT_INDEX).write_text("grid/smile_last+token_lr5e-4\ngrid/smile_rising+token_lr2e-3\n")
+    assert driver.kept_test_losses(raw) == {"grid/smile_last+token_lr5e-4", "grid/smile_rising+token_lr2e-3"}

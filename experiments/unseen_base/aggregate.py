@@ -395,6 +395,9 @@ def main() -> None:
     raw = HERE / "raw"
     merged = merge(sorted(raw.glob("*.json")))
     sessions = per_session(sorted(raw.glob("*.tgz")))
+    (raw / "kept_test_losses.txt").write_text(
+        "".join(f"{job}\n" for job, kept in sorted(sessions.items()) if "test_losses" in kept)
+    )  # for run.py
     step0_losses = step0(merged["base_eval"])
     lr_grid = grids(merged["runs"])
     arms = {}

@@ -88,6 +88,9 @@ class Job:
     started: float | None = None
 
 
+KEPT_INDEX = "kept_test_losses.txt"  # written by aggregate.py
+
+
 def zhbase_files(data: Path) -> list[str]:
     files = []
     for name in ("books_pd", "laws", "medqa_sample"):
@@ -111,8 +114,10 @@ def chosen_rates(path: Path) -> dict[str, str]:
 
 
 def kept_test_losses(raw: Path) -> set[str]:
-    """The jobs whose per-session test losses ``raw/*.tgz`` holds."""
-    names = set()
+    """The jobs whose per-session test losses ``raw/*.tgz`` holds, or, where the archives stayed behind (they do not
+    travel to the GPU machine: the working tree's size limit), the index ``aggregate.py`` writes from them."""
+    index = raw / KEPT_INDEX
+    names = set(index.read_text().split()) if index.is_file() else set()
     for archive in sorted(raw.glob("*.tgz")):
         with tarfile.open(archive) as tar:
             names |= {m.name.removesuffix("/evaluation/test_losses.json") for m in tar.getmembers()
