@@ -8,8 +8,13 @@ lightning.fabric.utilities.consolidate_checkpoint FOLDER``, which writes ``FOLDE
 - ``config.json``, ``model.safetensors`` and ``generation_config.json`` (eos 2, pad 0) of ``GlmForCausalLM``;
 - ``tokenizer.json`` and ``tokenizer_config.json``: a fast tokenizer (``AutoTokenizer``) whose ids are
   ``ChatGLM2Tokenizer.encode``'s: ``[gMASK] sop`` in front (a ``TemplateProcessing`` post-processor), the
-  SentencePiece ids of the text, the five special tokens after the SentencePiece vocabulary. Special-token strings
-  inside a text stay plain text (``split_special_tokens``), as SentencePiece encodes them;
+  SentencePiece ids of the text, the five special tokens after the SentencePiece vocabulary; and the chat template
+  of the run's template (``chatglm2`` or ``chatglm2_article``; ``glm_session/chat_template.py``), so that
+  ``apply_chat_template(messages, add_generation_prompt=True)`` gives the run's inference prompt id for id (vLLM and
+  TGI serve the folder with it). For that the tokenizer cuts a text at the template's segment edges, as the project
+  encodes, and reads special-token strings in a text as the special tokens, as chat tokenizers do (SentencePiece
+  reads them as text; transformers' ``apply_chat_template(..., sanitize_control_tokens=True)``, where it exists,
+  keeps them text inside messages);
 - ``tokenizer.model``, so that ``ChatGLM2Tokenizer.from_pretrained(DST)`` loads too;
 - ``glm_session.json``: what the run recorded (template, strategy, reduction, tokenizer fingerprint, ...), so the
   model is prompted in the format it was trained on.
@@ -21,7 +26,8 @@ model.init_adapter=DST`` continues training from.
 
 The fast tokenizer is built from the SentencePiece model's own settings (transformers'
 ``SpmConverter.build_tokenizer_from_spm_proto``; reading the model needs ``protobuf``) and checked against
-``ChatGLM2Tokenizer`` on ``PROBE_TEXTS`` before anything is written.
+``ChatGLM2Tokenizer`` on ``PROBE_TEXTS``, its chat template against the project's prompts on
+``PROBE_CONVERSATIONS``, before anything is written.
 """
 
 from __future__ import annotations
@@ -36,9 +42,11 @@ from omegaconf import OmegaConf
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 from glm_session.atomic_files import new_folder
+from glm_session.chat_template import add_chat_template, chat_messages
 from glm_session.checkpoints import load_model, model_state, read_checkpoint, run_info_of
+from glm_session.data.samples import SegmentEncoder
 from glm_session.data.session import Turn
-from glm_session.data.template import TEMPLATES, prompt_text
+from glm_session.data.template import TEMPLATES, Template, get_template, prompt_text
 from glm_session.errors import UserError, cli_errors
 from glm_session.evaluation.generation import vocabulary_padding
 from glm_session.run_info import RunInfo
@@ -60,6 +68,14 @@ PROBE_TEXTS = [
         for template in TEMPLATES.values()
     ),
 ]
+
+
+# Conversations whose chat-template ids must be the project's prompt ids (with and without a system text).
+PROBE_CONVERSATIONS = [
+    (None, [Turn("你知道《泰坦尼克号》吗？", "知道，1997年上映。")], "谁导演的？"),
+    ("你是一个乐于助人的助手。", [Turn("Hi  there!\n", "  你好！\t"), Turn("1+1=?", "2。")], "谢谢 😀"),
+]
+CHAT_TEMPLATES = ("chatglm2", "chatglm2_article")  # the dialogue templates (plain writes documents)
 
 
 class ExportError(UserError):
@@ -118,6 +134,26 @@ def check_tokenizer(fast: PreTrainedTokenizerFast, tokenizer: ChatGLM2Tokenizer,
             )
 
 
+def check_chat_template(
+    fast: PreTrainedTokenizerFast,
+    tokenizer: ChatGLM2Tokenizer,
+    template: Template,
+    conversations: list[tuple[str | None, list[Turn], str]],
+) -> None:
+    """Raise ``ExportError`` on the first conversation whose ``apply_chat_template`` ids are not the ids of
+    ``template.render_prompt`` encoded segment by segment (what evaluation and training feed the model)."""
+    encode = SegmentEncoder(tokenizer)
+    for system, history, query in conversations:
+        expected = [i for segment in template.render_prompt(query, history, system) for i in encode(segment)]
+        messages = chat_messages(history, query, system)
+        got = fast.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        if got != expected:
+            raise ExportError(
+                f"{tokenizer.vocab_file}: the chat template of {template.name!r} gives {got} for "
+                f"{messages}, the template's prompt is {expected}; export without it: --no-chat-template"
+            )
+
+
 def run_tokenizer(checkpoint: Path, info: RunInfo) -> ChatGLM2Tokenizer:
     """The tokenizer the run that wrote ``checkpoint`` recorded (``tokenizer_path``; ``None``: the bundled one).
     Checkpoints of earlier versions did not record it: then ``tokenizer.path`` of ``<run>/config.yaml``."""
@@ -140,6 +176,7 @@ def export(
     tokenizer: ChatGLM2Tokenizer | None = None,
     dtype: torch.dtype | None = None,
     adapter: bool = False,
+    chat_template: bool = True,
 ) -> Path:
     """Write the model of a training checkpoint, its tokenizer and its run's metadata as a Hugging Face folder.
 
@@ -151,6 +188,8 @@ def export(
             fingerprint must be the checkpoint's.
         dtype: the dtype of the written weights; ``None``: the checkpoint's (fp32).
         adapter: a LoRA run's adapters alone (``export_adapter``), instead of its base with them merged in.
+        chat_template: write the run's template as the tokenizer's chat template (checked id for id on
+            ``PROBE_CONVERSATIONS``); ``False``: the tokenizer as ``ChatGLM2Tokenizer`` alone, without one.
 
     Returns:
         ``dst``.
@@ -172,6 +211,9 @@ def export(
         )
     fast = fast_tokenizer(tokenizer)
     check_tokenizer(fast, tokenizer, PROBE_TEXTS)
+    if chat_template and info.template in CHAT_TEMPLATES:
+        add_chat_template(fast, get_template(info.template), "".join(PREFIX_TOKENS), fast.eos_token)
+        check_chat_template(fast, tokenizer, get_template(info.template), PROBE_CONVERSATIONS)
 
     if dtype is not None:
         model.to(dtype)
@@ -225,12 +267,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer", type=Path, help="the run's tokenizer.model or folder (default: the run's)")
     parser.add_argument("--dtype", choices=DTYPES, help="dtype of the written weights (default: the checkpoint's)")
     parser.add_argument("--adapter", action="store_true", help="a LoRA run's adapters alone (peft's folder)")
+    parser.add_argument(
+        "--no-chat-template", action="store_true", help="write the tokenizer without a chat template"
+    )
     args = parser.parse_args(argv)
     with cli_errors():
         tokenizer = ChatGLM2Tokenizer.from_pretrained(args.tokenizer) if args.tokenizer else None
         dst = export(
-            args.checkpoint, args.dst, tokenizer, DTYPES[args.dtype] if args.dtype else None, args.adapter
-        )
+            args.checkpoint, args.dst, tokenizer, DTYPES[args.dtype] if args.dtype else None, args.adapter,
+            not args.no_chat_template,
+        )  # fmt: skip
     print(f"wrote {dst}")
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GlmForCausalLM
 
+from glm_session.chat_template import add_chat_template, jinja_chat_template
 from glm_session.checkpoints import load_model
 from glm_session.config import RESOURCES_DIR, compose_config
 from glm_session.data import CHATGLM2
@@ -26,7 +27,6 @@ TEXTS = [
     "  indented\n\tcode:\n    return x  \n\n\n",
     "混合 mixed 文本 text，標點！？\r\n",
     "😀 🇨🇳 𝔘 \u200b\u3000 é",
-    "[gMASK] sop </s> eop",  # special-token strings typed in a text are text, as for SentencePiece
     "",
     PROMPT,
     prompt_text(CHATGLM2_ARTICLE.render_prompt("谁导演的？", HISTORY)),
@@ -54,10 +54,13 @@ def exported(checkpoint, tmp_path_factory):
 
 
 def test_the_folder_holds_the_checkpoints_weights_and_metadata(checkpoint, exported):
-    assert {p.name for p in exported.iterdir()} == {
+    assert {p.name for p in exported.iterdir()} - {"chat_template.jinja"} == {  # its own file in transformers 5.2x
         "config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
         "tokenizer.model", "glm_session.json",
     }  # fmt: skip
+    assert AutoTokenizer.from_pretrained(exported).chat_template == jinja_chat_template(
+        CHATGLM2, "[gMASK]sop", "</s>"
+    )
     model, info = GlmForCausalLM.from_pretrained(exported, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched keys
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
@@ -74,6 +77,21 @@ def test_the_folder_holds_the_checkpoints_weights_and_metadata(checkpoint, expor
     assert metadata["template"] == "chatglm2" and metadata["strategy"] == "session"
     assert metadata["tokenizer_fingerprint"] == ChatGLM2Tokenizer.from_pretrained(exported).fingerprint
     assert metadata["checkpoint"] == str(checkpoint)
+
+
+def test_without_a_chat_template_and_a_template_that_does_not_fit(checkpoint, tokenizer, tmp_path, monkeypatch):
+    export(checkpoint, tmp_path / "plain", chat_template=False)
+    assert AutoTokenizer.from_pretrained(tmp_path / "plain").chat_template is None
+    assert AutoTokenizer.from_pretrained(tmp_path / "plain")("[gMASK]")["input_ids"] == tokenizer.encode("[gMASK]")
+    # A tokenizer whose chat template would not give the project's ids (here: a template that numbers rounds
+    # differently from the run's) is refused, naming the way out.
+    import glm_session.export as exporting
+
+    monkeypatch.setattr(exporting, "add_chat_template", lambda fast, template, prefix, eos: add_chat_template(
+        fast, CHATGLM2_ARTICLE, prefix, eos))  # fmt: skip
+    with pytest.raises(ExportError, match="--no-chat-template"):
+        export(checkpoint, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
 
 
 def test_dtype(checkpoint, tmp_path):
@@ -100,6 +118,19 @@ def test_auto_tokenizer_ids_are_ours(exported, tokenizer):
         assert fast(text, add_special_tokens=False)["input_ids"] == ids[2:], text
         assert fast.decode(ids, skip_special_tokens=True) == tokenizer.decode(ids, skip_special_tokens=True), text
     assert ChatGLM2Tokenizer.from_pretrained(exported).encode(PROMPT) == tokenizer.encode(PROMPT)
+    # Special-token strings typed in a text are the special tokens (as chat tokenizers read them: the chat template
+    # writes "[gMASK]sop"); SentencePiece reads them as text. "▁" is 3451.
+    assert fast("[gMASK] sop </s> eop")["input_ids"] == [6001, 6003, 6001, 3451, 6003, 3451, 2, 3451, 6004]
+    assert tokenizer.encode("[gMASK] sop </s> eop")[2:] != [6001, 3451, 6003, 3451, 2, 3451, 6004]
+
+
+def test_the_chat_template_gives_the_runs_prompt(exported, tokenizer):
+    fast = AutoTokenizer.from_pretrained(exported)
+    messages = [{"role": "user", "content": HISTORY[0].question}, {"role": "assistant", "content": HISTORY[0].answer},
+                {"role": "user", "content": "谁导演的？"}]  # fmt: skip
+    assert fast.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == "[gMASK]sop" + PROMPT
+    ids = fast.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    assert ids == tokenizer.encode(PROMPT)  # the project's segment-wise ids are the whole text's for this prompt
 
 
 def test_bundled_dialogues_tokenize_alike(exported, tokenizer):
