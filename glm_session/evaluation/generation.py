@@ -133,12 +133,8 @@ def generate_answers(
     device = next(model.parameters()).device
     answers: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids))
-    options = {"do_sample": do_sample, "max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty}
-    padding_ids = vocabulary_padding(tokenizer, model.config.vocab_size)
-    if padding_ids:
-        options["suppress_tokens"] = padding_ids
-    if do_sample:
-        options.update(temperature=temperature, top_p=top_p)
+    settings = GenerationSettings(batch_size, max_new_tokens, do_sample, temperature, top_p, repetition_penalty)
+    options = generation_options(settings, tokenizer, model.config.vocab_size)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         width = max(len(prompts[i].ids) for i in chunk)
@@ -162,6 +158,22 @@ def generate_answers(
                 new = new[: new.index(tokenizer.eos_token_id)]
             answers[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
     return answers
+
+
+def generation_options(settings: GenerationSettings, tokenizer: ChatGLM2Tokenizer, vocab_size: int) -> dict:
+    """``model.generate``'s keyword arguments for ``settings`` (the sampling ones only when sampling), with the
+    vocabulary's padding ids suppressed."""
+    options = {
+        "do_sample": settings.do_sample,
+        "max_new_tokens": settings.max_new_tokens,
+        "repetition_penalty": settings.repetition_penalty,
+    }
+    padding_ids = vocabulary_padding(tokenizer, vocab_size)
+    if padding_ids:
+        options["suppress_tokens"] = padding_ids
+    if settings.do_sample:
+        options.update(temperature=settings.temperature, top_p=settings.top_p)
+    return options
 
 
 def vocabulary_padding(tokenizer: ChatGLM2Tokenizer, vocab_size: int) -> list[int]:
