@@ -28,3 +28,19 @@ def three_turns() -> Session:
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("samples-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, cache_dir):
+    """last.ckpt of a two-step chatglm2-tiny run on 8 KdConv sessions (the export and chat tests read it)."""
+    from glm_session.config import compose_config
+    from glm_session.train import train
+
+    run = tmp_path_factory.mktemp("tiny-run")
+    overrides = [
+        "model=chatglm2-tiny", "data.limit=8", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", f"output_dir={run}",
+        f"data.cache_dir={cache_dir}",
+    ]  # fmt: skip
+    train(compose_config("train", overrides))
+    return run / "checkpoints" / "last.ckpt"

@@ -9,25 +9,15 @@ import pytest
 from omegaconf import OmegaConf
 
 from glm_session.chat import Chat, converse, load_chat_model
-from glm_session.config import compose_config
 from glm_session.data.session import Session, Turn
 from glm_session.evaluation.generation import GenerationSettings, build_prompts, generate_answers
-from glm_session.train import train
 
 GREEDY = GenerationSettings(max_new_tokens=6)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, cache_dir):
-    """last.ckpt of a two-step chatglm2-tiny run (data.max_seq_len 512)."""
-    run = tmp_path_factory.mktemp("run")
-    overrides = [
-        "model=chatglm2-tiny", "data.limit=8", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-        "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", f"output_dir={run}",
-        f"data.cache_dir={cache_dir}", "data.max_seq_len=512",
-    ]  # fmt: skip
-    train(compose_config("train", overrides))
-    return run / "checkpoints" / "last.ckpt"
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,12 @@ from transformers import AutoTokenizer, GlmForCausalLM
 
 from glm_session.chat_template import add_chat_template, jinja_chat_template
 from glm_session.checkpoints import load_model
-from glm_session.config import RESOURCES_DIR, compose_config
+from glm_session.config import RESOURCES_DIR
 from glm_session.data import CHATGLM2
 from glm_session.data.session import Turn
 from glm_session.data.template import CHATGLM2_ARTICLE, prompt_text
 from glm_session.export import ExportError, export, main
 from glm_session.tokenizer import ChatGLM2Tokenizer
-from glm_session.train import train
 
 HISTORY = [Turn("你知道《泰坦尼克号》吗？", "知道，1997年上映。")]
 PROMPT = prompt_text(CHATGLM2.render_prompt("谁导演的？", HISTORY))
@@ -34,16 +33,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, cache_dir):
-    """last.ckpt of a two-step chatglm2-tiny run."""
-    run = tmp_path_factory.mktemp("run")
-    overrides = [
-        "model=chatglm2-tiny", "data.limit=8", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-        "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false", f"output_dir={run}",
-        f"data.cache_dir={cache_dir}",
-    ]  # fmt: skip
-    train(compose_config("train", overrides))
-    return run / "checkpoints" / "last.ckpt"
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
