@@ -9,7 +9,7 @@ lightning.fabric.utilities.consolidate_checkpoint FOLDER``, which writes ``FOLDE
 - ``tokenizer.json`` and ``tokenizer_config.json``: a fast tokenizer (``AutoTokenizer``) whose ids are
   ``ChatGLM2Tokenizer.encode``'s: ``[gMASK] sop`` in front (a ``TemplateProcessing`` post-processor), the
   SentencePiece ids of the text, the five special tokens after the SentencePiece vocabulary; and the chat template
-  of the run's template (``chatglm2`` or ``chatglm2_article``; ``glm_session/chat_template.py``), so that
+  of the run's template (``chatglm2`` or ``chatglm2_article``; ``glm_session/data/chat_template.py``), so that
   ``apply_chat_template(messages, add_generation_prompt=True)`` gives the run's inference prompt id for id (vLLM and
   TGI serve the folder with it). For that the tokenizer cuts a text at the template's segment edges, as the project
   encodes, and reads special-token strings in a text as the special tokens, as chat tokenizers do (SentencePiece
@@ -42,8 +42,8 @@ from omegaconf import OmegaConf
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 from glm_session.atomic_files import new_folder
-from glm_session.chat_template import add_chat_template, chat_messages
 from glm_session.checkpoints import load_model, model_state, read_checkpoint, run_info_of
+from glm_session.data.chat_template import add_chat_template, chat_messages
 from glm_session.data.samples import SegmentEncoder
 from glm_session.data.session import Turn
 from glm_session.data.template import TEMPLATES, Template, get_template, prompt_text

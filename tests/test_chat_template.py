@@ -1,10 +1,10 @@
-"""glm_session.chat_template: ``apply_chat_template`` of the exported tokenizer gives the project's inference prompts,
+"""glm_session.data.chat_template: ``apply_chat_template`` of the exported tokenizer gives the project's inference prompts,
 text for text and id for id, for both dialogue templates, with and without a system text, on every KdConv turn."""
 
 import pytest
 
-from glm_session.chat_template import ChatTemplateError, add_chat_template, chat_messages, jinja_chat_template
 from glm_session.config import RESOURCES_DIR
+from glm_session.data.chat_template import ChatTemplateError, add_chat_template, chat_messages, jinja_chat_template
 from glm_session.data.readers import read_sessions
 from glm_session.data.samples import SegmentEncoder
 from glm_session.data.session import Turn

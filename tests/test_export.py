@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GlmForCausalLM
 
-from glm_session.chat_template import add_chat_template, jinja_chat_template
 from glm_session.checkpoints import load_model
 from glm_session.config import RESOURCES_DIR
 from glm_session.data import CHATGLM2
+from glm_session.data.chat_template import add_chat_template, jinja_chat_template
 from glm_session.data.session import Turn
 from glm_session.data.template import CHATGLM2_ARTICLE, prompt_text
 from glm_session.export import ExportError, export, main
