@@ -29,10 +29,9 @@ from glm_session.data.strategy import prompt_history_start
 from glm_session.data.template import PLAIN, Template, get_template
 from glm_session.errors import UserError
 from glm_session.evaluation.generation import GenerationSettings, generation_attention, generation_options
+from glm_session.export import INFO_FILE
 from glm_session.hydra_jobs import job, run_app
 from glm_session.tokenizer import ChatGLM2Tokenizer
-
-INFO_FILE = "glm_session.json"  # what export writes beside an exported model
 
 
 class ChatError(UserError):

@@ -46,7 +46,7 @@ from glm_session.checkpoints import load_model, model_state, read_checkpoint, ru
 from glm_session.data.chat_template import add_chat_template, chat_messages
 from glm_session.data.samples import SegmentEncoder
 from glm_session.data.session import Turn
-from glm_session.data.template import TEMPLATES, Template, get_template, prompt_text
+from glm_session.data.template import PLAIN, TEMPLATES, Template, get_template, prompt_text
 from glm_session.errors import UserError, cli_errors
 from glm_session.evaluation.generation import vocabulary_padding
 from glm_session.run_info import RunInfo
@@ -75,7 +75,6 @@ PROBE_CONVERSATIONS = [
     (None, [Turn("你知道《泰坦尼克号》吗？", "知道，1997年上映。")], "谁导演的？"),
     ("你是一个乐于助人的助手。", [Turn("Hi  there!\n", "  你好！\t"), Turn("1+1=?", "2。")], "谢谢 😀"),
 ]
-CHAT_TEMPLATES = ("chatglm2", "chatglm2_article")  # the dialogue templates (plain writes documents)
 
 
 class ExportError(UserError):
@@ -211,7 +210,7 @@ def export(
         )
     fast = fast_tokenizer(tokenizer)
     check_tokenizer(fast, tokenizer, PROBE_TEXTS)
-    if chat_template and info.template in CHAT_TEMPLATES:
+    if chat_template and info.template != PLAIN.name:  # plain text has no dialogue, so no chat template
         add_chat_template(fast, get_template(info.template), "".join(PREFIX_TOKENS), fast.eos_token)
         check_chat_template(fast, tokenizer, get_template(info.template), PROBE_CONVERSATIONS)
 

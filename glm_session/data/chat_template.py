@@ -7,7 +7,7 @@ Two things make ids, not only texts, equal:
 
 - the project encodes a prompt segment by segment (system text, each question with its role markers, each answer,
   each separator), so a BPE merge never crosses a segment's edge. The exported tokenizer gets a pre-tokenizer that
-  cuts a text at the same edges (``segment_splitter``): where a question's markers start and end, and before a
+  cuts a text at the same edges (``segment_pattern``): where a question's markers start and end, and before a
   separator that precedes a question;
 - the prefix ``[gMASK] sop`` and ``chatglm2_article``'s in-context eos are written in the Jinja text as token strings,
   so the exported tokenizer reads special-token strings as the special tokens (``split_special_tokens=False``, as
