@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from glm_session.evaluation.references import fixed_answers, generation_scores
+from glm_session.report import plot_curves
 
 HERE = Path(__file__).parent
 BUCKETS = [str(t) for t in range(1, 9)] + ["9+"]
@@ -256,33 +257,16 @@ def corpus_results(data: dict, corpus: str, rng: np.random.Generator) -> dict:
 
 
 def plot(results: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     arms = results["arms"]
     shown = [a for a in ("smile_session+token", "smile_split_shuffled+token", "smile_split_grouped+token",
                          "smile_split_equal_compute+token", "smile_session+turn", "smile_split_shuffled+turn") if a in arms]  # fmt: skip
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for arm in shown:
-        curve = arms[arm]["val_curve"]
-        for ax, key, scale in zip(axes, ("step", "supervised_tokens", "train_flops"), (1, 1e6, 1e15), strict=True):
-            ax.plot(
-                [p[key] / scale for p in curve],
-                [p["loss"] for p in curve],
-                marker="o",
-                label=arm.removeprefix("smile_"),
-            )
-    for ax, label in zip(
-        axes, ("optimizer steps", "answer tokens seen (M)", "training FLOPs (1e15)"), strict=True
-    ):
-        ax.set_xlabel(label)
-        ax.set_ylabel("validation answer loss (mean over seeds)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "val_loss_curves.png", dpi=110)
+    plot_curves(
+        {arm.removeprefix("smile_"): [arms[arm]["val_curve"]] for arm in shown},
+        out / "val_loss_curves.png",
+        axes=(("step", "optimizer steps", 1), ("supervised_tokens", "answer tokens seen (M)", 1e6),
+              ("train_flops", "training FLOPs (1e15)", 1e15)),  # fmt: skip
+        ylabel="validation answer loss (mean over seeds)",
+    )
 
 
 def tables(results: dict) -> str:

@@ -30,6 +30,7 @@ import numpy as np
 
 from glm_session.analysis.statistics import hierarchical_resamples, holm, interval, paired_difference, tost
 from glm_session.evaluation.references import fixed_answers, generation_scores
+from glm_session.report import plot_curves, seed_summary
 
 HERE = Path(__file__).parent
 GATE_NATS = 0.3
@@ -193,9 +194,19 @@ def session_arrays(
     return sums, counts
 
 
-def mean_std(values: list[float]) -> dict:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-            "n": len(values)}  # fmt: skip
+def point_and_spread(values: list[float]) -> dict:
+    """Mean, std and n over the seeds, without the t-interval: the test loss's interval is the declared hierarchical
+    one (bases, seeds, sessions)."""
+    return {k: v for k, v in seed_summary(values).items() if k != "ci95"}
+
+
+def plot_arms(corpus: str, runs: dict, sessions: dict, lr_grid: dict) -> None:
+    """``val_curves_<corpus>.png``: each arm's validation curves at its chosen rate, mean and std over its seeds."""
+    prefix = f"{corpus}_"
+    curves = {arm.removeprefix(prefix): [runs[job]["val_curve"] for job in seeds.values()]
+              for arm, seeds in sorted(final_runs(runs, sessions, lr_grid).items()) if arm.startswith(prefix)}  # fmt: skip
+    if curves:
+        plot_curves(curves, HERE / f"val_curves_{corpus}.png")
 
 
 def corpus_arms(corpus: str, runs: dict, sessions: dict, lr_grid: dict, step0_losses: dict) -> dict:
@@ -235,17 +246,17 @@ def corpus_arms(corpus: str, runs: dict, sessions: dict, lr_grid: dict, step0_lo
             "rate": lr_grid[prefix + arm]["chosen"] if prefix + arm in lr_grid else None,
             "seeds": sorted(seeds),
             "complete": arm in complete,
-            "test_loss": {**mean_std(list(losses.values())), "per_seed": losses},
-            "val_last": mean_std([runs[j]["val_curve"][-1]["loss"] for j in seeds.values()]),
-            "val_best": mean_std([min(p["loss"] for p in runs[j]["val_curve"]) for j in seeds.values()]),
+            "test_loss": {**point_and_spread(list(losses.values())), "per_seed": losses},
+            "val_last": seed_summary([runs[j]["val_curve"][-1]["loss"] for j in seeds.values()]),
+            "val_best": seed_summary([min(p["loss"] for p in runs[j]["val_curve"]) for j in seeds.values()]),
             "steps": runs[seeds[min(seeds)]]["global_steps"],
             "input_tokens": runs[seeds[min(seeds)]]["input_tokens"],
             "official": {
-                k: mean_std([runs[j]["test"]["chatglm2_official"][k] for j in seeds.values()])
+                k: seed_summary([runs[j]["test"]["chatglm2_official"][k] for j in seeds.values()])
                 for k in ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
             },  # fmt: skip
             "rouge": {
-                k: mean_std([runs[j]["test"]["rouge"][k] for j in seeds.values()])
+                k: seed_summary([runs[j]["test"]["rouge"][k] for j in seeds.values()])
                 for k in ("rouge1", "rouge2", "rougeL")
             },  # fmt: skip
         }
@@ -404,6 +415,7 @@ def main() -> None:
     for corpus in ("smile", "cpsycoun"):
         arms[corpus] = corpus_arms(corpus, merged["runs"], sessions, lr_grid, step0_losses)
         arms[corpus]["references"] = references(corpus, sessions)
+        plot_arms(corpus, merged["runs"], sessions, lr_grid)
         arms[corpus]["fixed_answer_check"] = fixed_answer_flags(arms[corpus]["arms"], arms[corpus]["references"])
     best_gain = {corpus: max(((arm, e["gain_over_base"]) for arm, e in c["arms"].items()), key=lambda x: x[1],
                              default=None) for corpus, c in arms.items()}  # fmt: skip
