@@ -56,12 +56,25 @@ def run_folder(checkpoint: str) -> Path:
     return path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
 
+def run_label(output_dir: str) -> str:
+    """A run's name for experiment trackers: the last two parts of its folder (``session/<stamp>``,
+    ``<sweep stamp>/<job>``)."""
+    return "/".join(Path(output_dir).parts[-2:])
+
+
+def wandb_offline() -> bool:
+    """Weights & Biases logs offline unless the user set a key (``WANDB_API_KEY``) or asked for online mode."""
+    return not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_MODE") != "online"
+
+
 if not OmegaConf.has_resolver("glm_session.resources"):
     OmegaConf.register_new_resolver("glm_session.resources", lambda: str(RESOURCES_DIR))
     OmegaConf.register_new_resolver("glm_session.precision", _precision)
     OmegaConf.register_new_resolver("glm_session.run_name", lambda experiment, strategy: experiment or strategy)
     OmegaConf.register_new_resolver("glm_session.run_folder", lambda checkpoint: str(run_folder(checkpoint)))
     OmegaConf.register_new_resolver("glm_session.run_stamp", run_stamp)
+    OmegaConf.register_new_resolver("glm_session.run_label", run_label)
+    OmegaConf.register_new_resolver("glm_session.wandb_offline", wandb_offline)
 
 
 def compose_config(config_name: str, overrides: Sequence[str] = ()) -> DictConfig:

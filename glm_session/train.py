@@ -32,15 +32,12 @@ from glm_session.hydra_jobs import job, run_app
 from glm_session.run_info import RunInfo
 from glm_session.run_status import METRICS_FILE, read_record
 from glm_session.training.checkpoint_io import AtomicCheckpointIO, remove_stale_saves
+from glm_session.training.loggers import build_loggers, log_config
 from glm_session.training.run_lock import RunFolderBusy, RunFolderLock
 from glm_session.training.run_metrics import RunMetrics
 from glm_session.training.stop import StopOnSignal
 
 log = logging.getLogger(__name__)
-
-
-def _loggers(cfg: DictConfig) -> list:
-    return [instantiate(logger) for logger in (cfg.get("logger") or {}).values() if logger is not None]
 
 
 def _experiment_name() -> str | None:
@@ -170,9 +167,9 @@ def _train(
         StopOnSignal(),  # after RunMetrics: a stop's checkpoint counts the step's tokens
         *extra_callbacks,
     ]
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=_loggers(cfg), plugins=[AtomicCheckpointIO()]
-    )
+    loggers = build_loggers(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
+    log_config(loggers, cfg)
     for callback in trainer.checkpoint_callbacks:  # what a kill during an earlier save of this run left
         for name in remove_stale_saves(callback.dirpath) if callback.dirpath else []:
             log.info("removed %s/%s, left by an interrupted save", callback.dirpath, name)

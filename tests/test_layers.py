@@ -7,7 +7,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).parent.parent / "glm_session"
 SHARED = {"errors", "run_info", "checkpoints", "supervision", "constants", "tokenizer", "config"}
 RANK = {"shared": 0, "data": 1, "model": 2, "training": 3, "evaluation": 4, "analysis": 5, "commands": 6}
-COMMANDS = {"train", "evaluate", "chat", "convert", "export", "data.__main__", "analysis.__main__"}
+COMMANDS = {"train", "evaluate", "chat", "report", "convert", "export", "data.__main__", "analysis.__main__"}
 
 
 def layer(module: str) -> str:
