@@ -160,3 +160,15 @@ def test_a_sweep_over_an_unknown_key_is_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: Could not override 'optimizer.lrr'")
     assert not Path(tmp_path / "out" / "0").exists()  # no job started
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb not installed (the [wandb] extra)")
+def test_wandb_writes_an_offline_run(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run = tmp_path / "run"
+    train(compose_config("train", [*TINY, "logger=wandb", f"output_dir={run}", f"data.cache_dir={cache_dir}"]))
+    (offline,) = (run / "wandb").glob("offline-run-*")
+    (records,) = offline.glob("run-*.wandb")
+    assert records.stat().st_size > 0
