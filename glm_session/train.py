@@ -33,6 +33,7 @@ from glm_session.run_info import RunInfo
 from glm_session.run_status import METRICS_FILE, read_record
 from glm_session.training.checkpoint_io import AtomicCheckpointIO, remove_stale_saves
 from glm_session.training.loggers import build_loggers, log_config
+from glm_session.training.progress import progress_bar
 from glm_session.training.run_lock import RunFolderBusy, RunFolderLock
 from glm_session.training.run_metrics import RunMetrics
 from glm_session.training.stop import StopOnSignal
@@ -167,6 +168,8 @@ def _train(
         StopOnSignal(),  # after RunMetrics: a stop's checkpoint counts the step's tokens
         *extra_callbacks,
     ]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(progress_bar(cfg.get("progress", "auto"), cfg.trainer.get("log_every_n_steps", 50)))
     loggers = build_loggers(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
     log_config(loggers, cfg)

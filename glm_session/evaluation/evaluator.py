@@ -30,6 +30,7 @@ from glm_session.evaluation.rouge import RougeByTurn
 from glm_session.model.loss import token_losses
 from glm_session.model.turn_losses import MAX_TURNS, TurnLossMeter, summarise
 from glm_session.supervision import supervised
+from glm_session.training.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ def teacher_forced_by_session(
     ``{session_index: {turn: [loss sum, tokens]}}`` (the answers, teacher-forced)."""
     device = next(model.parameters()).device
     meter = TurnLossMeter(groups=max(1, len(data.read(split).sessions))).to(device)
-    for batch in data.dataloader(split):
+    batches = data.dataloader(split)
+    for batch in track(batches, len(batches), f"teacher-forced loss on {split}"):
         batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
         losses = token_losses(logits, batch["labels"])  # (B, T-1)

@@ -14,6 +14,7 @@ from glm_session.data.strategy import prompt_history_start
 from glm_session.data.template import Template, prompt_text
 from glm_session.errors import ConfigError, check_bool, check_int, check_number
 from glm_session.tokenizer import ChatGLM2Tokenizer
+from glm_session.training.progress import track
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,8 @@ def generate_answers(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i].ids))
     settings = GenerationSettings(batch_size, max_new_tokens, do_sample, temperature, top_p, repetition_penalty)
     options = generation_options(settings, tokenizer, model.config.vocab_size)
-    for start in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)
+    for start in track(starts, len(starts), f"generating {len(prompts):,} answers"):
         chunk = order[start : start + batch_size]
         width = max(len(prompts[i].ids) for i in chunk)
         input_ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)

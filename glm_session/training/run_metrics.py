@@ -123,9 +123,10 @@ class RunMetrics(L.Callback):
         # device, and a copy from pageable memory waits for the device's queued work.
         if self.counters["train_seconds"] > 0 and trainer.global_step % trainer.log_every_n_steps == 0:
             seconds = self.counters["train_seconds"]
-            rates = {"train/tokens_per_second": self.counters["timed_input_tokens"] / seconds,
-                     "train/supervised_tokens_per_second": self.counters["timed_supervised_tokens"] / seconds}  # fmt: skip
-            pl_module.log_dict(rates, on_step=True, batch_size=1)
+            pl_module.log("train/tokens_per_second", self.counters["timed_input_tokens"] / seconds, on_step=True,
+                          batch_size=1, prog_bar=True)  # fmt: skip
+            pl_module.log("train/supervised_tokens_per_second", self.counters["timed_supervised_tokens"] / seconds,
+                          on_step=True, batch_size=1)  # fmt: skip
 
     @staticmethod
     def _parameters(pl_module: L.LightningModule) -> int:
