@@ -143,20 +143,30 @@ def load_chat_model(cfg: DictConfig) -> tuple[torch.nn.Module, ChatGLM2Tokenizer
         template_name, max_seq_len = info.template, info.max_seq_len
     else:
         folder = Path(cfg.model_dir)
-        if not (folder / INFO_FILE).is_file() or not (folder / "config.json").is_file():
-            raise ChatError(
-                f"{folder}: not a folder written by glm_session.export (no config.json and {INFO_FILE})"
-            )
+        if not folder.is_dir():
+            raise ChatError(f"{folder}: no such folder (model_dir= takes a folder written by glm_session.export)")
+        if not (folder / "config.json").is_file():
+            raise ChatError(f"{folder}: not a model folder (no config.json); model_dir= takes a folder written by "
+                            "glm_session.export")  # fmt: skip
+        if not (folder / INFO_FILE).is_file():
+            raise ChatError(f"{folder}: no {INFO_FILE}, so the template the model was trained with is unknown; "
+                            "export the run's checkpoint with python -m glm_session.export")  # fmt: skip
+        try:
+            info = json.loads((folder / INFO_FILE).read_text())
+        except (OSError, ValueError) as err:
+            raise ChatError(f"{folder / INFO_FILE}: not readable JSON ({err})") from None
+        template_name, max_seq_len = info.get("template"), info.get("max_seq_len")
+        if template_name is None:
+            raise ChatError(f"{folder / INFO_FILE}: records no template; export the run's checkpoint again with "
+                            "python -m glm_session.export")  # fmt: skip
         from transformers import GlmForCausalLM
 
         try:
-            info = json.loads((folder / INFO_FILE).read_text())
             model = GlmForCausalLM.from_pretrained(folder)
             tokenizer = ChatGLM2Tokenizer.from_pretrained(folder)
         except (OSError, ValueError) as err:
             raise ChatError(f"{folder}: does not load ({err})") from None
-        template_name, max_seq_len = info.get("template"), info.get("max_seq_len")
-    if template_name in (None, PLAIN.name):
+    if template_name == PLAIN.name:
         raise ChatError(
             f"{cfg.ckpt_path or cfg.model_dir}: trained on plain text (template plain): no dialogue to chat"
         )

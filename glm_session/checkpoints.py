@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,8 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         if refused:
             reason = f"it holds Python objects ({refused[1]}) that a weights-only load refuses: not a checkpoint of ours"
-        elif "Weights only load failed" in first_line:
+        elif "Weights only load failed" in first_line or isinstance(err, KeyError | pickle.UnpicklingError):
+            # a text or other file: the legacy pickle reader takes its first byte for a protocol key
             reason = "not a readable checkpoint (not a file that torch.save wrote)"
         elif "zip archive" in first_line or "mmap can only be used" in first_line or isinstance(err, EOFError):
             reason = "not a complete checkpoint (truncated or corrupt)"

@@ -2,6 +2,7 @@
 included), the streamed answer equal to evaluation's generation, and bad input in one line."""
 
 import io
+import json
 import subprocess
 import sys
 
@@ -95,7 +96,7 @@ def test_converse_reads_commands(loaded):
     "arguments, message",
     [
         ([], "give ckpt_path=<run>/checkpoints/last.ckpt or model_dir=<exported folder>"),
-        (["model_dir=/nonexistent"], "/nonexistent: not a folder written by glm_session.export"),
+        (["model_dir=/nonexistent"], "/nonexistent: no such folder"),
         (["ckpt_path=/nonexistent.ckpt"], "/nonexistent.ckpt"),
     ],
 )
@@ -104,6 +105,33 @@ def test_bad_input_is_one_line_and_exit_2(arguments, message):
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and message in result.stderr
+
+
+def test_an_export_folder_without_a_template_is_one_line(checkpoint, tmp_path):
+    from glm_session.export import INFO_FILE, export
+
+    folder = export(checkpoint, tmp_path / "hf")
+    info = json.loads((folder / INFO_FILE).read_text())
+    (folder / INFO_FILE).write_text(json.dumps({k: v for k, v in info.items() if k != "template"}))
+    (tmp_path / "no_info").mkdir()
+    (tmp_path / "no_info" / "config.json").write_text("{}")
+    (tmp_path / "no_config").mkdir()
+    (tmp_path / "text.ckpt").write_text("not a checkpoint\n")
+    for arguments, message in [
+        ([f"model_dir={folder}"], f"error: {folder / INFO_FILE}: records no template; export the run's checkpoint "
+                                  "again with python -m glm_session.export"),
+        ([f"model_dir={tmp_path / 'no_info'}"], f"error: {tmp_path / 'no_info'}: no {INFO_FILE}, so the template the "
+                                                "model was trained with is unknown; export the run's checkpoint with "
+                                                "python -m glm_session.export"),
+        ([f"model_dir={tmp_path / 'no_config'}"], f"error: {tmp_path / 'no_config'}: not a model folder (no "
+                                                  "config.json); model_dir= takes a folder written by glm_session.export"),
+        ([f"ckpt_path={tmp_path / 'text.ckpt'}"], f"error: {tmp_path / 'text.ckpt'}: not a readable checkpoint (not a "
+                                                  "file that torch.save wrote)"),
+    ]:  # fmt: skip
+        result = subprocess.run([sys.executable, "-m", "glm_session.chat", *arguments], input="你好\n",
+                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [message]
 
 
 def test_an_exported_folder_chats_as_its_checkpoint(checkpoint, loaded, tmp_path):

@@ -46,6 +46,7 @@ def bad_checkpoints(run: Path, folder: Path) -> dict[str, tuple[Path, str]]:
 
     write("truncated.ckpt", data[: len(data) // 2], "not a complete checkpoint (truncated or corrupt)")
     write("empty.ckpt", b"", "an empty file, not a checkpoint")
+    write("text.ckpt", b"epoch: 3\n", "not a readable checkpoint (not a file that torch.save wrote)")
     write("random.ckpt", os.urandom(4096), "not a ")
     (folder / "folder.ckpt").mkdir(exist_ok=True)
     files["folder"] = (folder / "folder.ckpt", "a folder, not a checkpoint file")
