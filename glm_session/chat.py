@@ -21,8 +21,8 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from glm_session.checkpoints import CheckpointError, load_model
-from glm_session.config import CONFIG_DIR, build
+from glm_session.checkpoints import load_model, run_tokenizer
+from glm_session.config import CONFIG_DIR, build, device_of
 from glm_session.data.samples import SegmentEncoder, SessionLayout
 from glm_session.data.session import Session, Turn
 from glm_session.data.strategy import prompt_history_start
@@ -134,12 +134,7 @@ def load_chat_model(cfg: DictConfig) -> tuple[torch.nn.Module, ChatGLM2Tokenizer
         )
     if cfg.ckpt_path is not None:
         model, info = load_model(cfg.ckpt_path)
-        tokenizer = ChatGLM2Tokenizer.from_pretrained(info.tokenizer_path)
-        if tokenizer.fingerprint != info.tokenizer_fingerprint:
-            raise CheckpointError(
-                f"{cfg.ckpt_path}: trained with tokenizer {info.tokenizer_fingerprint}, not with "
-                f"{tokenizer.vocab_file} ({tokenizer.fingerprint})"
-            )
+        tokenizer = run_tokenizer(cfg.ckpt_path, info)
         template_name, max_seq_len = info.template, info.max_seq_len
     else:
         folder = Path(cfg.model_dir)
@@ -199,14 +194,7 @@ def converse(chat: Chat, lines: Iterable[str], out: TextIO) -> None:
 @job
 def hydra_app(cfg: DictConfig) -> None:
     model, tokenizer, template, max_seq_len = load_chat_model(cfg)
-    device = (
-        "cuda"
-        if cfg.device == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if cfg.device == "auto"
-        else cfg.device
-    )
-    chat = Chat(model.to(device), tokenizer, template, build(cfg.generation), max_seq_len, cfg.system)
+    chat = Chat(model.to(device_of(cfg.device)), tokenizer, template, build(cfg.generation), max_seq_len, cfg.system)
     converse(chat, sys.stdin, sys.stdout)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from transformers import GlmConfig, GlmForCausalLM
 
 from glm_session.errors import UserError
 from glm_session.run_info import RunInfo
+from glm_session.tokenizer import ChatGLM2Tokenizer
 
 log = logging.getLogger(__name__)
 PREFIX = "model."  # ChatGLM2Module keeps the GlmForCausalLM as ``self.model``
@@ -54,6 +54,10 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: an empty file, not a checkpoint")
+    with path.open("rb") as f:
+        magic = f.read(2)
+    if magic not in (b"PK", b"\x80\x02"):  # torch.save writes a zip archive (or, before torch 1.6, a pickle)
+        raise CheckpointError(f"{path}: not a readable checkpoint (not a file that torch.save wrote)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises many kinds for files that are not whole checkpoints
@@ -61,8 +65,7 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         if refused:
             reason = f"it holds Python objects ({refused[1]}) that a weights-only load refuses: not a checkpoint of ours"
-        elif "Weights only load failed" in first_line or isinstance(err, KeyError | pickle.UnpicklingError):
-            # a text or other file: the legacy pickle reader takes its first byte for a protocol key
+        elif "Weights only load failed" in first_line:
             reason = "not a readable checkpoint (not a file that torch.save wrote)"
         elif "zip archive" in first_line or "mmap can only be used" in first_line or isinstance(err, EOFError):
             reason = "not a complete checkpoint (truncated or corrupt)"
@@ -169,6 +172,18 @@ def load_model(path: str | Path, merge_adapters: bool = True) -> tuple[GlmForCau
         load_weights_into(model, state, path)
     check_finite(model.state_dict(), path)
     return model, info
+
+
+def run_tokenizer(path: str | Path, info: RunInfo, tokenizer: ChatGLM2Tokenizer | None = None) -> ChatGLM2Tokenizer:
+    """The tokenizer the run of checkpoint ``path`` trained with: ``tokenizer`` if given, else the one its record
+    names; a tokenizer whose fingerprint is not the run's is a ``CheckpointError``."""
+    tokenizer = tokenizer or ChatGLM2Tokenizer.from_pretrained(info.tokenizer_path)
+    if tokenizer.fingerprint != info.tokenizer_fingerprint:
+        raise CheckpointError(
+            f"{path}: trained with tokenizer {info.tokenizer_fingerprint}, not with "
+            f"{tokenizer.vocab_file} ({tokenizer.fingerprint})"
+        )
+    return tokenizer
 
 
 def _with_base(

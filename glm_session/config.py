@@ -56,6 +56,16 @@ def run_folder(checkpoint: str) -> Path:
     return path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
 
+def device_of(choice: str) -> str:
+    """``device=auto`` of the commands that run a model outside Lightning: the GPU if there is one, else the CPU;
+    any other choice as it is (``cuda:1``, ``cpu``)."""
+    if choice != "auto":
+        return choice
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def run_label(output_dir: str) -> str:
     """A run's name for experiment trackers: the last two parts of its folder (``session/<stamp>``,
     ``<sweep stamp>/<job>``)."""

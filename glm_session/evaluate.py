@@ -12,16 +12,14 @@ import logging
 from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig
 
-from glm_session.checkpoints import CheckpointError, load_model
-from glm_session.config import CONFIG_DIR, build
+from glm_session.checkpoints import load_model, run_tokenizer
+from glm_session.config import CONFIG_DIR, build, device_of
 from glm_session.data.strategy import SessionStrategy
 from glm_session.data.template import PLAIN, get_template
 from glm_session.evaluation.evaluator import evaluate_model
 from glm_session.hydra_jobs import job, run_app
-from glm_session.tokenizer import ChatGLM2Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -31,26 +29,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     generation = build(cfg.generation)
     model, info = load_model(cfg.ckpt_path)
     # The run's template and (unless tokenizer.path is given) tokenizer; session samples for the loss.
-    tokenizer = (
-        build(cfg.tokenizer)
-        if cfg.tokenizer.get("path")
-        else ChatGLM2Tokenizer.from_pretrained(info.tokenizer_path)
-    )
-    if tokenizer.fingerprint != info.tokenizer_fingerprint:
-        raise CheckpointError(
-            f"{cfg.ckpt_path}: trained with tokenizer {info.tokenizer_fingerprint}, not with "
-            f"{tokenizer.vocab_file} ({tokenizer.fingerprint})"
-        )
+    tokenizer = run_tokenizer(cfg.ckpt_path, info, build(cfg.tokenizer) if cfg.tokenizer.get("path") else None)
     # A base language-modelled on plain text (template plain) has no dialogue template: it is scored in the one given
     # (template=..., chatglm2 by default), the template its fine-tuning will use.
     template = get_template(info.template) if info.template != PLAIN.name else build(cfg.template)
     data = build(cfg.data, tokenizer=tokenizer, template=template, strategy=SessionStrategy())
-    device = (
-        "cuda"
-        if cfg.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if cfg.device == "auto" else cfg.device)
-    )
-    model.to(device)
+    model.to(device_of(cfg.device))
     log.info("evaluating %s (template %s) on %s", cfg.ckpt_path, template.name, cfg.split)
     return evaluate_model(model, data, cfg.split, cfg.output_dir, generation, cfg.limit)
 
