@@ -67,6 +67,17 @@ class PoisonAtStep(L.Callback):
             next(pl_module.parameters()).data.fill_(float("nan"))
 
 
+class PoisonGradientAtStep(L.Callback):
+    """Make one gradient NaN in the backward pass of the given optimizer step only (a one-off overflow)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step + 1 == self.step:
+            next(p for p in pl_module.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
+
+
 class SignalAtStep(L.Callback):
     """Send this process ``signal`` (a name: SIGTERM, SIGINT, SIGUSR1) while the batch after optimizer step ``step``
     trains, as a scheduler or a user would in the middle of a step."""

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -155,6 +156,47 @@ def test_training_into_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, ca
     last = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 3  # written after step 3; step 4 never was
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+
+
+def test_a_fused_optimizer_skips_the_step_on_the_device_and_the_run_stops_as_before(tmp_path, cache_dir):
+    """With fused AdamW the guard reads no flag on the host each step: the optimizer skips the step from a device flag
+    (``found_inf``), and the run stops with the step's error before the next checkpoint is written."""
+    folder = tmp_path / "run"
+    cfg = compose_config("train", [*FAST, "trainer.max_steps=5", "optimizer.fused=true",
+                                   "+callbacks.poison._target_=helpers.PoisonAtStep", "+callbacks.poison.step=3",
+                                   f"output_dir={folder}", f"data.cache_dir={cache_dir}"])  # fmt: skip
+    sys.path.insert(0, str(TESTS))
+    with pytest.raises(NonFiniteError, match=r"step 4: the training loss is nan .* its optimizer step was skipped"):
+        train(cfg)
+    last = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+
+
+def test_a_skipped_step_leaves_weights_and_optimizer_state_untouched(tmp_path, cache_dir):
+    """A one-off NaN gradient at step 2 (fused AdamW, nothing read on the host until the end): step 2 changes
+    nothing, steps 1 and 3 train, and the run still ends with the error naming step 2."""
+    sys.path.insert(0, str(TESTS))
+    from helpers import PoisonGradientAtStep
+
+    cfg = compose_config("train", [*FAST, "trainer.max_steps=3", "optimizer.fused=true", "trainer.log_every_n_steps=50",
+                                   "callbacks.last_checkpoint.every_n_train_steps=50", f"output_dir={tmp_path}",
+                                   f"data.cache_dir={cache_dir}"])  # fmt: skip
+    snapshots = []
+
+    class Snapshot(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            optimizer = trainer.optimizers[0]
+            steps = [float(s["step"]) for s in optimizer.state.values()]
+            snapshots.append(([p.detach().clone() for p in pl_module.parameters()], steps))
+
+    with pytest.raises(NonFiniteError, match=r"step 2: the training loss is .* gradient norms sum to nan; its "
+                                             r"optimizer step was skipped and the run stopped after step 3"):  # fmt: skip
+        train(cfg, extra_callbacks=[PoisonGradientAtStep(2), Snapshot()])
+    (after1, steps1), (after2, steps2), (after3, steps3) = snapshots
+    assert all(torch.equal(a, b) for a, b in zip(after1, after2, strict=True))  # step 2: nothing moved
+    assert not all(torch.equal(a, b) for a, b in zip(after2, after3, strict=True))  # step 3 trained
+    assert set(steps1) == set(steps2) == {1.0} and set(steps3) == {2.0}  # AdamW's step count skipped step 2 too
 
 
 def test_non_finite_weights_are_never_saved(run, tmp_path, cache_dir):

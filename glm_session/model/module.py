@@ -46,6 +46,15 @@ class NonFiniteError(UserError):
     """Training met a NaN or infinite loss or gradient: the run stops and no checkpoint is written from here on."""
 
 
+def _step_skipper(optimizer: Any, grads: list[torch.Tensor]) -> torch.optim.Optimizer | None:
+    """The optimizer itself when it can skip a step from a device flag (a fused AdamW reads ``found_inf``, as under a
+    gradient scaler) and the gradients are plain tensors; else ``None`` (the guard then reads the flag on the host)."""
+    raw = getattr(optimizer, "optimizer", optimizer)  # under Lightning's LightningOptimizer
+    if not getattr(raw, "_step_supports_amp_scaling", False) or not grads:
+        return None
+    return None if any(hasattr(g, "to_local") for g in grads) else raw  # FSDP2's DTensors: the host guard
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """This device's shard of a sharded (FSDP2 ``DTensor``) tensor; the tensor itself otherwise."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
@@ -120,6 +129,9 @@ class ChatGLM2Module(L.LightningModule):
         # Step accumulators: numerator and (tokens, samples, turns) of the micro-batches since the last step.
         self.register_buffer("_step_numerator", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("_step_counts", torch.zeros(3, dtype=torch.float64), persistent=False)
+        # The first optimizer step whose loss or gradient was not finite (-1: none yet), with that loss and gradient
+        # norm, kept on the device by the skipping guard (``on_before_optimizer_step``) and read at check points.
+        self.register_buffer("_nonfinite", torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64), persistent=False)
         # Per-turn token-loss sums and counts, for train and validation.
         self.train_turn_losses, self.val_turn_losses = TurnLossMeter(), TurnLossMeter()
         # One entry per epoch and split: {"epoch", "step", "split", "loss", "loss_by_turn", "tokens"}.
@@ -245,16 +257,24 @@ class ChatGLM2Module(L.LightningModule):
         grad_norms = torch.stack(torch._foreach_norm(local)).sum() if local else torch.zeros((), device=d.device)
         grad_norms = self.trainer.strategy.reduce(grad_norms.double(), reduce_op="sum")  # inf/NaN if any is
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / d
-        scale_value, finite = torch.stack(
-            [scale, (torch.isfinite(loss) & torch.isfinite(grad_norms)).double()]
-        ).tolist()
-        if not finite:
-            raise NonFiniteError(
-                f"step {self.global_step + 1}: the training loss is {loss.item():.4g} and the gradient norms sum to "
-                f"{grad_norms.item():.4g}; stopped before the optimizer step, and checkpoints written before it are "
-                "kept (lower optimizer.lr, or look for a corrupt checkpoint or bad data)"
-            )
-        torch._foreach_mul_(grads, scale_value)
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norms)
+        skipper = _step_skipper(optimizer, grads)
+        if skipper is not None:  # no host synchronisation: the optimizer skips the step from a device flag
+            skipper.found_inf = (~finite).float()
+            skipper.grad_scale = None
+            first = (self._nonfinite[0] < 0) & ~finite
+            seen = torch.stack([torch.full_like(grad_norms, self.global_step + 1.0), loss.double(), grad_norms])
+            self._nonfinite.copy_(torch.where(first, seen, self._nonfinite))
+            torch._foreach_mul_(grads, scale)
+        else:
+            scale_value, finite_value = torch.stack([scale, finite.double()]).tolist()
+            if not finite_value:
+                raise NonFiniteError(
+                    f"step {self.global_step + 1}: the training loss is {loss.item():.4g} and the gradient norms sum "
+                    f"to {grad_norms.item():.4g}; stopped before the optimizer step, and checkpoints written before "
+                    "it are kept (lower optimizer.lr, or look for a corrupt checkpoint or bad data)"
+                )
+            torch._foreach_mul_(grads, scale_value)
         # The step's loss (global already), at the steps whose values Lightning writes to the loggers only: a call
         # of self.log costs about a millisecond of host time, a step of chatglm2-small on a GPU about 50.
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
@@ -329,7 +349,30 @@ class ChatGLM2Module(L.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def check_finite_steps(self) -> None:
+        """Raise ``NonFiniteError`` if an optimizer step was skipped for a non-finite loss or gradient (the guard that
+        skips on the device; read here, at the logging interval, before every checkpoint and validation and at the
+        end of training)."""
+        step, loss, norm = self._nonfinite.tolist()
+        if step >= 0:
+            raise NonFiniteError(
+                f"step {int(step)}: the training loss is {loss:.4g} and the gradient norms sum to {norm:.4g}; its "
+                f"optimizer step was skipped and the run stopped after step {self.global_step}, and checkpoints "
+                "written before it are kept (lower optimizer.lr, or look for a corrupt checkpoint or bad data)"
+            )
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            self.check_finite_steps()
+
+    def on_validation_start(self) -> None:
+        self.check_finite_steps()
+
+    def on_train_end(self) -> None:
+        self.check_finite_steps()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_finite_steps()
         for name, parameter in self.named_parameters():  # a NaN run must not replace its last good checkpoint
             if not bool(torch.isfinite(_local(parameter.detach())).all()):
                 raise NonFiniteError(
