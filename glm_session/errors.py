@@ -16,6 +16,10 @@ from contextlib import contextmanager
 from typing import Any
 
 EXIT_BAD_INPUT = 2
+PLUGIN_EXTRAS = {  # the Hydra plugins whose configs the project names -> the extra that installs each
+    "hydra/sweeper/optuna": "sweep",
+    "hydra/launcher/submitit": "slurm",
+}
 QUOTING_HINT = (
     "quote a value holding spaces, non-ASCII characters or Hydra's special characters, "
     """e.g. 'data.path="my data/对话.jsonl"'"""
@@ -117,6 +121,10 @@ def user_message(err: BaseException) -> str | None:
         return f"cannot read the override {err.override!r} ({QUOTING_HINT})"
     if isinstance(err, HydraException | OmegaConfBaseException):
         message = _one_line(str(err))
+        plugin = next((name for name in PLUGIN_EXTRAS if f"Could not find '{name}" in message), None)
+        if plugin is not None:  # a Hydra plugin that is not installed: say which extra installs it, not the search path
+            return (f"{message.split('; Available options')[0]}: Hydra's {plugin.split('/')[-1]} plugin is not "
+                    f"installed; pip install 'glm_session[{PLUGIN_EXTRAS[plugin]}]'")  # fmt: skip
         if isinstance(cause, OmegaConfBaseException):
             message += "; " + _one_line(str(cause))
         return message

@@ -172,3 +172,20 @@ def test_wandb_writes_an_offline_run(tmp_path, cache_dir, monkeypatch):
     (offline,) = (run / "wandb").glob("offline-run-*")
     (records,) = offline.glob("run-*.wandb")
     assert records.stat().st_size > 0
+
+
+@pytest.mark.parametrize(("missing", "extra"), [("hydra/sweeper/optuna", "sweep"),
+                                                ("hydra/launcher/submitit_slurm", "slurm")])  # fmt: skip
+def test_a_missing_hydra_plugin_names_its_extra(missing, extra):
+    from hydra.errors import MissingConfigException
+
+    from glm_session.errors import user_message
+
+    group = missing.rsplit("/", 1)[0]
+    error = MissingConfigException(  # what Hydra 1.3 raises when the plugin's config is not there
+        f"In 'hydra/config': Could not find '{missing}'\n\nAvailable options in '{group}':\n\tbasic\n"
+        "Config search path:\n\tprovider=hydra, path=pkg://hydra.conf", missing, ["basic"]
+    )
+    plugin = "optuna" if extra == "sweep" else "submitit"
+    assert user_message(error) == (f"In 'hydra/config': Could not find '{missing}': Hydra's {plugin} plugin is not "
+                                   f"installed; pip install 'glm_session[{extra}]'")  # fmt: skip
