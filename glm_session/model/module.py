@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 from transformers import GlmConfig, GlmForCausalLM
 
 from glm_session.adapters import add_lora, check_peft, is_adapter_key, load_adapter_folder
@@ -23,6 +24,7 @@ from glm_session.checkpoints import BUILTIN_ATTENTION, check_init_from, initial_
 from glm_session.errors import ConfigError, UserError, check_choice, check_int
 from glm_session.model.kernels import KERNELS, use_liger_kernels
 from glm_session.model.loss import REDUCTIONS, chunked_token_losses, denominator, reduce, token_losses
+from glm_session.model.packed_mask import packed_block_mask
 from glm_session.model.presets import chatglm2_config, padded_vocab_size
 from glm_session.model.turn_losses import TurnLossMeter, summarise
 from glm_session.run_info import RunInfo
@@ -204,9 +206,15 @@ class ChatGLM2Module(L.LightningModule):
             for layer in model.model.layers:
                 layer.compile()
 
+    def attention_mask(self, position_ids: torch.Tensor) -> BlockMask | None:
+        """Flex attention's mask of packed rows, built on the device (``packed_mask``); ``None`` for sdpa and eager,
+        whose mask transformers infers from the position ids."""
+        return packed_block_mask(position_ids) if self.config._attn_implementation == "flex_attention" else None
+
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, V) of rows of packed or padded samples."""
-        return self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        return self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=self.attention_mask(position_ids),
+                          use_cache=False).logits  # fmt: skip
 
     # training ------------------------------------------------------------------------------------
 
@@ -217,6 +225,7 @@ class ChatGLM2Module(L.LightningModule):
         # Through the model's own forward (so that FSDP gathers and frees its parameters as usual), keeping the
         # logits of one position only; the output layer is applied chunk by chunk to the trained positions.
         output = self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                            attention_mask=self.attention_mask(batch["position_ids"]),
                             logits_to_keep=1, output_hidden_states=True)  # fmt: skip
         hidden = output.hidden_states[-1]  # (B, T, d), after the final norm
         return chunked_token_losses(
