@@ -76,7 +76,8 @@ class PlainProgress(ProgressBar):
     def line(self, trainer: L.Trainer, metrics: dict[str, float]) -> str:
         step, total = trainer.global_step, trainer.estimated_stepping_batches
         elapsed = time.perf_counter() - self._start
-        parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]
+        epochs = trainer.max_epochs
+        parts = [f"epoch {trainer.current_epoch + 1}" + (f"/{epochs}" if epochs and epochs > 0 else "")]
         if total and total != float("inf"):
             parts.append(f"step {step}/{int(total)} ({step / total:.0%})")
         else:
