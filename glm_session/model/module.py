@@ -134,6 +134,7 @@ class ChatGLM2Module(L.LightningModule):
         # The first optimizer step whose loss or gradient was not finite (-1: none yet), with that loss and gradient
         # norm, kept on the device by the skipping guard (``on_before_optimizer_step``) and read at check points.
         self.register_buffer("_nonfinite", torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64), persistent=False)
+        self._finite_checked_at = -1
         # Per-turn token-loss sums and counts, for train and validation.
         self.train_turn_losses, self.val_turn_losses = TurnLossMeter(), TurnLossMeter()
         # One entry per epoch and split: {"epoch", "step", "split", "loss", "loss_by_turn", "tokens"}.
@@ -371,7 +372,9 @@ class ChatGLM2Module(L.LightningModule):
             )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.global_step % self.trainer.log_every_n_steps == 0:
+        step = self.global_step  # the same for every micro-batch of an accumulated step: read the flag once a step
+        if step % self.trainer.log_every_n_steps == 0 and step != self._finite_checked_at:
+            self._finite_checked_at = step
             self.check_finite_steps()
 
     def on_validation_start(self) -> None:
