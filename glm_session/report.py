@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import math
 import re
@@ -187,9 +188,17 @@ class Group:
     def label(self) -> str:
         return " ".join(f"{k}={v}" for k, v in self.values.items()) or "all runs"
 
+    @functools.cached_property
+    def summaries(self) -> dict[str, dict[str, Any] | None]:
+        """Each metric's ``seed_summary`` over the completed runs (``None`` where none has it); computed once."""
+        found = {}
+        for name, get in METRICS.items():
+            values = [v for v in (get(run.record) for run in self.completed) if v is not None]
+            found[name] = seed_summary(values) if values else None
+        return found
+
     def metric(self, name: str) -> dict[str, Any] | None:
-        values = [v for v in (METRICS[name](run.record) for run in self.completed) if v is not None]
-        return seed_summary(values) if values else None
+        return self.summaries[name]
 
 
 def group_runs(runs: Sequence[Run], keys: Sequence[str]) -> list[Group]:

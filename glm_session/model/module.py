@@ -44,6 +44,9 @@ def _check_kernels(kernels: str) -> str:
     return kernels
 
 
+NONFINITE_HINT = "(lower optimizer.lr, or look for a corrupt checkpoint or bad data)"
+
+
 class NonFiniteError(UserError):
     """Training met a NaN or infinite loss or gradient: the run stops and no checkpoint is written from here on."""
 
@@ -282,7 +285,7 @@ class ChatGLM2Module(L.LightningModule):
                 raise NonFiniteError(
                     f"step {self.global_step + 1}: the training loss is {loss.item():.4g} and the gradient norms sum "
                     f"to {grad_norms.item():.4g}; stopped before the optimizer step, and checkpoints written before "
-                    "it are kept (lower optimizer.lr, or look for a corrupt checkpoint or bad data)"
+                    f"it are kept {NONFINITE_HINT}"
                 )
             torch._foreach_mul_(grads, scale_value)
         # The step's loss (global already), at the steps whose values Lightning writes to the loggers only: a call
@@ -368,7 +371,7 @@ class ChatGLM2Module(L.LightningModule):
             raise NonFiniteError(
                 f"step {int(step)}: the training loss is {loss:.4g} and the gradient norms sum to {norm:.4g}; its "
                 f"optimizer step was skipped and the run stopped after step {self.global_step}, and checkpoints "
-                "written before it are kept (lower optimizer.lr, or look for a corrupt checkpoint or bad data)"
+                f"written before it are kept {NONFINITE_HINT}"
             )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
