@@ -5,11 +5,18 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("unseen_run", ROOT / "experiments" / "unseen_base" / "run.py")
 driver = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = driver  # dataclasses look their module up
 spec.loader.exec_module(driver)
+spec = importlib.util.spec_from_file_location(
+    "unseen_aggregate", ROOT / "experiments" / "unseen_base" / "aggregate.py"
+)
+aggregate = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(aggregate)
 
 
 def plan(tmp_path, **kwargs):
@@ -41,6 +48,32 @@ def test_a_kept_grid_run_is_seed_0_and_an_arm_without_an_interior_rate_waits(tmp
     assert [j.name for j in jobs if j.name.startswith("seeds/")] == [
         f"seeds/smile_last+token_seed{s}" for s in (1, 2, 3, 4)
     ]
+
+
+def test_a_kept_check_is_not_run_again(tmp_path):
+    jobs = plan(tmp_path, seeds_of=["smile_session+token"], rates={"smile_session+token": "2e-3"},
+                kept={"check/smile_split_grouped+token_seed0"})  # fmt: skip
+    assert not [j for j in jobs if j.name.startswith("check/")]
+    assert len([j for j in jobs if j.name.startswith("seeds/")]) == 5
+
+
+def test_runs_are_grouped_by_the_weights_of_their_bases():
+    a0, a1, b0, b1 = "420cacc8" + "0" * 56, "9da81ec8" + "0" * 56, "6cdfac42" + "0" * 56, "77" * 32
+    summaries = [
+        ("s1", {"runs": {}}),  # the first session recorded no fingerprints
+        ("s2", {"bases": {"pretrain/seed0": a0, "pretrain/seed1": a1}}),
+        ("s2", {"bases": {}}),  # an arms call of the same session
+        ("s4", {"bases": {"pretrain/seed0": a0, "pretrain/seed1": a1}}),
+        ("s6", {"bases": {"pretrain/seed0": b0}}),
+        ("s7", {"bases": {"pretrain/seed0": b0, "pretrain/seed1": b1}}),
+        ("s8", {"bases": {"pretrain/seed1": b1}}),  # base 1 alone: its generation by base 1's weights
+    ]
+    assert aggregate.generations_of(summaries) == {"s1": "s1: not fingerprinted", "s2": "420cacc8", "s4": "420cacc8",
+                                                   "s6": "6cdfac42", "s7": "6cdfac42", "s8": "6cdfac42"}  # fmt: skip
+    with pytest.raises(SystemExit, match="pretrain/seed1 differs between sessions s7 and s9"):
+        aggregate.generations_of([*summaries, ("s9", {"bases": {"pretrain/seed0": b0, "pretrain/seed1": a1}})])
+    assert aggregate.device_session(Path("raw/s6_call3_arms.json")) == "s6"
+    assert aggregate.device_session(Path("raw/call2_pretrain.json")) == "s1"
 
 
 def test_a_grid_runs_six_rates_from_base_0(tmp_path):

@@ -7,6 +7,11 @@ What is declared before the runs (README "Declared before the runs") is applied 
 
 - a rate is chosen per arm + reduction on the **last** validation loss of its grid run (seed 0, base 0); the choice is
   **interior** when the grid holds a lower and a higher rate, both with a higher last validation loss;
+- the bases are identified by the sha256 of their weights; the runs of one device session start from the bases that
+  session pretrained. A *generation* is a set of bases with the same weights (named by base 0's sha256 prefix); the
+  arms' seeds, intervals and contrasts use the runs of one generation only (``REFERENCE_BASES``), since a paired
+  comparison needs every arm to start from the same weights; a rate chosen on another realisation of base 0 stays
+  chosen (the rate is a setting, not a result), and each grid entry names the bases it ran from;
 - the gate: the session+token run at the chosen rate must end at least ``GATE_NATS`` below the base's step-0 test
   answer loss on SMILE;
 - the headline is the test answer loss (token mean over every answer token of every test session, teacher-forced),
@@ -33,6 +38,7 @@ from glm_session.evaluation.references import fixed_answers, generation_scores
 from glm_session.report import plot_curves, seed_summary
 
 HERE = Path(__file__).parent
+REFERENCE_BASES = "6cdfac42"  # the arms' seeds and contrasts come from these bases (README: "Two generations")
 GATE_NATS = 0.3
 MARGIN_NATS = 0.02
 SEEDS = 5
@@ -58,19 +64,59 @@ CONTRASTS = [  # (a, b): the declared family of a - b differences, per corpus
 # -- the records --------------------------------------------------------------------------------------------------
 
 
+def device_session(path: Path) -> str:
+    """The device session a record comes from: ``s<N>_call<M>_...`` (the first session's records have no prefix)."""
+    head = path.stem.split("_", 1)[0]
+    return head if head[:1] == "s" and head[1:].isdigit() else "s1"
+
+
+def generations_of(summaries: list[tuple[str, dict]]) -> dict[str, str]:
+    """device session -> the generation of its bases: base 0's sha256 prefix (or base 1's generation where a session
+    pretrained base 1 alone); ``<session>: not fingerprinted`` for the first session, which recorded none. Two
+    sessions of one generation with different weights for a base stop the aggregate: the bases did not reproduce."""
+    fingerprints: dict[str, dict[str, str]] = {}
+    for session, summary in summaries:
+        fingerprints.setdefault(session, {}).update({k: v for k, v in summary.get("bases", {}).items() if v})
+    generation = {s: f["pretrain/seed0"][:8] for s, f in fingerprints.items() if "pretrain/seed0" in f}
+    seen: dict[tuple[str, str], tuple[str, str]] = {}  # (generation, base) -> (sha256, session)
+    for session, found in fingerprints.items():
+        if session not in generation:
+            match = [generation[s] for s, f in fingerprints.items()
+                     if s in generation and f.get("pretrain/seed1") == found.get("pretrain/seed1")]  # fmt: skip
+            generation[session] = match[0] if match and found else f"{session}: not fingerprinted"
+        for base, sha in found.items():
+            first = seen.setdefault((generation[session], base), (sha, session))
+            if first[0] != sha:
+                raise SystemExit(f"{base} differs between sessions {first[1]} and {session} of the bases "
+                                 f"{generation[session]}: {first[0][:8]} vs {sha[:8]} (the bases did not reproduce)")  # fmt: skip
+    return generation
+
+
 def merge(paths: list[Path]) -> dict:
-    merged: dict = {"runs": {}, "base_eval": {}, "data": {}, "jobs": {}, "bases": {}}
-    for path in paths:  # in order: a later call's record of a job replaces an earlier one's
-        summary = json.loads(path.read_text())
-        for key in merged:
-            merged[key].update(summary.get(key, {}))
+    """The calls' records by generation of bases: ``{"data": ..., "generation_of": {session: generation},
+    "generations": {generation: {"sessions", "runs", "base_eval", "bases"}}}``; within a generation a later call's
+    record of a job replaces an earlier one's."""
+    summaries = [(device_session(path), json.loads(path.read_text())) for path in paths]
+    generation_of = generations_of(summaries)
+    merged: dict = {"data": {}, "generation_of": generation_of, "generations": {}}
+    for session, summary in summaries:
+        entry = merged["generations"].setdefault(generation_of[session],
+                                                 {"sessions": [], "runs": {}, "base_eval": {}, "bases": {}})  # fmt: skip
+        if session not in entry["sessions"]:
+            entry["sessions"].append(session)
+        for key in ("runs", "base_eval"):
+            entry[key].update(summary.get(key, {}))
+        entry["bases"].update({k: v for k, v in summary.get("bases", {}).items() if v})
+        merged["data"].update(summary.get("data", {}))
     return merged
 
 
-def per_session(archives: list[Path]) -> dict[str, dict]:
-    """job -> {"test_losses": {session: {turn: [sum, count]}}, "predictions": [...]}, from every ``runs.tgz``."""
-    found: dict[str, dict] = {}
+def per_session(archives: list[Path], generation_of: dict[str, str]) -> dict[str, dict[str, dict]]:
+    """generation -> job -> {"test_losses": {session: {turn: [sum, count]}}, "predictions": [...]}, from every
+    ``runs.tgz`` (a test session here, a device session in ``generation_of``)."""
+    by_generation: dict[str, dict[str, dict]] = {}
     for archive in archives:
+        found = by_generation.setdefault(generation_of[device_session(archive)], {})
         with tarfile.open(archive) as tar:
             for member in tar.getmembers():
                 if not member.isfile():
@@ -81,16 +127,16 @@ def per_session(archives: list[Path]) -> dict[str, dict]:
                     found.setdefault(job, {})["test_losses"] = json.loads(text)
                 elif file == "predictions.jsonl":
                     found.setdefault(job, {})["predictions"] = [json.loads(line) for line in text.splitlines()]
-    return found
+    return by_generation
 
 
 # -- regime: bases, step 0, rate grids, gate ---------------------------------------------------------------------
 
 
-def pretraining(runs: dict, fingerprints: dict) -> dict:
+def pretraining(runs: dict, fingerprints: dict, sessions: list[str]) -> dict:
     bases = {}
     for name, run in sorted(runs.items()):
-        if name.startswith("pretrain/"):
+        if name.startswith("pretrain/") and run["status"] == "completed":
             curve = run["val_curve"]
             bases[name.removeprefix("pretrain/")] = {
                 "status": run["status"],
@@ -101,6 +147,7 @@ def pretraining(runs: dict, fingerprints: dict) -> dict:
                 "train_seconds": round(run["train_seconds"], 1),
                 "tokens_per_second": round(run["tokens_per_second"]),
                 "weights_sha256": fingerprints.get(name),
+                "device_sessions": sessions,
             }
     return bases
 
@@ -119,10 +166,13 @@ def step0(base_eval: dict) -> dict:
     return result
 
 
-def grids(runs: dict) -> dict:
-    """Per arm + reduction: every rate's last and best validation loss, its test loss, the chosen rate."""
+def grids(generations: dict) -> dict:
+    """Per arm + reduction: every rate's last and best validation loss, its test loss and the bases it ran from; the
+    chosen rate. A rate run from several generations of bases is the reference generation's run."""
     result: dict = {}
-    for name, run in runs.items():
+    order = sorted(generations, key=lambda g: g == REFERENCE_BASES)  # the reference last: its runs replace others'
+    runs = [(g, name, run) for g in order for name, run in generations[g]["runs"].items()]
+    for generation, name, run in runs:
         if not name.startswith(("grid/", "pilot/")) or run["status"] != "completed" or not run["val_curve"]:
             continue
         arm, rate = name.split("/", 1)[1].rsplit("_lr", 1)
@@ -136,6 +186,7 @@ def grids(runs: dict) -> dict:
             "test_loss": round(test["teacher_forced"]["loss"], 4) if test else None,
             "official": {k: round(v, 2) for k, v in test["chatglm2_official"].items()} if test else None,
             "steps": run["global_steps"],
+            "bases": generation,
         }
     for entry in result.values():
         rates = sorted(entry["rates"], key=float)
@@ -147,13 +198,19 @@ def grids(runs: dict) -> dict:
     return dict(sorted(result.items()))
 
 
-def gate(bases: dict, lr_grid: dict) -> dict:
+def gate(step0_losses: dict, lr_grid: dict) -> dict:
+    """session+token on SMILE at its chosen rate against the step-0 loss of the base it ran from."""
     arm = lr_grid.get("smile_session+token")
-    if arm is None or "smile" not in bases:
+    if arm is None:
         return {"passed": None, "why": "not run"}
+    pilot_run = arm["rates"][arm["chosen"]]
+    bases = step0_losses.get(pilot_run["bases"], {})
+    if "smile" not in bases:
+        return {"passed": None, "why": "the pilot's base has no step-0 evaluation"}
     base = bases["smile"]["seed0"]["test_loss"]
-    pilot = arm["rates"][arm["chosen"]]["test_loss"]
+    pilot = pilot_run["test_loss"]
     return {
+        "bases": pilot_run["bases"],
         "base_step0_test_loss": base,
         "pilot": f"smile_session+token_lr{arm['chosen']}",
         "pilot_test_loss": pilot,
@@ -333,36 +390,63 @@ def ci(pair: list | tuple | None) -> str:
 
 
 def tables(results: dict) -> str:
-    lines = ["## Bases (chatglm2-small, zhbase, 3 epochs)", "",
-             "| seed | steps | tokens | zhbase validation loss by epoch | train s | tokens/s |", "|---|---|---|---|---|---|"]  # fmt: skip
-    for seed, base in results["pretraining"].items():
-        curve = " → ".join(f"{x:.4f}" for x in base["val_loss_by_epoch"])
-        lines.append(f"| {seed} | {base['steps']:,} | {base['tokens']:,} | {curve} | {base['train_seconds']:.0f} | "
-                     f"{base['tokens_per_second']:,} |")  # fmt: skip
+    reference = results["declared"]["reference_bases"]
+    lines = [f"## Bases (chatglm2-small, zhbase, 3 epochs; the arms' seeds and contrasts use the bases {reference})",
+             "", "| bases (base 0's sha256) | device sessions | seed | steps | tokens | zhbase validation loss by epoch | "
+             "train s | tokens/s | weights sha256 |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for generation, seeds in results["pretraining"].items():
+        for seed, base in seeds.items():
+            curve = " → ".join(f"{x:.4f}" for x in base["val_loss_by_epoch"])
+            sha = base["weights_sha256"][:8] if base["weights_sha256"] else "not recorded"
+            lines.append(f"| {generation} | {', '.join(base['device_sessions'])} | {seed} | {base['steps']:,} | "
+                         f"{base['tokens']:,} | {curve} | {base['train_seconds']:.0f} | {base['tokens_per_second']:,} | "
+                         f"{sha} |")  # fmt: skip
     lines += ["", "## Step 0: each base's test answer loss (chatglm2 template), before fine-tuning", "",
-              "| corpus | seed | test sessions | test loss | ROUGE-1 | ROUGE-2 | ROUGE-L | BLEU-4 | empty |",
-              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for corpus, seeds in results["step0"].items():
-        for seed, m in seeds.items():
-            o = m["official"]
-            lines.append(f"| {corpus} | {seed} | {m['test_sessions']} | {m['test_loss']:.4f} | {o['rouge-1']:.2f} | "
-                         f"{o['rouge-2']:.2f} | {o['rouge-l']:.2f} | {o['bleu-4']:.2f} | {o['empty_predictions']} |")  # fmt: skip
+              "| bases | corpus | seed | test sessions | test loss | ROUGE-1 | ROUGE-2 | ROUGE-L | BLEU-4 | empty |",
+              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for generation, by_corpus in results["step0"].items():
+        for corpus, seeds in by_corpus.items():
+            for seed, m in seeds.items():
+                o = m["official"]
+                lines.append(f"| {generation} | {corpus} | {seed} | {m['test_sessions']} | {m['test_loss']:.4f} | "
+                             f"{o['rouge-1']:.2f} | {o['rouge-2']:.2f} | {o['rouge-l']:.2f} | {o['bleu-4']:.2f} | "
+                             f"{o['empty_predictions']} |")  # fmt: skip
     g = results["gate"]
-    lines += ["", "## The gate", "", f"SMILE base seed 0 step-0 test loss {g['base_step0_test_loss']:.4f}; "
+    lines += ["", "## The gate", "", f"SMILE base seed 0 ({g['bases']}) step-0 test loss {g['base_step0_test_loss']:.4f}; "
               f"{g['pilot']} ends at {g['pilot_test_loss']:.4f}: {g['drop_nats']:.4f} nats below "
               f"(required {g['required_nats']}): {'passed' if g['passed'] else 'NOT passed'}."]  # fmt: skip
     lines += ["", "## Rate grids (one run a rate: base seed 0, seed 0; last validation loss, the chosen rate in bold)",
               "", "| arm + reduction | " + " | ".join(f"lr {r}" for r in ("1e-4", "2e-4", "5e-4", "1e-3", "2e-3", "5e-3"))
-              + " | chosen | interior |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              + " | chosen | interior | bases |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for arm, entry in results["lr_grid"].items():
         cells = []
         for rate in ("1e-4", "2e-4", "5e-4", "1e-3", "2e-3", "5e-3"):
             r = entry["rates"].get(rate)
             cell = f"{r['val_last']:.4f}" if r else "—"
             cells.append(f"**{cell}**" if rate == entry["chosen"] else cell)
-        lines.append(f"| {arm} | {' | '.join(cells)} | {entry['chosen']} | {entry['interior']} |")
-    for corpus, c in results["arms"].items():
-        lines += ["", f"## {corpus}: the arms at their chosen rates (test answer loss, every test session)", "",
+        bases = ", ".join(sorted({r["bases"] for r in entry["rates"].values()}))
+        lines.append(f"| {arm} | {' | '.join(cells)} | {entry['chosen']} | {entry['interior']} | {bases} |")
+    for generation, arms in [(reference, results["arms"]), *results["arms_on_earlier_bases"].items()]:
+        lines += arm_tables(generation, arms, generation == reference)
+    return "\n".join(lines) + "\n"
+
+
+def arm_tables(generation: str, arms: dict, is_reference: bool) -> list[str]:
+    """One generation's arms, contrasts, equivalence and check, per corpus."""
+    lines = []
+    for corpus, c in arms.items():
+        if not c["arms"]:
+            if is_reference:
+                lines += [
+                    "",
+                    f"## {corpus}: the arms from the bases {generation}",
+                    "",
+                    "No arm has run from them yet.",
+                ]
+            continue
+        what = "the reference bases" if is_reference else "earlier bases, not paired with the reference"
+        lines += ["", f"## {corpus}: the arms at their chosen rates from the bases {generation} ({what}; test answer "
+                  "loss, every test session)", "",
                   "| arm | rate | seeds | test loss mean ± std | 95% interval (bases → seeds → sessions) | gain over base | "
                   "last val | ROUGE-1 | ROUGE-L | BLEU-4 |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for arm, e in c["arms"].items():
@@ -399,39 +483,57 @@ def tables(results: dict) -> str:
             lines.append(f"\nCheck (Invariant 2): split_grouped+token vs session+token, seed 0: validation curves differ "
                          f"by at most {k['max_abs_val_loss_diff']:.4f}, test losses by {k['test_loss_diff']:+.4f} "
                          f"(session+token's seed std {k['seed_std_of_session_token']:.4f}).")  # fmt: skip
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main() -> None:
     raw = HERE / "raw"
     merged = merge(sorted(raw.glob("*.json")))
-    sessions = per_session(sorted(raw.glob("*.tgz")))
-    (raw / "kept_test_losses.txt").write_text(
-        "".join(f"{job}\n" for job, kept in sorted(sessions.items()) if "test_losses" in kept)
-    )  # for run.py
-    step0_losses = step0(merged["base_eval"])
-    lr_grid = grids(merged["runs"])
-    arms = {}
+    generations = merged["generations"]
+    sessions = per_session(sorted(raw.glob("*.tgz")), merged["generation_of"])
+    kept = {job for job, found in sessions.get(REFERENCE_BASES, {}).items() if "test_losses" in found}
+    kept |= {job for by_job in sessions.values() for job in by_job if job.startswith("check/")}
+    (raw / "kept_test_losses.txt").write_text("".join(f"{job}\n" for job in sorted(kept)))  # for run.py
+    step0_losses = {g: step0(entry["base_eval"]) for g, entry in generations.items() if entry["base_eval"]}
+    lr_grid = grids(generations)
+    arms_by_generation = {}
+    for g, entry in generations.items():
+        found = sessions.get(g, {})
+        arms = {corpus: corpus_arms(corpus, entry["runs"], found, lr_grid, step0_losses.get(g, {}))
+                for corpus in ("smile", "cpsycoun")}  # fmt: skip
+        if g == REFERENCE_BASES or any(c["arms"] for c in arms.values()):
+            for corpus, c in arms.items():
+                c["references"] = references(corpus, found)
+                c["fixed_answer_check"] = fixed_answer_flags(c["arms"], c["references"])
+            arms_by_generation[g] = arms
+    reference = arms_by_generation.get(REFERENCE_BASES, {})
+    plotted = next((g for g in [REFERENCE_BASES, *sorted(arms_by_generation)]
+                    if any(c["arms"] for c in arms_by_generation.get(g, {}).values())), None)  # fmt: skip
     for corpus in ("smile", "cpsycoun"):
-        arms[corpus] = corpus_arms(corpus, merged["runs"], sessions, lr_grid, step0_losses)
-        arms[corpus]["references"] = references(corpus, sessions)
-        plot_arms(corpus, merged["runs"], sessions, lr_grid)
-        arms[corpus]["fixed_answer_check"] = fixed_answer_flags(arms[corpus]["arms"], arms[corpus]["references"])
-    best_gain = {corpus: max(((arm, e["gain_over_base"]) for arm, e in c["arms"].items()), key=lambda x: x[1],
-                             default=None) for corpus, c in arms.items()}  # fmt: skip
+        if plotted:
+            plot_arms(corpus, generations[plotted]["runs"], sessions.get(plotted, {}), lr_grid)
+    best_gain = {
+        corpus: max(((f"{arm} ({g})", e["gain_over_base"]) for g, arms in arms_by_generation.items()
+                     for arm, e in arms[corpus]["arms"].items()), key=lambda x: x[1], default=None)
+        for corpus in ("smile", "cpsycoun")
+    }  # fmt: skip
     results = {
         "regime": {
             "preset": "chatglm2-small",
             "tokenizer": "glm_session/resources/tokenizer_zhbase (16,005 pieces, zhbase only)",
             "pretraining": "experiment=unseen/pretrain: zhbase, 3 epochs, 65,536 tokens a step, lr 2e-3",
             "fine_tuning": "experiment=unseen/<corpus>_<arm>: one epoch, validation every quarter epoch",
+            "reference_bases": REFERENCE_BASES,
             "base_step0_test_loss": {
-                f"seed{b}": {
-                    corpus: seeds[f"seed{b}"]["test_loss"]
-                    for corpus, seeds in step0_losses.items()
-                    if f"seed{b}" in seeds
+                g: {
+                    f"seed{b}": {
+                        corpus: seeds[f"seed{b}"]["test_loss"]
+                        for corpus, seeds in by_corpus.items()
+                        if f"seed{b}" in seeds
+                    }
+                    for b in (0, 1)
                 }
-                for b in (0, 1)
+                for g, by_corpus in step0_losses.items()
             },  # fmt: skip
             "best_gain_over_base": {
                 corpus: {"arm": g[0], "nats": round(g[1], 4)} if g else None for corpus, g in best_gain.items()
@@ -442,12 +544,14 @@ def main() -> None:
             for corpus, data in merged["data"].items()
             if "openings" in data
         },  # fmt: skip
-        "pretraining": pretraining(merged["runs"], merged["bases"]),
+        "pretraining": {g: pretraining(e["runs"], e["bases"], e["sessions"]) for g, e in generations.items()},
         "step0": step0_losses,
         "lr_grid": lr_grid,
         "gate": gate(step0_losses, lr_grid),
-        "arms": arms,
-        "equivalence": {corpus: c["equivalence"] for corpus, c in arms.items()},
+        "arms": reference,
+        "arms_on_earlier_bases": {g: a for g, a in arms_by_generation.items() if g != REFERENCE_BASES},
+        "curves_plotted_from": plotted,
+        "equivalence": {corpus: c["equivalence"] for corpus, c in reference.items()},
         "declared": {
             "margin_nats": MARGIN_NATS,
             "equivalence": list(EQUIVALENCE),
@@ -455,6 +559,7 @@ def main() -> None:
             "seeds": SEEDS,
             "resamples": RESAMPLES,
             "gate_nats": GATE_NATS,
+            "reference_bases": REFERENCE_BASES,
         },  # fmt: skip
         "sources": sorted(p.name for p in raw.iterdir()),
     }

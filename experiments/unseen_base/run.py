@@ -195,9 +195,9 @@ def plan(
                 continue  # the grid's run at the chosen rate, per-session losses in raw/
             jobs.append(train(f"seeds/{arm}_seed{seed}", experiment, reduction, rates[arm], seed, seed % 2))
         corpus = experiment.split("_")[0]
-        if experiment == f"{corpus}_session" and reduction == "token":
-            jobs.append(train(f"check/{corpus}_split_grouped+token_seed0", f"{corpus}_split_grouped", "token",
-                              rates[arm], 0, 0))  # fmt: skip
+        check = f"check/{corpus}_split_grouped+token_seed0"
+        if experiment == f"{corpus}_session" and reduction == "token" and check not in kept:
+            jobs.append(train(check, f"{corpus}_split_grouped", "token", rates[arm], 0, 0))
     for arm in arms:  # a rate grid per arm + reduction, from base 0 (seed 0)
         experiment, reduction = arm.split("+")
         for rate in GRID_RATES:
@@ -302,15 +302,23 @@ def base_fingerprint(checkpoint: Path) -> str | None:
 
 
 def summary(jobs: list[Job], root: Path) -> dict:
-    """Every job's status and the numbers the tables come from."""
+    """Every job's status and the numbers the tables come from; each run names the sha256 of the base it started
+    from (``base_sha256``), each pretraining job the base it made (``bases``)."""
     result: dict = {"jobs": {job.name: job.status for job in jobs}, "data": {}, "runs": {}, "base_eval": {},
                     "bases": {}}  # fmt: skip
+    fingerprints: dict[Path, str | None] = {}
+
+    def fingerprint(checkpoint: Path) -> str | None:
+        if checkpoint not in fingerprints:
+            fingerprints[checkpoint] = base_fingerprint(checkpoint)
+        return fingerprints[checkpoint]
+
     for path in sorted((root / "data").glob("*.json")):
         result["data"][path.stem] = json.loads(path.read_text())
     for job in jobs:
         folder = root / job.name
         if job.name.startswith("pretrain/"):
-            result["bases"][job.name] = base_fingerprint(folder / "checkpoints" / "last.ckpt")
+            result["bases"][job.name] = fingerprint(folder / "checkpoints" / "last.ckpt")
         if job.name.startswith("base_eval/"):
             found = sorted(folder.glob("**/metrics.json"))
             if found:
@@ -320,6 +328,8 @@ def summary(jobs: list[Job], root: Path) -> dict:
             keep = ("status", "val_curve", "val_loss_by_epoch", "train_loss", "global_steps", "input_tokens",
                     "supervised_tokens", "train_seconds", "tokens_per_second", "run_info")  # fmt: skip
             entry = {k: record[k] for k in keep if k in record}
+            if job.init is not None:
+                entry["base_sha256"] = fingerprint(job.init)
             evaluation = read_record(folder / "evaluation")  # the test split, after training
             if evaluation:
                 entry["test"] = {k: evaluation[k] for k in ("teacher_forced", "rouge", "chatglm2_official")}
