@@ -20,6 +20,7 @@ wheels=(
     nltk==3.10.4                                                       # rouge-score's tokenizer module, BLEU-4
     rouge-chinese==1.0.3                                               # ChatGLM2's official ROUGE
     peft==0.21.2 accelerate==1.16.0                                       # peft=lora
+    liger-kernel==0.8.5                                                # speed=fast (the gpu extra; not on the GPU image)
 )
 sources=(antlr4-python3-runtime==4.9.3 rouge-score==0.1.2 jieba==0.42.1)
 case $action in
