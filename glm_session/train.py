@@ -17,6 +17,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -171,7 +172,9 @@ def _train(
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(progress_bar(cfg.get("progress", "auto"), cfg.trainer.get("log_every_n_steps", 50)))
     loggers = build_loggers(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()])
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[AtomicCheckpointIO()]
+    )
     log_config(loggers, cfg)
     for callback in trainer.checkpoint_callbacks:  # what a kill during an earlier save of this run left
         for name in remove_stale_saves(callback.dirpath) if callback.dirpath else []:
@@ -236,8 +239,14 @@ def summary_lines(output_dir: str, metrics: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    """``python -m glm_session.train`` / ``glm-session-train``: bad input ends with one line and exit code 2."""
-    run_app(hydra_app)
+    """``python -m glm_session.train`` / ``glm-session-train``: bad input ends with one line and exit code 2.
+    A distributed run leaves its process group before the interpreter exits: left to exit, gloo's threads could
+    abort the process after a finished run ("terminate called without an active exception", seen under torchrun)."""
+    try:
+        run_app(hydra_app)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
