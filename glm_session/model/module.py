@@ -60,6 +60,23 @@ def _step_skipper(optimizer: Any, grads: list[torch.Tensor]) -> torch.optim.Opti
     return None if any(hasattr(g, "to_local") for g in grads) else raw  # FSDP2's DTensors: the host guard
 
 
+def use_deterministic_compile() -> None:
+    """Inductor's deterministic mode for everything this process compiles (the decoder layers of
+    ``model.compile_layers``, transformers' flex attention): Triton reduction configs come from heuristics, not from
+    timing them on the device, since a reduction's block size and warps change its summation order, and a timing
+    depends on what else runs on the GPU. Without it, two runs of one config can differ in the last bits and, over
+    thousands of steps, visibly (experiments/unseen_base: a base pretrained again alone did not reproduce)."""
+    import torch._inductor.config as inductor
+
+    if not hasattr(inductor, "deterministic"):
+        raise ConfigError(
+            "model.compile_deterministic",
+            True,
+            f"false here: inductor's deterministic mode needs torch 2.10 or newer (this is torch {torch.__version__})",
+        )
+    inductor.deterministic = True
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """This device's shard of a sharded (FSDP2 ``DTensor``) tensor; the tensor itself otherwise."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
@@ -94,6 +111,9 @@ class ChatGLM2Module(L.LightningModule):
         activation_checkpointing: on one device, recompute each decoder layer in the backward pass (transformers'
             non-reentrant checkpointing): activations of one layer at a time instead of all (``trainer=fsdp`` has
             its own switch).
+        compile_deterministic: inductor's deterministic mode for what the process compiles
+            (``use_deterministic_compile``), so that a compiled run repeats bit for bit wherever the rest of it is
+            deterministic; its cost in speed is not measured.
     """
 
     def __init__(
@@ -111,8 +131,11 @@ class ChatGLM2Module(L.LightningModule):
         peft: dict[str, Any] | None = None,
         init_adapter: str | None = None,
         activation_checkpointing: bool = False,
+        compile_deterministic: bool = False,
     ) -> None:
         super().__init__()
+        if compile_deterministic:
+            use_deterministic_compile()
         self.config, self.reduction = config, check_choice("model.reduction", reduction, REDUCTIONS)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.init_from = check_init_from(init_from)
