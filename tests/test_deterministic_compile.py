@@ -22,12 +22,12 @@ def module(**kwargs) -> ChatGLM2Module:
     return ChatGLM2Module(config=chatglm2_config("chatglm2-tiny", vocab_size=256), optimizer=optimizer, **kwargs)
 
 
-def test_the_switch_turns_inductors_deterministic_mode_on(monkeypatch):
-    monkeypatch.setattr(inductor, "deterministic", False)
-    module()
-    assert inductor.deterministic is False  # off by default: a run keeps inductor's own choices
-    module(compile_deterministic=True)
-    assert inductor.deterministic is True
+def test_the_switch_turns_inductors_deterministic_mode_on():
+    with inductor.patch(deterministic=False):  # inductor's own patch restores it (a monkeypatch would delete it)
+        module()
+        assert inductor.deterministic is False  # off by default: a run keeps inductor's own choices
+        module(compile_deterministic=True)
+        assert inductor.deterministic is True
 
 
 def test_a_torch_without_the_mode_is_a_config_error():
