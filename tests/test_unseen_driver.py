@@ -57,6 +57,26 @@ def test_a_kept_check_is_not_run_again(tmp_path):
     assert len([j for j in jobs if j.name.startswith("seeds/")]) == 5
 
 
+def test_the_probe_runs_alone_one_after_the_other_then_beside_the_pretraining(tmp_path):
+    jobs = {j.name: j for j in plan(tmp_path, phases=["pretrain", "probe"])}
+    assert list(jobs) == ["data/zhbase", "probe/default_alone", "probe/default_beside", "probe/deterministic_alone",
+                          "probe/deterministic_beside", "pretrain/seed0", "pretrain/seed1"]  # fmt: skip
+    assert jobs["probe/default_alone"].needs == ["data/zhbase"]
+    assert jobs["probe/deterministic_alone"].needs == ["probe/default_alone"]
+    for name in ("probe/default_beside", "probe/deterministic_beside", "pretrain/seed0", "pretrain/seed1"):
+        assert "probe/deterministic_alone" in jobs[name].needs  # they start together, after the lone runs
+    assert overrides(jobs["probe/deterministic_beside"])["model.compile_deterministic"] == "true"
+    assert overrides(jobs["probe/default_alone"])["model.compile_deterministic"] == "false"
+    assert overrides(jobs["probe/default_alone"])["trainer.max_steps"] == "60"
+    assert "model.compile_deterministic" not in overrides(jobs["pretrain/seed0"])  # the experiment's own: true
+    probes = {"s7": {"probe/default_alone": "aa" * 32, "probe/default_beside": "ab" * 32,
+                     "probe/deterministic_alone": "cc" * 32, "probe/deterministic_beside": "cc" * 32}}  # fmt: skip
+    assert aggregate.determinism_probes(probes) == {
+        "s7": {"default": {"alone": "aaaaaaaa", "beside": "abababab", "repeats": False},
+               "deterministic": {"alone": "cccccccc", "beside": "cccccccc", "repeats": True}}
+    }  # fmt: skip
+
+
 def test_runs_are_grouped_by_the_weights_of_their_bases():
     a0, a1, b0, b1 = "420cacc8" + "0" * 56, "9da81ec8" + "0" * 56, "6cdfac42" + "0" * 56, "77" * 32
     summaries = [

@@ -100,7 +100,7 @@ def merge(paths: list[Path]) -> dict:
     record of a job replaces an earlier one's."""
     summaries = [(device_session(path), json.loads(path.read_text())) for path in paths]
     generation_of = generations_of(summaries)
-    merged: dict = {"data": {}, "generation_of": generation_of, "generations": {}}
+    merged: dict = {"data": {}, "generation_of": generation_of, "generations": {}, "probes": {}}
     for session, summary in summaries:
         entry = merged["generations"].setdefault(generation_of[session],
                                                  {"sessions": [], "runs": {}, "base_eval": {}, "bases": {}})  # fmt: skip
@@ -110,7 +110,21 @@ def merge(paths: list[Path]) -> dict:
             entry[key].update(summary.get(key, {}))
         entry["bases"].update({k: v for k, v in summary.get("bases", {}).items() if v})
         merged["data"].update(summary.get("data", {}))
+        merged["probes"].setdefault(session, {}).update({k: v for k, v in summary.get("probes", {}).items() if v})
     return merged
+
+
+def determinism_probes(probes: dict[str, dict[str, str]]) -> dict:
+    """Per device session and inductor mode: the weights after 60 steps of base 0's pretraining alone on the GPU
+    and beside the bases' pretraining, and whether they are the same (``run.py --phase probe``)."""
+    result: dict = {}
+    for session, found in sorted(probes.items()):
+        for mode in ("default", "deterministic"):
+            alone, beside = found.get(f"probe/{mode}_alone"), found.get(f"probe/{mode}_beside")
+            if alone and beside:
+                result.setdefault(session, {})[mode] = {"alone": alone[:8], "beside": beside[:8],
+                                                        "repeats": alone == beside}  # fmt: skip
+    return result
 
 
 def per_session(archives: list[Path], generation_of: dict[str, str]) -> dict[str, dict[str, dict]]:
@@ -403,6 +417,13 @@ def tables(results: dict) -> str:
             lines.append(f"| {generation} | {', '.join(base['device_sessions'])} | {seed} | {base['steps']:,} | "
                          f"{base['tokens']:,} | {curve} | {base['train_seconds']:.0f} | {base['tokens_per_second']:,} | "
                          f"{sha} |")  # fmt: skip
+    if results["determinism_probe"]:
+        lines += ["", "## Does a compiled pretraining repeat? (60 steps of base 0, weights' sha256)", "",
+                  "| device session | inductor mode | alone | beside the bases' pretraining | the same |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for session, modes in results["determinism_probe"].items():
+            for mode, e in modes.items():
+                lines.append(f"| {session} | {mode} | {e['alone']} | {e['beside']} | {e['repeats']} |")
     lines += ["", "## Step 0: each base's test answer loss (chatglm2 template), before fine-tuning", "",
               "| bases | corpus | seed | test sessions | test loss | ROUGE-1 | ROUGE-2 | ROUGE-L | BLEU-4 | empty |",
               "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -550,6 +571,7 @@ def main() -> None:
             if "openings" in data
         },  # fmt: skip
         "pretraining": {g: pretraining(e["runs"], e["bases"], e["sessions"]) for g, e in generations.items()},
+        "determinism_probe": determinism_probes(merged["probes"]),
         "step0": step0_losses,
         "lr_grid": lr_grid,
         "gate": gate(step0_losses, lr_grid),

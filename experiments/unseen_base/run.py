@@ -10,6 +10,9 @@ calls that continue one another.
 
 1. ``data/*``: the sample caches every later job reads (built once, before jobs read them side by side);
 2. ``pretrain/seed<b>``: ``experiment=unseen/pretrain`` (chatglm2-small on zhbase, 3 epochs), for each ``--bases``;
+   with ``--phase probe`` first ``probe/<mode>_<where>``: 60 steps of base 0's pretraining with inductor's default or
+   deterministic mode, alone on the GPU or beside the bases' pretraining, whose weights show whether a compiled
+   pretraining repeats bit for bit;
 3. ``base_eval/<corpus>_seed<b>``: each base's step-0 test answer loss and generated answers on SMILE, CPsyCoun
    and KdConv, in the chatglm2 template its fine-tuning uses;
 4. ``grid/<arm>+<reduction>_lr<r>``: one run of each ``--arms`` entry (``experiment=unseen/<arm>``, e.g.
@@ -55,6 +58,7 @@ CORPORA = {  # name: evaluation overrides (data config and file)
     "cpsycoun": ["data=cpsycoun", "data.path={data}/cpsycound.jsonl.gz"],
     "kdconv": ["data=kdconv"],
 }
+PROBE_STEPS = ["trainer.max_steps=60", "callbacks.last_checkpoint.every_n_train_steps=60"]  # last.ckpt at step 60
 GRID_RATES = ("1e-4", "2e-4", "5e-4", "1e-3", "2e-3", "5e-3")  # 6 rates, 1.7 decades
 ARM_REDUCTIONS = (  # conf/experiment/unseen/<corpus>_<arm>.yaml and the model.reduction of each
     ("session", ("token", "sample", "turn")),
@@ -159,14 +163,30 @@ def plan(
         return Job(name, command, needs=[f"data/{corpus}", *making], init=weights, resumable=True,
                    memory_gib=memory_gib(experiment))  # fmt: skip
 
-    if "pretrain" in phases and not given:
+    if ("pretrain" in phases or "probe" in phases) and not given:
         jobs.append(Job("data/zhbase", [*python, "glm_session.data", "stats", *zhbase, "split=all",
                                         f"out={root}/data/zhbase.json"]))  # fmt: skip
+    after_probes = []
+    if "probe" in phases and not given:
+        # Does a compiled pretraining repeat bit for bit, alone on the GPU and beside other jobs, with and without
+        # inductor's deterministic mode? The "alone" runs go one after the other before anything else starts; the
+        # "beside" runs start with the bases' pretraining.
+        previous = "data/zhbase"
+        for mode in ("default", "deterministic"):
+            for where in ("alone", "beside"):
+                name = f"probe/{mode}_{where}"
+                needs = [previous] if where == "alone" else ["probe/deterministic_alone"]
+                jobs.append(Job(name, [*python, "glm_session.train", *zhbase, "seed=0", *PROBE_STEPS,
+                                       f"model.compile_deterministic={str(mode == 'deterministic').lower()}", *QUIET,
+                                       *extra, f"hydra.run.dir={root / name}"], needs=needs, memory_gib=25.0))  # fmt: skip
+                previous = name if where == "alone" else previous
+        after_probes = ["probe/deterministic_alone"]
+    if "pretrain" in phases and not given:
         for seed in bases:
             name = f"pretrain/seed{seed}"
             jobs.append(Job(name, [*python, "glm_session.train", *zhbase, f"seed={seed}", *QUIET, *extra,
-                                   f"hydra.run.dir={root / name}"], needs=["data/zhbase"], resumable=True,
-                            memory_gib=25.0))  # fmt: skip
+                                   f"hydra.run.dir={root / name}"], needs=["data/zhbase", *after_probes],
+                            resumable=True, memory_gib=25.0))  # fmt: skip
     if "evaluate" in phases or arms or seeds_of:
         for corpus, overrides in corpora.items():
             jobs.append(Job(f"data/{corpus}", [*python, "glm_session.data", "stats", *overrides, "tokenizer=zhbase",
@@ -211,7 +231,7 @@ def done(root: Path, job: Job) -> bool:
         return (root / f"{job.name}.json").is_file()
     if job.name.startswith("base_eval/"):
         return any((root / job.name).glob("**/metrics.json"))
-    if job.name.startswith("pretrain/"):
+    if job.name.startswith(("pretrain/", "probe/")):
         return run_status(root / job.name) == "completed"
     # A fine-tuning run evaluates the test split after training: a run stopped in that evaluation is not done.
     return (
@@ -305,7 +325,7 @@ def summary(jobs: list[Job], root: Path) -> dict:
     """Every job's status and the numbers the tables come from; each run names the sha256 of the base it started
     from (``base_sha256``), each pretraining job the base it made (``bases``)."""
     result: dict = {"jobs": {job.name: job.status for job in jobs}, "data": {}, "runs": {}, "base_eval": {},
-                    "bases": {}}  # fmt: skip
+                    "bases": {}, "probes": {}}  # fmt: skip
     fingerprints: dict[Path, str | None] = {}
 
     def fingerprint(checkpoint: Path) -> str | None:
@@ -319,6 +339,8 @@ def summary(jobs: list[Job], root: Path) -> dict:
         folder = root / job.name
         if job.name.startswith("pretrain/"):
             result["bases"][job.name] = fingerprint(folder / "checkpoints" / "last.ckpt")
+        if job.name.startswith("probe/"):
+            result["probes"][job.name] = fingerprint(folder / "checkpoints" / "last.ckpt")
         if job.name.startswith("base_eval/"):
             found = sorted(folder.glob("**/metrics.json"))
             if found:
@@ -342,7 +364,7 @@ def pack(jobs: list[Job], root: Path, archive: Path) -> None:
     (the sessions rebuild them)."""
     with tarfile.open(archive, "w:gz") as tar:
         for job in jobs:
-            if job.status != "done" or job.name.startswith(("data/", "pretrain/")):
+            if job.status != "done" or job.name.startswith(("data/", "pretrain/", "probe/")):
                 continue
             folder = root / job.name
             evaluation = folder if job.name.startswith("base_eval/") else folder / "evaluation"
@@ -364,7 +386,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=ROOT / "outputs" / "unseen_base")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--phase", nargs="*", choices=("pretrain", "evaluate"), default=[])
+    parser.add_argument("--phase", nargs="*", choices=("pretrain", "evaluate", "probe"), default=[])
     parser.add_argument("--bases", "--seeds", nargs="+", type=int, default=[0, 1], help="the bases' seeds")
     parser.add_argument("--base", nargs="+", type=Path, default=None,
                         help="start from these bases instead of pretraining (a run's last.ckpt or a converted "
