@@ -77,6 +77,25 @@ def test_the_probe_runs_alone_one_after_the_other_then_beside_the_pretraining(tm
     }  # fmt: skip
 
 
+def test_the_machine_load_reads_the_first_gpu_and_says_none_without_nvidia_smi():
+    two_gpus = [sys.executable, "-c", "print('87, 40960'); print('3, 512')"]
+    sample = driver.machine_load(30.4, 10, query=two_gpus)
+    assert (sample["seconds"], sample["jobs"], sample["gpu_utilisation"], sample["gpu_memory_mib"]) == (
+        30,
+        10,
+        87,
+        40960,
+    )
+    assert sample["cpu_load"] >= 0 and sample["cpus"] >= 1
+    for query in (
+        ["no-such-nvidia-smi"],
+        [sys.executable, "-c", "print('[N/A], 512')"],
+        [sys.executable, "-c", ""],
+    ):
+        sample = driver.machine_load(0, 0, query=query)
+        assert sample["gpu_utilisation"] is None and sample["gpu_memory_mib"] is None
+
+
 def test_runs_are_grouped_by_the_weights_of_their_bases():
     a0, a1, b0, b1 = "420cacc8" + "0" * 56, "9da81ec8" + "0" * 56, "6cdfac42" + "0" * 56, "77" * 32
     summaries = [

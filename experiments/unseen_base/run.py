@@ -262,9 +262,34 @@ def finish(job: Job, root: Path) -> None:
         shutil.rmtree(root / job.name / "checkpoints", ignore_errors=True)
 
 
+GPU_QUERY = ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits"]
+SAMPLE_EVERY = 30.0  # seconds between two samples of the machine's load
+
+
+def machine_load(seconds: float, running: int, query: list[str] = GPU_QUERY) -> dict:
+    """What the machine is doing now: the first GPU's utilisation (%) and memory in use (MiB) from ``nvidia-smi``
+    (``None`` where it cannot say), the 1-minute load average of the CPUs, and how many jobs run."""
+    sample = {
+        "seconds": round(seconds),
+        "jobs": running,
+        "cpu_load": round(os.getloadavg()[0], 1),
+        "cpus": os.cpu_count(),
+    }
+    try:
+        first = subprocess.run(query, capture_output=True, text=True, timeout=10, check=True).stdout.splitlines()[
+            0
+        ]
+        utilisation, memory = (int(x) for x in first.split(","))
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+        utilisation = memory = None
+    return {**sample, "gpu_utilisation": utilisation, "gpu_memory_mib": memory}
+
+
 def run(jobs: list[Job], root: Path, deadline: float, last_start: float, grace: float, at_once: int,
-        memory: float) -> None:  # fmt: skip
+        memory: float) -> list[dict]:  # fmt: skip
+    """Run the jobs; return samples of the machine's load every ``SAMPLE_EVERY`` seconds (to choose ``--jobs``)."""
     begin = time.monotonic()
+    load: list[dict] = []
     by_name = {job.name: job for job in jobs}
     for job in jobs:
         if done(root, job):
@@ -302,7 +327,9 @@ def run(jobs: list[Job], root: Path, deadline: float, last_start: float, grace: 
                     job.status = "skipped (a job it needs did not finish)"
         waiting = not stopping and now <= last_start and any(job.status == "pending" for job in jobs)
         if not running and not waiting:
-            return
+            return load
+        if now >= SAMPLE_EVERY * len(load):
+            load.append(machine_load(now, len(running)))
         time.sleep(1.0)
 
 
@@ -409,8 +436,9 @@ def main() -> None:
     jobs = plan(args.root, args.data.resolve(), args.phase, args.bases, args.arms, args.seeds_of, rates,
                 kept_test_losses(HERE / "raw"), args.extra, args.eval_extra, args.base)  # fmt: skip
     last_start = args.deadline if args.last_start is None else args.last_start
-    run(jobs, args.root, args.deadline, last_start, args.grace, args.jobs, args.memory)
-    result = {"seconds": round(time.monotonic() - begin), "rates": rates, **summary(jobs, args.root)}
+    load = run(jobs, args.root, args.deadline, last_start, args.grace, args.jobs, args.memory)
+    result = {"seconds": round(time.monotonic() - begin), "rates": rates, "machine_load": load,
+              **summary(jobs, args.root)}  # fmt: skip
     out = args.out or args.root
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
