@@ -171,15 +171,15 @@ def plan(
         # Does a compiled pretraining repeat bit for bit, alone on the GPU and beside other jobs, with and without
         # inductor's deterministic mode? The "alone" runs go one after the other before anything else starts; the
         # "beside" runs start with the bases' pretraining.
-        previous = "data/zhbase"
-        for mode in ("default", "deterministic"):
-            for where in ("alone", "beside"):
-                name = f"probe/{mode}_{where}"
-                needs = [previous] if where == "alone" else ["probe/deterministic_alone"]
-                jobs.append(Job(name, [*python, "glm_session.train", *zhbase, "seed=0", *PROBE_STEPS,
-                                       f"model.compile_deterministic={str(mode == 'deterministic').lower()}", *QUIET,
-                                       *extra, f"hydra.run.dir={root / name}"], needs=needs, memory_gib=25.0))  # fmt: skip
-                previous = name if where == "alone" else previous
+        def probe(mode: str, where: str, needs: str) -> Job:
+            name, deterministic = f"probe/{mode}_{where}", str(mode == "deterministic").lower()
+            return Job(name, [*python, "glm_session.train", *zhbase, "seed=0", *PROBE_STEPS,
+                              f"model.compile_deterministic={deterministic}", *QUIET, *extra,
+                              f"hydra.run.dir={root / name}"], needs=[needs], memory_gib=25.0)  # fmt: skip
+
+        jobs += [probe("default", "alone", "data/zhbase"), probe("default", "beside", "probe/deterministic_alone"),
+                 probe("deterministic", "alone", "probe/default_alone"),
+                 probe("deterministic", "beside", "probe/deterministic_alone")]  # fmt: skip
         after_probes = ["probe/deterministic_alone"]
     if "pretrain" in phases and not given:
         for seed in bases:
@@ -276,10 +276,8 @@ def machine_load(seconds: float, running: int, query: list[str] = GPU_QUERY) -> 
         "cpus": os.cpu_count(),
     }
     try:
-        first = subprocess.run(query, capture_output=True, text=True, timeout=10, check=True).stdout.splitlines()[
-            0
-        ]
-        utilisation, memory = (int(x) for x in first.split(","))
+        output = subprocess.run(query, capture_output=True, text=True, timeout=10, check=True).stdout
+        utilisation, memory = (int(x) for x in output.splitlines()[0].split(","))
     except (OSError, subprocess.SubprocessError, IndexError, ValueError):
         utilisation = memory = None
     return {**sample, "gpu_utilisation": utilisation, "gpu_memory_mib": memory}
