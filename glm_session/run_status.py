@@ -25,8 +25,8 @@ STATUSES = ("completed", "stopped", "failed")
 
 @dataclass
 class RunStopped(BaseException):
-    """A run stopped by ``signum`` after optimizer step ``step``, resumable from ``checkpoint`` (``None`` when
-    checkpointing is off). A ``BaseException``: a sweep stops at it instead of starting its next job."""
+    """A run stopped by ``signum`` (or, ``asked``, by ``stop_after_step``) after optimizer step ``step``, resumable
+    from ``checkpoint`` (``None`` when checkpointing is off). A ``BaseException``: a sweep stops at it instead of starting its next job."""
 
     signum: int
     step: int
@@ -34,17 +34,19 @@ class RunStopped(BaseException):
     checkpoint: str | None
     preempted: bool = False
     job: str | None = field(default=None, compare=False)  # a multirun job's number and overrides
+    asked: bool = False  # stopped where ``stop_after_step`` asked, not by a signal
 
     def __post_init__(self) -> None:
         super().__init__(self.summary())
 
     @property
     def signal_name(self) -> str:
-        return signal.Signals(self.signum).name
+        """What stopped the run: a signal's name, or ``stop_after_step``."""
+        return "stop_after_step" if self.asked else signal.Signals(self.signum).name
 
     @property
     def exit_code(self) -> int:
-        return 128 + self.signum
+        return 0 if self.asked else 128 + self.signum
 
     def record(self) -> dict[str, Any]:
         """The status fields of ``metrics.json``."""

@@ -28,7 +28,7 @@ from glm_session.atomic_files import write_text
 from glm_session.checkpoints import check_resumable, weights_fingerprint
 from glm_session.config import CONFIG_DIR, build
 from glm_session.data.source import SPLITS
-from glm_session.errors import ConfigError, user_message
+from glm_session.errors import ConfigError, check_int, user_message
 from glm_session.hydra_jobs import job, run_app
 from glm_session.run_info import RunInfo
 from glm_session.run_status import METRICS_FILE, read_record
@@ -164,9 +164,10 @@ def _train(
         warmup_batches=cfg.metrics.warmup_batches,
         extra={"run_info": module.run_info.to_dict(), "data": stats["train"]},
     )
+    stop_after_step = check_int("stop_after_step", cfg.get("stop_after_step"), minimum=1, optional=True)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + [
         run_metrics,
-        StopOnSignal(),  # after RunMetrics: a stop's checkpoint counts the step's tokens
+        StopOnSignal(stop_after_step),  # after RunMetrics: a stop's checkpoint counts the step's tokens
         *extra_callbacks,
     ]
     if cfg.trainer.get("enable_progress_bar", True):

@@ -90,6 +90,35 @@ def test_a_signal_stops_after_the_step_in_flight_and_the_run_resumes_exactly(
 
 
 @pytest.mark.slow
+def test_stop_after_step_stops_as_a_signal_would_and_the_run_resumes_exactly(tmp_path, cache_dir, uninterrupted):
+    cache = f"data.cache_dir={cache_dir}"
+    stopped = tmp_path / "stopped"
+    result = launch(command(stopped, cache, "trainer.accumulate_grad_batches=2", "stop_after_step=3"))
+    assert result.returncode == 0, result.stderr[-3000:]  # asked for: not an interruption
+    record = metrics(stopped)
+    assert record["status"] == "stopped" and record["signal"] == "stop_after_step"
+    assert record["stopped_at_step"] == 3
+    checkpoint = stopped / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 3
+    assert [line for line in result.stderr.splitlines() if line.startswith("stopped by")][0].startswith(
+        f"stopped by stop_after_step after optimizer step 3 (epoch 0); checkpoint {checkpoint}; resume with: "
+    )
+    # The resumed run keeps stop_after_step=3: it starts after step 3, so it does not stop again.
+    result = launch(command(stopped, cache, "trainer.accumulate_grad_batches=2", "stop_after_step=3",
+                            f"ckpt_path={checkpoint}"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = metrics(stopped)
+    assert final["status"] == "completed" and final["global_steps"] == uninterrupted["global_steps"]
+    assert final["val_loss_by_epoch"] == pytest.approx(uninterrupted["val_loss_by_epoch"], abs=1e-6)
+
+
+def test_stop_after_step_must_be_a_positive_step(tmp_path):
+    result = launch(command(tmp_path / "run", "stop_after_step=0"))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert error_lines(result.stderr) == ["error: stop_after_step=0: must be an integer >= 1 or null"]
+
+
+@pytest.mark.slow
 def test_a_stopped_sweep_says_which_jobs_ran_stopped_and_never_started(tmp_path, cache_dir):
     sweep = tmp_path / "sweep"
     result = launch(command(sweep, f"data.cache_dir={cache_dir}", "trainer.max_epochs=1", "seed=0,1,2",

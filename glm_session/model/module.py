@@ -115,6 +115,11 @@ class ChatGLM2Module(L.LightningModule):
         compile_deterministic: inductor's deterministic mode for what the process compiles
             (``use_deterministic_compile``), so that a compiled run repeats bit for bit wherever the rest of it is
             deterministic; its cost in speed is not measured.
+        compile_dynamic: ``torch.compile``'s ``dynamic`` for the layers. ``None`` (torch's choice) compiles static
+            kernels first and dynamic ones when a batch of another shape comes, so a run resumed in a new process
+            runs static kernels where the uninterrupted run ran dynamic ones, and ends a few bits apart;
+            ``True`` compiles for any shape from the first step: a stopped run resumes bit for bit
+            (``tests/test_compiled_resume.py``); ``False``: a static compilation for every shape.
     """
 
     def __init__(
@@ -133,6 +138,7 @@ class ChatGLM2Module(L.LightningModule):
         init_adapter: str | None = None,
         activation_checkpointing: bool = False,
         compile_deterministic: bool = False,
+        compile_dynamic: bool | None = None,
     ) -> None:
         super().__init__()
         if compile_deterministic:
@@ -141,6 +147,9 @@ class ChatGLM2Module(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.init_from = check_init_from(init_from)
         self.compile_layers = compile_layers
+        if compile_dynamic not in (None, True, False):
+            raise ConfigError("model.compile_dynamic", compile_dynamic, "true, false or null")
+        self.compile_dynamic = compile_dynamic
         self.loss_chunk_tokens = check_int("model.loss_chunk_tokens", loss_chunk_tokens, minimum=1, optional=True)
         # transformers' own attention only: a Hub kernel name would download and run code
         self.config._attn_implementation = check_choice(
@@ -232,7 +241,7 @@ class ChatGLM2Module(L.LightningModule):
             use_liger_kernels(model)
         if self.compile_layers:
             for layer in model.model.layers:
-                layer.compile()
+                layer.compile(dynamic=self.compile_dynamic)
 
     def attention_mask(self, position_ids: torch.Tensor) -> BlockMask | None:
         """Flex attention's mask of packed rows, built on the device (``packed_mask``); ``None`` for sdpa and eager,

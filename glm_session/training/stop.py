@@ -11,6 +11,9 @@ replaces both while training runs (from ``on_train_start``, after Lightning inst
   wrongly) every rank agrees to stop, ``last.ckpt`` is written where ``LastCheckpoint`` writes it, a preempted
   SLURM job is requeued (``scontrol requeue``), and ``RunStopped`` is raised: ``RunMetrics`` records the status,
   the command prints how to resume and exits with 128 + the signal's number.
+
+``stop_after_step=N`` stops the same way after optimizer step N, as if a signal had come during it (exit 0): a run
+cut at a chosen step, e.g. to check that the resumed run ends as an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -59,8 +62,10 @@ def requeue_slurm_job() -> None:
 class StopOnSignal(L.Callback):
     """Stop training at the next optimizer-step boundary after SIGTERM, SIGINT or a SLURM preemption."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop_after_step: int | None = None) -> None:
         self.signum: int | None = None
+        self.stop_after_step = stop_after_step
+        self._asked = False  # the step stop_after_step names has ended
         self._previous: dict[int, Any] = {}
         self._requeue: int | None = None
 
@@ -98,6 +103,8 @@ class StopOnSignal(L.Callback):
     ) -> None:
         last = batch_idx + 1 >= trainer.num_training_batches  # stopped after its validation (on_validation_end)
         boundary = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+        if boundary and trainer.global_step == self.stop_after_step:
+            self._asked = True  # the same step on every rank
         if boundary and not last and self._requested(trainer):
             self._stop(trainer)
 
@@ -111,6 +118,8 @@ class StopOnSignal(L.Callback):
 
     def _requested(self, trainer: L.Trainer) -> bool:
         """Whether to stop here: any rank's signal stops every rank (one collective a step on several devices)."""
+        if self._asked:
+            return True
         if trainer.world_size == 1:
             return self.signum is not None
         return trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False)
@@ -128,4 +137,4 @@ class StopOnSignal(L.Callback):
         if preempted and trainer.is_global_zero:
             requeue_slurm_job()
         raise RunStopped(signum, trainer.global_step, trainer.current_epoch, str(checkpoint) if checkpoint else None,
-                         preempted)  # fmt: skip
+                         preempted, asked=self._asked and self.signum is None)  # fmt: skip
