@@ -57,23 +57,59 @@ def test_a_kept_check_is_not_run_again(tmp_path):
     assert len([j for j in jobs if j.name.startswith("seeds/")]) == 5
 
 
-def test_the_probe_runs_alone_one_after_the_other_then_beside_the_pretraining(tmp_path):
-    jobs = {j.name: j for j in plan(tmp_path, phases=["pretrain", "probe"])}
-    assert list(jobs) == ["data/zhbase", "probe/default_alone", "probe/default_beside", "probe/deterministic_alone",
-                          "probe/deterministic_beside", "pretrain/seed0", "pretrain/seed1"]  # fmt: skip
-    assert jobs["probe/default_alone"].needs == ["data/zhbase"]
-    assert jobs["probe/deterministic_alone"].needs == ["probe/default_alone"]
-    for name in ("probe/default_beside", "probe/deterministic_beside", "pretrain/seed0", "pretrain/seed1"):
-        assert "probe/deterministic_alone" in jobs[name].needs  # they start together, after the lone runs
-    assert overrides(jobs["probe/deterministic_beside"])["model.compile_deterministic"] == "true"
-    assert overrides(jobs["probe/default_alone"])["model.compile_deterministic"] == "false"
-    assert overrides(jobs["probe/default_alone"])["trainer.max_steps"] == "60"
-    assert "model.compile_deterministic" not in overrides(jobs["pretrain/seed0"])  # the experiment's own: true
+def test_the_probe_runs_alone_one_after_the_other_then_stops_and_resumes_beside_the_pretraining(tmp_path):
+    jobs = {j.name: j for j in plan(tmp_path, phases=["pretrain", "probe"], extra=["speed=fast"])}
+    assert list(jobs) == ["data/zhbase", "data/cpsycoun", "probe/auto_whole", "probe/dynamic_whole",
+                          "probe/auto_stopped", "probe/auto_resumed", "probe/dynamic_stopped", "probe/dynamic_resumed",
+                          "pretrain/seed0", "pretrain/seed1"]  # fmt: skip
+    assert jobs["probe/auto_whole"].needs == ["data/cpsycoun"]
+    assert jobs["probe/dynamic_whole"].needs == ["probe/auto_whole"]
+    for name in ("probe/auto_stopped", "probe/dynamic_stopped", "pretrain/seed0", "pretrain/seed1"):
+        assert "probe/dynamic_whole" in jobs[name].needs  # they start together, after the lone runs
+    root = tmp_path / "root"
+    for mode, setting in (("auto", "null"), ("dynamic", "true")):
+        whole, stopped, resumed = (overrides(jobs[f"probe/{mode}_{how}"]) for how in ("whole", "stopped", "resumed"))
+        assert whole["model.compile_dynamic"] == stopped["model.compile_dynamic"] == setting
+        assert whole["trainer.max_steps"] == "60" and whole["model.init_from"] == "null"
+        assert whole["speed"] == "fast" and whole["experiment"] == "unseen/cpsycoun_split_shuffled"
+        assert stopped["stop_after_step"] == "30" and "stop_after_step" not in whole
+        assert jobs[f"probe/{mode}_resumed"].needs == [f"probe/{mode}_stopped"]
+        assert resumed["ckpt_path"] == str(root / f"probe/{mode}_stopped/checkpoints/last.ckpt")
+        assert {k: v for k, v in resumed.items() if k not in ("ckpt_path", "hydra.run.dir")} == {
+            k: v for k, v in whole.items() if k != "hydra.run.dir"
+        }
+    assert "model.compile_dynamic" not in overrides(jobs["pretrain/seed0"])  # the experiment's own: true
+
+
+def test_a_stopped_probe_is_done_once_stop_after_step_stopped_it(tmp_path):
+    jobs = {j.name: j for j in plan(tmp_path, phases=["probe"])}
+    root = tmp_path / "root"
+    folder = root / "probe/auto_stopped"
+    folder.mkdir(parents=True)
+    assert not driver.done(root, jobs["probe/auto_stopped"])
+    (folder / "metrics.json").write_text(json.dumps({"status": "stopped", "global_steps": 30}))
+    assert driver.done(root, jobs["probe/auto_stopped"])
+    (root / "probe/auto_whole").mkdir(parents=True)
+    (root / "probe/auto_whole/metrics.json").write_text(json.dumps({"status": "stopped"}))
+    assert not driver.done(root, jobs["probe/auto_whole"])  # an uninterrupted probe must complete
+
+
+def test_the_probes_tables_say_whether_a_resumed_run_repeats():
     probes = {"s7": {"probe/default_alone": "aa" * 32, "probe/default_beside": "ab" * 32,
-                     "probe/deterministic_alone": "cc" * 32, "probe/deterministic_beside": "cc" * 32}}  # fmt: skip
+                     "probe/deterministic_alone": "cc" * 32, "probe/deterministic_beside": "cc" * 32},
+              "s8": {"probe/auto_whole": "11" * 32, "probe/auto_resumed": "12" * 32,
+                     "probe/dynamic_whole": "33" * 32, "probe/dynamic_resumed": "33" * 32}}  # fmt: skip
+    runs = {"s8": {"probe/auto_stopped": {"global_steps": 30}, "probe/auto_whole": {"tokens_per_second": 1234.4},
+                   "probe/dynamic_stopped": {"global_steps": 30}}}  # fmt: skip
     assert aggregate.determinism_probes(probes) == {
         "s7": {"default": {"alone": "aaaaaaaa", "beside": "abababab", "repeats": False},
                "deterministic": {"alone": "cccccccc", "beside": "cccccccc", "repeats": True}}
+    }  # fmt: skip
+    assert aggregate.resume_probes(probes, runs) == {
+        "s8": {"auto": {"whole": "11111111", "resumed": "12121212", "repeats": False, "stopped_after_step": 30,
+                        "tokens_per_second": 1234},
+               "dynamic": {"whole": "33333333", "resumed": "33333333", "repeats": True, "stopped_after_step": 30,
+                           "tokens_per_second": None}}
     }  # fmt: skip
 
 

@@ -100,7 +100,7 @@ def merge(paths: list[Path]) -> dict:
     record of a job replaces an earlier one's."""
     summaries = [(device_session(path), json.loads(path.read_text())) for path in paths]
     generation_of = generations_of(summaries)
-    merged: dict = {"data": {}, "generation_of": generation_of, "generations": {}, "probes": {}}
+    merged: dict = {"data": {}, "generation_of": generation_of, "generations": {}, "probes": {}, "probe_runs": {}}
     for session, summary in summaries:
         entry = merged["generations"].setdefault(generation_of[session],
                                                  {"sessions": [], "runs": {}, "base_eval": {}, "bases": {}})  # fmt: skip
@@ -111,6 +111,9 @@ def merge(paths: list[Path]) -> dict:
         entry["bases"].update({k: v for k, v in summary.get("bases", {}).items() if v})
         merged["data"].update(summary.get("data", {}))
         merged["probes"].setdefault(session, {}).update({k: v for k, v in summary.get("probes", {}).items() if v})
+        merged["probe_runs"].setdefault(session, {}).update(
+            {k: v for k, v in summary.get("runs", {}).items() if k.startswith("probe/")}
+        )
     return merged
 
 
@@ -124,6 +127,26 @@ def determinism_probes(probes: dict[str, dict[str, str]]) -> dict:
             if alone and beside:
                 result.setdefault(session, {})[mode] = {"alone": alone[:8], "beside": beside[:8],
                                                         "repeats": alone == beside}  # fmt: skip
+    return result
+
+
+def resume_probes(probes: dict[str, dict[str, str]], runs: dict[str, dict[str, dict]]) -> dict:
+    """Per device session and ``model.compile_dynamic`` mode (``run.py``'s ``PROBE_MODES``): the weights of the
+    uninterrupted probe run and of the one stopped and resumed in a new process, whether they are the same, where
+    the stop was, and the uninterrupted run's tokens/s after its warm-up steps (alone on the GPU)."""
+    result: dict = {}
+    for session, found in sorted(probes.items()):
+        for mode in ("auto", "dynamic"):
+            whole, resumed = found.get(f"probe/{mode}_whole"), found.get(f"probe/{mode}_resumed")
+            if not (whole and resumed):
+                continue
+            stop = runs.get(session, {}).get(f"probe/{mode}_stopped", {})
+            speed = runs.get(session, {}).get(f"probe/{mode}_whole", {}).get("tokens_per_second")
+            result.setdefault(session, {})[mode] = {
+                "whole": whole[:8], "resumed": resumed[:8], "repeats": whole == resumed,
+                "stopped_after_step": stop.get("global_steps"),
+                "tokens_per_second": round(speed) if speed else None,
+            }  # fmt: skip
     return result
 
 
@@ -424,6 +447,17 @@ def tables(results: dict) -> str:
         for session, modes in results["determinism_probe"].items():
             for mode, e in modes.items():
                 lines.append(f"| {session} | {mode} | {e['alone']} | {e['beside']} | {e['repeats']} |")
+    if results["resume_probe"]:
+        lines += ["", "## Does a compiled run stopped and resumed in a new process repeat? (CPsyCoun split_shuffled+token "
+                  "from random weights, 60 steps; weights' sha256)", "",
+                  "| device session | model.compile_dynamic | uninterrupted | stopped, then resumed | stopped after step "
+                  "| the same | tokens/s (uninterrupted, alone, after 10 steps) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for session, modes in results["resume_probe"].items():
+            for mode, e in modes.items():
+                setting = {"auto": "null (torch's choice)", "dynamic": "true"}[mode]
+                speed = f"{e['tokens_per_second']:,}" if e["tokens_per_second"] else "—"
+                lines.append(f"| {session} | {setting} | {e['whole']} | {e['resumed']} | {e['stopped_after_step']} | "
+                             f"{e['repeats']} | {speed} |")  # fmt: skip
     lines += ["", "## Step 0: each base's test answer loss (chatglm2 template), before fine-tuning", "",
               "| bases | corpus | seed | test sessions | test loss | ROUGE-1 | ROUGE-2 | ROUGE-L | BLEU-4 | empty |",
               "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -572,6 +606,7 @@ def main() -> None:
         },  # fmt: skip
         "pretraining": {g: pretraining(e["runs"], e["bases"], e["sessions"]) for g, e in generations.items()},
         "determinism_probe": determinism_probes(merged["probes"]),
+        "resume_probe": resume_probes(merged["probes"], merged["probe_runs"]),
         "step0": step0_losses,
         "lr_grid": lr_grid,
         "gate": gate(step0_losses, lr_grid),

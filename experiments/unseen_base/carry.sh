@@ -4,9 +4,9 @@
 #
 #   bash experiments/unseen_base/carry.sh [DATA]      # DATA: ../shared/data
 #
-# .carry:  zhbase as .jsonl.xz (xz -9: 40.5 MB; the same bytes every time, so the data's content key stays the same)
-#          and every wheel but jieba's, so that the tracked tree (its .tgz archives left behind) plus .carry stay
-#          under a call's 64 MiB;
+# .carry:  zhbase as .jsonl.xz (xz -9: 40.5 MB; the same bytes every time, so the data's content key stays the same),
+#          CPsyCoun (2 MB: the probe's runs) and every wheel but jieba's, so that the tracked tree (its .tgz archives
+#          left behind) plus .carry stay under a call's 64 MiB;
 # .carry2: SMILE, CPsyCoun and every wheel (jieba for ROUGE, liger-kernel for speed=fast).
 set -euo pipefail
 data=$(realpath "${1:-../shared/data}")
@@ -20,6 +20,7 @@ done
 wait
 find .whl -type f -name '*.whl' ! -name 'jieba-*' -exec cp {} .carry/wheels/ \;
 cp .whl/*.whl .carry2/wheels/
+cp "$data/cpsycoun/cpsycound.jsonl.gz" .carry/
 cp "$data/smile/smile_20k.jsonl.gz" "$data/cpsycoun/cpsycound.jsonl.gz" .carry2/
 for folder in /.whl/ /.carry/ /.carry2/; do
     grep -qxF "$folder" .git/info/exclude || echo "$folder" >> .git/info/exclude

@@ -10,9 +10,11 @@ calls that continue one another.
 
 1. ``data/*``: the sample caches every later job reads (built once, before jobs read them side by side);
 2. ``pretrain/seed<b>``: ``experiment=unseen/pretrain`` (chatglm2-small on zhbase, 3 epochs), for each ``--bases``;
-   with ``--phase probe`` first ``probe/<mode>_<where>``: 60 steps of base 0's pretraining with inductor's default or
-   deterministic mode, alone on the GPU or beside the bases' pretraining, whose weights show whether a compiled
-   pretraining repeats bit for bit;
+   with ``--phase probe`` first ``probe/<mode>_<how>``: 60 steps of CPsyCoun split_shuffled+token from random
+   weights (14 batch shapes), with ``model.compile_dynamic`` torch's choice (``auto``) or ``true`` (``dynamic``), once
+   uninterrupted (``whole``, alone on the GPU: its tokens/s after 10 steps is each mode's speed) and once stopped
+   after step 30 (``stopped``) and resumed in a new process (``resumed``): whether the resumed weights are the
+   uninterrupted ones (session 7's bases were not: ``tests/test_compiled_resume.py`` shows why on a CPU);
 3. ``base_eval/<corpus>_seed<b>``: each base's step-0 test answer loss and generated answers on SMILE, CPsyCoun
    and KdConv, in the chatglm2 template its fine-tuning uses;
 4. ``grid/<arm>+<reduction>_lr<r>``: one run of each ``--arms`` entry (``experiment=unseen/<arm>``, e.g.
@@ -58,7 +60,11 @@ CORPORA = {  # name: evaluation overrides (data config and file)
     "cpsycoun": ["data=cpsycoun", "data.path={data}/cpsycound.jsonl.gz"],
     "kdconv": ["data=kdconv"],
 }
-PROBE_STEPS = ["trainer.max_steps=60", "callbacks.last_checkpoint.every_n_train_steps=60"]  # last.ckpt at step 60
+PROBE = ["experiment=unseen/cpsycoun_split_shuffled", "model.reduction=token", "optimizer.lr=2e-3", "seed=0",
+         "model.init_from=null", "trainer.max_steps=60", "callbacks.last_checkpoint.every_n_train_steps=60",
+         "trainer.limit_val_batches=0", "evaluate.enabled=false", "metrics.warmup_batches=10"]  # fmt: skip
+PROBE_STOP = 30
+PROBE_MODES = {"auto": "null", "dynamic": "true"}  # model.compile_dynamic
 GRID_RATES = ("1e-4", "2e-4", "5e-4", "1e-3", "2e-3", "5e-3")  # 6 rates, 1.7 decades
 ARM_REDUCTIONS = (  # conf/experiment/unseen/<corpus>_<arm>.yaml and the model.reduction of each
     ("session", ("token", "sample", "turn")),
@@ -154,6 +160,12 @@ def plan(
             return given[base % len(given)], []
         return root / f"pretrain/seed{base}" / "checkpoints" / "last.ckpt", [f"pretrain/seed{base}"]
 
+    def data_job(corpus: str) -> Job:
+        """The sample caches of ``corpus``, built once before the jobs that read them side by side."""
+        return Job(f"data/{corpus}", [*python, "glm_session.data", "stats", *corpora[corpus], "tokenizer=zhbase",
+                                      "split=all", "data.packing=true", "data.max_seq_len=2048", *eval_extra,
+                                      f"out={root}/data/{corpus}.json"])  # fmt: skip
+
     def train(name: str, experiment: str, reduction: str, rate: str, seed: int, base: int) -> Job:
         corpus = experiment.split("_")[0]
         command = [*python, "glm_session.train", f"experiment=unseen/{experiment}", corpora[corpus][1],
@@ -163,24 +175,28 @@ def plan(
         return Job(name, command, needs=[f"data/{corpus}", *making], init=weights, resumable=True,
                    memory_gib=memory_gib(experiment))  # fmt: skip
 
-    if ("pretrain" in phases or "probe" in phases) and not given:
+    if "pretrain" in phases and not given:
         jobs.append(Job("data/zhbase", [*python, "glm_session.data", "stats", *zhbase, "split=all",
                                         f"out={root}/data/zhbase.json"]))  # fmt: skip
     after_probes = []
-    if "probe" in phases and not given:
-        # Does a compiled pretraining repeat bit for bit, alone on the GPU and beside other jobs, with and without
-        # inductor's deterministic mode? The "alone" runs go one after the other before anything else starts; the
-        # "beside" runs start with the bases' pretraining.
-        def probe(mode: str, where: str, needs: str) -> Job:
-            name, deterministic = f"probe/{mode}_{where}", str(mode == "deterministic").lower()
-            return Job(name, [*python, "glm_session.train", *zhbase, "seed=0", *PROBE_STEPS,
-                              f"model.compile_deterministic={deterministic}", *QUIET, *extra,
-                              f"hydra.run.dir={root / name}"], needs=[needs], memory_gib=25.0)  # fmt: skip
+    if "probe" in phases:
+        # Does a compiled run stopped and resumed in a new process end as the uninterrupted one, in torch's
+        # compilation mode and with compile_dynamic? The "whole" runs go one after the other before anything else
+        # starts (their speed); the stopped runs start with the bases' pretraining.
+        jobs.append(data_job("cpsycoun"))
 
-        jobs += [probe("default", "alone", "data/zhbase"), probe("default", "beside", "probe/deterministic_alone"),
-                 probe("deterministic", "alone", "probe/default_alone"),
-                 probe("deterministic", "beside", "probe/deterministic_alone")]  # fmt: skip
-        after_probes = ["probe/deterministic_alone"]
+        def probe(mode: str, how: str, needs: str, *more: str) -> Job:
+            name = f"probe/{mode}_{how}"
+            return Job(name, [*python, "glm_session.train", *PROBE, corpora["cpsycoun"][1],
+                              f"model.compile_dynamic={PROBE_MODES[mode]}", *QUIET, *extra, *more,
+                              f"hydra.run.dir={root / name}"], needs=[needs], memory_gib=20.0)  # fmt: skip
+
+        stopped = {mode: root / f"probe/{mode}_stopped" / "checkpoints" / "last.ckpt" for mode in PROBE_MODES}
+        jobs += [probe("auto", "whole", "data/cpsycoun"), probe("dynamic", "whole", "probe/auto_whole")]
+        for mode in PROBE_MODES:
+            jobs += [probe(mode, "stopped", "probe/dynamic_whole", f"stop_after_step={PROBE_STOP}"),
+                     probe(mode, "resumed", f"probe/{mode}_stopped", f"ckpt_path={stopped[mode]}")]  # fmt: skip
+        after_probes = ["probe/dynamic_whole"]
     if "pretrain" in phases and not given:
         for seed in bases:
             name = f"pretrain/seed{seed}"
@@ -188,10 +204,7 @@ def plan(
                                    f"hydra.run.dir={root / name}"], needs=["data/zhbase", *after_probes],
                             resumable=True, memory_gib=25.0))  # fmt: skip
     if "evaluate" in phases or arms or seeds_of:
-        for corpus, overrides in corpora.items():
-            jobs.append(Job(f"data/{corpus}", [*python, "glm_session.data", "stats", *overrides, "tokenizer=zhbase",
-                                               "split=all", "data.packing=true", "data.max_seq_len=2048", *eval_extra,
-                                               f"out={root}/data/{corpus}.json"]))  # fmt: skip
+        jobs += [data_job(corpus) for corpus in corpora if f"data/{corpus}" not in {job.name for job in jobs}]
     if "evaluate" in phases:
         for corpus, overrides in corpora.items():
             for seed in bases:
@@ -231,6 +244,8 @@ def done(root: Path, job: Job) -> bool:
         return (root / f"{job.name}.json").is_file()
     if job.name.startswith("base_eval/"):
         return any((root / job.name).glob("**/metrics.json"))
+    if job.name.startswith("probe/") and job.name.endswith("_stopped"):
+        return run_status(root / job.name) == "stopped"  # where stop_after_step stopped it
     if job.name.startswith(("pretrain/", "probe/")):
         return run_status(root / job.name) == "completed"
     # A fine-tuning run evaluates the test split after training: a run stopped in that evaluation is not done.
