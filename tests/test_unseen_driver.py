@@ -62,13 +62,14 @@ def test_the_probe_runs_alone_one_after_the_other_then_stops_and_resumes_beside_
     assert list(jobs) == ["data/zhbase", "data/cpsycoun", "probe/auto_whole", "probe/dynamic_whole",
                           "probe/auto_stopped", "probe/auto_resumed", "probe/dynamic_stopped", "probe/dynamic_resumed",
                           "pretrain/seed0", "pretrain/seed1"]  # fmt: skip
-    assert jobs["probe/auto_whole"].needs == ["data/cpsycoun"]
-    assert jobs["probe/dynamic_whole"].needs == ["probe/auto_whole"]
+    assert jobs["probe/auto_whole"].needs == ["data/cpsycoun"] and not jobs["probe/auto_whole"].after
+    # One after the other, then together; a probe that fails (a mode that does not compile) holds nothing back.
+    assert jobs["probe/dynamic_whole"].after == ["probe/auto_whole"]
     for name in ("probe/auto_stopped", "probe/dynamic_stopped", "pretrain/seed0", "pretrain/seed1"):
-        assert "probe/dynamic_whole" in jobs[name].needs  # they start together, after the lone runs
+        assert jobs[name].after == ["probe/dynamic_whole"] and "probe/dynamic_whole" not in jobs[name].needs
     root = tmp_path / "root"
     for mode, setting in (("auto", "null"), ("dynamic", "true")):
-        whole, stopped, resumed = (overrides(jobs[f"probe/{mode}_{how}"]) for how in ("whole", "stopped", "resumed"))
+        whole, stopped, resumed = (overrides(jobs[f"probe/{mode}_{how}"]) for how in ("whole", "stopped", "resumed"))  # fmt: skip
         assert whole["model.compile_dynamic"] == stopped["model.compile_dynamic"] == setting
         assert whole["trainer.max_steps"] == "60" and whole["model.init_from"] == "null"
         assert whole["speed"] == "fast" and whole["experiment"] == "unseen/cpsycoun_split_shuffled"
@@ -79,6 +80,19 @@ def test_the_probe_runs_alone_one_after_the_other_then_stops_and_resumes_beside_
             k: v for k, v in whole.items() if k != "hydra.run.dir"
         }
     assert "model.compile_dynamic" not in overrides(jobs["pretrain/seed0"])  # the experiment's own: true
+
+
+def test_a_job_after_another_starts_when_that_one_ended_done_or_not(tmp_path):
+    root = tmp_path / "root"
+    complete = "import json, pathlib, sys; p = pathlib.Path(sys.argv[1]); p.mkdir(parents=True); " \
+               "(p / 'metrics.json').write_text(json.dumps({'status': 'completed'}))"  # fmt: skip
+    jobs = [driver.Job("probe/auto_whole", [sys.executable, "-c", "raise SystemExit(1)"]),
+            driver.Job("pretrain/seed0", [sys.executable, "-c", complete, str(root / "pretrain/seed0")],
+                       after=["probe/auto_whole"]),
+            driver.Job("pretrain/seed1", [sys.executable, "-c", complete, str(root / "pretrain/seed1")],
+                       needs=["probe/auto_whole"])]  # fmt: skip
+    driver.run(jobs, root, deadline=120, last_start=120, grace=5, at_once=4, memory=100)
+    assert [job.status for job in jobs] == ["failed (exit 1)", "done", "skipped (a job it needs did not finish)"]
 
 
 def test_a_stopped_probe_is_done_once_stop_after_step_stopped_it(tmp_path):

@@ -89,7 +89,8 @@ SEEDS = range(5)
 class Job:
     name: str  # also its folder under --root
     command: list[str]
-    needs: list[str] = field(default_factory=list)
+    needs: list[str] = field(default_factory=list)  # jobs that must be done first
+    after: list[str] = field(default_factory=list)  # jobs that must have ended first, done or not
     init: Path | None = None  # the base it starts from (GLM_SESSION_INIT: a last.ckpt or a converted folder)
     resumable: bool = False  # a stopped run continues from its last.ckpt
     memory_gib: float = 10.0  # what it holds on the GPU at its peak (reserved included)
@@ -185,23 +186,25 @@ def plan(
         # starts (their speed); the stopped runs start with the bases' pretraining.
         jobs.append(data_job("cpsycoun"))
 
-        def probe(mode: str, how: str, needs: str, *more: str) -> Job:
+        def probe(mode: str, how: str, needs: str, after: str | None = None, *more: str) -> Job:
             name = f"probe/{mode}_{how}"
-            return Job(name, [*python, "glm_session.train", *PROBE, corpora["cpsycoun"][1],
-                              f"model.compile_dynamic={PROBE_MODES[mode]}", *QUIET, *extra, *more,
-                              f"hydra.run.dir={root / name}"], needs=[needs], memory_gib=20.0)  # fmt: skip
+            return Job(name, [*python, "glm_session.train", *PROBE, corpora["cpsycoun"][1], *QUIET, *extra,
+                              f"model.compile_dynamic={PROBE_MODES[mode]}", *more, f"hydra.run.dir={root / name}"],
+                       needs=[needs], after=[after] if after else [], memory_gib=20.0)  # fmt: skip
 
         stopped = {mode: root / f"probe/{mode}_stopped" / "checkpoints" / "last.ckpt" for mode in PROBE_MODES}
-        jobs += [probe("auto", "whole", "data/cpsycoun"), probe("dynamic", "whole", "probe/auto_whole")]
+        # One after the other, whatever the one before did (a mode that fails to compile fails alone).
+        jobs += [probe("auto", "whole", "data/cpsycoun"),
+                 probe("dynamic", "whole", "data/cpsycoun", "probe/auto_whole")]  # fmt: skip
         for mode in PROBE_MODES:
-            jobs += [probe(mode, "stopped", "probe/dynamic_whole", f"stop_after_step={PROBE_STOP}"),
-                     probe(mode, "resumed", f"probe/{mode}_stopped", f"ckpt_path={stopped[mode]}")]  # fmt: skip
+            jobs += [probe(mode, "stopped", "data/cpsycoun", "probe/dynamic_whole", f"stop_after_step={PROBE_STOP}"),
+                     probe(mode, "resumed", f"probe/{mode}_stopped", None, f"ckpt_path={stopped[mode]}")]  # fmt: skip
         after_probes = ["probe/dynamic_whole"]
     if "pretrain" in phases and not given:
         for seed in bases:
             name = f"pretrain/seed{seed}"
             jobs.append(Job(name, [*python, "glm_session.train", *zhbase, f"seed={seed}", *QUIET, *extra,
-                                   f"hydra.run.dir={root / name}"], needs=["data/zhbase", *after_probes],
+                                   f"hydra.run.dir={root / name}"], needs=["data/zhbase"], after=after_probes,
                             resumable=True, memory_gib=25.0))  # fmt: skip
     if "evaluate" in phases or arms or seeds_of:
         jobs += [data_job(corpus) for corpus in corpora if f"data/{corpus}" not in {job.name for job in jobs}]
@@ -332,7 +335,8 @@ def run(jobs: list[Job], root: Path, deadline: float, last_start: float, grace: 
                 if job.status != "pending" or len(running) >= at_once or held + job.memory_gib > memory:
                     continue
                 needs = [by_name[n].status for n in job.needs if n in by_name]
-                if all(s == "done" for s in needs):
+                ended = all(by_name[n].status not in ("pending", "running") for n in job.after if n in by_name)
+                if all(s == "done" for s in needs) and ended:
                     start(job, root)
                     running.append(job)
                     print(f"[{now:6.0f}s] {job.name}: started", flush=True)
