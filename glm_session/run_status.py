@@ -26,7 +26,8 @@ STATUSES = ("completed", "stopped", "failed")
 @dataclass
 class RunStopped(BaseException):
     """A run stopped by ``signum`` (or, ``asked``, by ``stop_after_step``) after optimizer step ``step``, resumable
-    from ``checkpoint`` (``None`` when checkpointing is off). A ``BaseException``: a sweep stops at it instead of starting its next job."""
+    from ``checkpoint`` (``None`` when checkpointing is off). A ``BaseException``: a sweep stops at it instead of
+    starting its next job."""
 
     signum: int
     step: int
