@@ -59,11 +59,11 @@ def test_the_batches_change_shape_before_the_stop(cache_dir):
 
 
 @pytest.mark.slow
-def test_with_compile_dynamic_a_resumed_run_repeats_bit_for_bit(tmp_path, cache_dir):
-    run(tmp_path / "whole", cache_dir, "model.compile_dynamic=true")
-    assert stopped_and_resumed(tmp_path / "stopped", cache_dir, "model.compile_dynamic=true") == weights_digest(
-        tmp_path / "whole"
-    )
+@pytest.mark.parametrize("dynamic", ["rows", "true"])
+def test_with_compile_dynamic_a_resumed_run_repeats_bit_for_bit(tmp_path, cache_dir, dynamic):
+    setting = f"model.compile_dynamic={dynamic}"
+    run(tmp_path / "whole", cache_dir, setting)
+    assert stopped_and_resumed(tmp_path / "stopped", cache_dir, setting) == weights_digest(tmp_path / "whole")
 
 
 @pytest.mark.slow
@@ -73,7 +73,27 @@ def test_with_torchs_default_the_resumed_run_runs_other_kernels(tmp_path, cache_
     assert stopped_and_resumed(tmp_path / "stopped", cache_dir) != weights_digest(tmp_path / "whole")
 
 
-def test_compile_dynamic_is_true_false_or_null():
+def test_compile_dynamic_is_null_true_false_or_rows():
     assert module(compile_dynamic=True).compile_dynamic is True
-    with pytest.raises(ConfigError, match=r"model.compile_dynamic='yes': must be true, false or null"):
-        module(compile_dynamic="yes")
+    assert module(compile_dynamic="rows").compile_dynamic == "rows"
+    for wrong in ("yes", 1):
+        with pytest.raises(ConfigError, match=r"model.compile_dynamic=.*: must be null, true, false or rows"):
+            module(compile_dynamic=wrong)
+
+
+def test_rows_marks_the_rows_of_every_input_a_layer_gets():
+    """Hidden states, rotary tables, position ids, a flex BlockMask's tables and the sample ids its mask function
+    reads (one left out, and torch compiles the layer again at the first batch of another size)."""
+    from glm_session.model.compiled_layers import mark_rows_dynamic
+    from glm_session.model.packed_mask import packed_block_mask
+
+    position_ids = torch.cat([torch.arange(100), torch.arange(156)]).repeat(3, 1)
+    block_mask = packed_block_mask(position_ids)
+    hidden, cos = torch.zeros(3, 256, 8), torch.zeros(3, 256, 4)
+    cache_position = torch.arange(256)
+    mark_rows_dynamic(((hidden,), {"attention_mask": block_mask, "position_embeddings": (cos, cos),
+                                   "position_ids": position_ids, "cache_position": cache_position}), 3)  # fmt: skip
+    closure = block_mask.mask_mod.__closure__[0].cell_contents
+    for tensor in (hidden, cos, position_ids, block_mask.kv_indices, block_mask.full_q_indices, closure):
+        assert getattr(tensor, "_dynamo_weak_dynamic_indices", set()) == {0}  # what maybe_mark_dynamic sets
+    assert not getattr(cache_position, "_dynamo_weak_dynamic_indices", None)  # (T,): no rows dimension

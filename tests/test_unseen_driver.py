@@ -59,16 +59,16 @@ def test_a_kept_check_is_not_run_again(tmp_path):
 
 def test_the_probe_runs_alone_one_after_the_other_then_stops_and_resumes_beside_the_pretraining(tmp_path):
     jobs = {j.name: j for j in plan(tmp_path, phases=["pretrain", "probe"], extra=["speed=fast"])}
-    assert list(jobs) == ["data/zhbase", "data/cpsycoun", "probe/auto_whole", "probe/dynamic_whole",
-                          "probe/auto_stopped", "probe/auto_resumed", "probe/dynamic_stopped", "probe/dynamic_resumed",
+    assert list(jobs) == ["data/zhbase", "data/cpsycoun", "probe/auto_whole", "probe/rows_whole",
+                          "probe/auto_stopped", "probe/auto_resumed", "probe/rows_stopped", "probe/rows_resumed",
                           "pretrain/seed0", "pretrain/seed1"]  # fmt: skip
     assert jobs["probe/auto_whole"].needs == ["data/cpsycoun"] and not jobs["probe/auto_whole"].after
     # One after the other, then together; a probe that fails (a mode that does not compile) holds nothing back.
-    assert jobs["probe/dynamic_whole"].after == ["probe/auto_whole"]
-    for name in ("probe/auto_stopped", "probe/dynamic_stopped", "pretrain/seed0", "pretrain/seed1"):
-        assert jobs[name].after == ["probe/dynamic_whole"] and "probe/dynamic_whole" not in jobs[name].needs
+    assert jobs["probe/rows_whole"].after == ["probe/auto_whole"]
+    for name in ("probe/auto_stopped", "probe/rows_stopped", "pretrain/seed0", "pretrain/seed1"):
+        assert jobs[name].after == ["probe/rows_whole"] and "probe/rows_whole" not in jobs[name].needs
     root = tmp_path / "root"
-    for mode, setting in (("auto", "null"), ("dynamic", "true")):
+    for mode, setting in (("auto", "null"), ("rows", "rows")):
         whole, stopped, resumed = (overrides(jobs[f"probe/{mode}_{how}"]) for how in ("whole", "stopped", "resumed"))  # fmt: skip
         assert whole["model.compile_dynamic"] == stopped["model.compile_dynamic"] == setting
         assert whole["trainer.max_steps"] == "60" and whole["model.init_from"] == "null"
@@ -79,7 +79,7 @@ def test_the_probe_runs_alone_one_after_the_other_then_stops_and_resumes_beside_
         assert {k: v for k, v in resumed.items() if k not in ("ckpt_path", "hydra.run.dir")} == {
             k: v for k, v in whole.items() if k != "hydra.run.dir"
         }
-    assert "model.compile_dynamic" not in overrides(jobs["pretrain/seed0"])  # the experiment's own: true
+    assert "model.compile_dynamic" not in overrides(jobs["pretrain/seed0"])  # the experiment's own: rows
 
 
 def test_a_job_after_another_starts_when_that_one_ended_done_or_not(tmp_path):

@@ -11,7 +11,7 @@ calls that continue one another.
 1. ``data/*``: the sample caches every later job reads (built once, before jobs read them side by side);
 2. ``pretrain/seed<b>``: ``experiment=unseen/pretrain`` (chatglm2-small on zhbase, 3 epochs), for each ``--bases``;
    with ``--phase probe`` first ``probe/<mode>_<how>``: 60 steps of CPsyCoun split_shuffled+token from random
-   weights (14 batch shapes), with ``model.compile_dynamic`` torch's choice (``auto``) or ``true`` (``dynamic``), once
+   weights (14 batch shapes), with ``model.compile_dynamic`` torch's choice (``auto``) or ``rows``, once
    uninterrupted (``whole``, alone on the GPU: its tokens/s after 10 steps is each mode's speed) and once stopped
    after step 30 (``stopped``) and resumed in a new process (``resumed``): whether the resumed weights are the
    uninterrupted ones (session 7's bases were not: ``tests/test_compiled_resume.py`` shows why on a CPU);
@@ -64,7 +64,7 @@ PROBE = ["experiment=unseen/cpsycoun_split_shuffled", "model.reduction=token", "
          "model.init_from=null", "trainer.max_steps=60", "callbacks.last_checkpoint.every_n_train_steps=60",
          "trainer.limit_val_batches=0", "evaluate.enabled=false", "metrics.warmup_batches=10"]  # fmt: skip
 PROBE_STOP = 30
-PROBE_MODES = {"auto": "null", "dynamic": "true"}  # model.compile_dynamic
+PROBE_MODES = {"auto": "null", "rows": "rows"}  # model.compile_dynamic
 GRID_RATES = ("1e-4", "2e-4", "5e-4", "1e-3", "2e-3", "5e-3")  # 6 rates, 1.7 decades
 ARM_REDUCTIONS = (  # conf/experiment/unseen/<corpus>_<arm>.yaml and the model.reduction of each
     ("session", ("token", "sample", "turn")),
@@ -195,11 +195,11 @@ def plan(
         stopped = {mode: root / f"probe/{mode}_stopped" / "checkpoints" / "last.ckpt" for mode in PROBE_MODES}
         # One after the other, whatever the one before did (a mode that fails to compile fails alone).
         jobs += [probe("auto", "whole", "data/cpsycoun"),
-                 probe("dynamic", "whole", "data/cpsycoun", "probe/auto_whole")]  # fmt: skip
+                 probe("rows", "whole", "data/cpsycoun", "probe/auto_whole")]  # fmt: skip
         for mode in PROBE_MODES:
-            jobs += [probe(mode, "stopped", "data/cpsycoun", "probe/dynamic_whole", f"stop_after_step={PROBE_STOP}"),
+            jobs += [probe(mode, "stopped", "data/cpsycoun", "probe/rows_whole", f"stop_after_step={PROBE_STOP}"),
                      probe(mode, "resumed", f"probe/{mode}_stopped", None, f"ckpt_path={stopped[mode]}")]  # fmt: skip
-        after_probes = ["probe/dynamic_whole"]
+        after_probes = ["probe/rows_whole"]
     if "pretrain" in phases and not given:
         for seed in bases:
             name = f"pretrain/seed{seed}"

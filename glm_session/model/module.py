@@ -22,6 +22,7 @@ from transformers import GlmConfig, GlmForCausalLM
 from glm_session.adapters import add_lora, check_peft, is_adapter_key, load_adapter_folder
 from glm_session.checkpoints import BUILTIN_ATTENTION, check_init_from, initial_state, load_weights_into
 from glm_session.errors import ConfigError, UserError, check_choice, check_int
+from glm_session.model.compiled_layers import check_compile_dynamic, compile_layers
 from glm_session.model.kernels import KERNELS, use_liger_kernels
 from glm_session.model.loss import REDUCTIONS, chunked_token_losses, denominator, reduce, token_losses
 from glm_session.model.packed_mask import packed_block_mask
@@ -115,11 +116,10 @@ class ChatGLM2Module(L.LightningModule):
         compile_deterministic: inductor's deterministic mode for what the process compiles
             (``use_deterministic_compile``), so that a compiled run repeats bit for bit wherever the rest of it is
             deterministic; its cost in speed is not measured.
-        compile_dynamic: ``torch.compile``'s ``dynamic`` for the layers. ``None`` (torch's choice) compiles static
-            kernels first and dynamic ones when a batch of another shape comes, so a run resumed in a new process
-            runs static kernels where the uninterrupted run ran dynamic ones, and ends a few bits apart;
-            ``True`` compiles for any shape from the first step: a stopped run resumes bit for bit
-            (``tests/test_compiled_resume.py``); ``False``: a static compilation for every shape.
+        compile_dynamic: which sizes the compiled layers treat as dynamic (``compiled_layers.py``): ``None``
+            (torch's choice: a resumed run runs other kernels for a while), ``"rows"`` (the rows of a batch, from the
+            first step: a stopped run resumes bit for bit where only the rows vary, ``data.pad_to=max_seq_len``)
+            or ``True`` (every size, from the first step); ``False``: a static compilation for every shape.
     """
 
     def __init__(
@@ -138,7 +138,7 @@ class ChatGLM2Module(L.LightningModule):
         init_adapter: str | None = None,
         activation_checkpointing: bool = False,
         compile_deterministic: bool = False,
-        compile_dynamic: bool | None = None,
+        compile_dynamic: bool | str | None = None,
     ) -> None:
         super().__init__()
         if compile_deterministic:
@@ -147,9 +147,7 @@ class ChatGLM2Module(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.init_from = check_init_from(init_from)
         self.compile_layers = compile_layers
-        if compile_dynamic not in (None, True, False):
-            raise ConfigError("model.compile_dynamic", compile_dynamic, "true, false or null")
-        self.compile_dynamic = compile_dynamic
+        self.compile_dynamic = check_compile_dynamic(compile_dynamic)
         self.loss_chunk_tokens = check_int("model.loss_chunk_tokens", loss_chunk_tokens, minimum=1, optional=True)
         # transformers' own attention only: a Hub kernel name would download and run code
         self.config._attn_implementation = check_choice(
@@ -240,8 +238,7 @@ class ChatGLM2Module(L.LightningModule):
         if self.kernels == "liger":
             use_liger_kernels(model)
         if self.compile_layers:
-            for layer in model.model.layers:
-                layer.compile(dynamic=self.compile_dynamic)
+            compile_layers(model.model.layers, self.compile_dynamic)
 
     def attention_mask(self, position_ids: torch.Tensor) -> BlockMask | None:
         """Flex attention's mask of packed rows, built on the device (``packed_mask``); ``None`` for sdpa and eager,

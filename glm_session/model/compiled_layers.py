@@ -1,0 +1,71 @@
+"""``torch.compile`` of each decoder layer (``model.compile_layers``), and how its sizes are treated
+(``model.compile_dynamic``).
+
+torch's default (``None``) compiles a layer for the first batch shape it meets, with static sizes, and compiles it
+again, dynamic in whatever size changed, when a batch of another shape comes; from then on it runs that second
+version. A run resumed in a new process starts static again, so until its first batch of another shape it runs other
+kernels than the uninterrupted run ran at the same steps, and ends a few bits away from it
+(``tests/test_compiled_resume.py``). Two settings make every step run the same kernels whatever came before:
+
+- ``"rows"``: dynamic in the number of rows of a batch from the first call, static in everything else: what torch's
+  default runs after its first change of batch size, when only the rows vary (``data.pad_to=max_seq_len``);
+- ``True``: every size dynamic from the first call (``torch.compile(dynamic=True)``).
+
+``False`` compiles every shape on its own, statically.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+from glm_session.errors import ConfigError
+
+DYNAMIC_CHOICES = (None, True, False, "rows")
+
+
+def check_compile_dynamic(value: Any) -> bool | str | None:
+    if not any(value is choice or (isinstance(choice, str) and value == choice) for choice in DYNAMIC_CHOICES):
+        raise ConfigError("model.compile_dynamic", value, "null, true, false or rows")
+    return value
+
+
+def compile_layers(layers: torch.nn.ModuleList, dynamic: bool | str | None) -> None:
+    """Compile each decoder layer in place (its parameters and their names stay as they are)."""
+    for layer in layers:
+        if dynamic == "rows":
+            layer.compile()
+            layer._compiled_call_impl = _rows_dynamic(layer._compiled_call_impl)
+        else:
+            layer.compile(dynamic=dynamic)
+
+
+def _rows_dynamic(compiled: Any) -> Any:
+    """``compiled`` called with the rows dimension of every input marked dynamic (before Dynamo sees them)."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        mark_rows_dynamic((args, kwargs), hidden_states.shape[0])
+        return compiled(*args, **kwargs)
+
+    return call
+
+
+def mark_rows_dynamic(value: Any, rows: int) -> None:
+    """Mark dimension 0 dynamic on every tensor in ``value`` whose dimension 0 is ``rows``: the hidden states,
+    position ids, rotary tables, an sdpa mask, and a flex ``BlockMask``'s block tables and the tensors its mask
+    function reads."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() and value.shape[0] == rows:
+            torch._dynamo.maybe_mark_dynamic(value, 0)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            mark_rows_dynamic(item, rows)
+    elif isinstance(value, dict):
+        for item in value.values():
+            mark_rows_dynamic(item, rows)
+    elif isinstance(value, BlockMask):
+        cells = [cell.cell_contents for cell in value.mask_mod.__closure__ or ()]
+        mark_rows_dynamic([*vars(value).values(), *cells], rows)
