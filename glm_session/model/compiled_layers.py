@@ -23,11 +23,9 @@ from torch.nn.attention.flex_attention import BlockMask
 
 from glm_session.errors import ConfigError
 
-DYNAMIC_CHOICES = (None, True, False, "rows")
-
 
 def check_compile_dynamic(value: Any) -> bool | str | None:
-    if not any(value is choice or (isinstance(choice, str) and value == choice) for choice in DYNAMIC_CHOICES):
+    if not (value is None or isinstance(value, bool) or value == "rows"):
         raise ConfigError("model.compile_dynamic", value, "null, true, false or rows")
     return value
 
@@ -37,6 +35,7 @@ def compile_layers(layers: torch.nn.ModuleList, dynamic: bool | str | None) -> N
     for layer in layers:
         if dynamic == "rows":
             layer.compile()
+            # Module.compile leaves no place between the module's call and Dynamo but the compiled call itself.
             layer._compiled_call_impl = _rows_dynamic(layer._compiled_call_impl)
         else:
             layer.compile(dynamic=dynamic)
