@@ -112,9 +112,9 @@ def test_the_probes_tables_say_whether_a_resumed_run_repeats():
     probes = {"s7": {"probe/default_alone": "aa" * 32, "probe/default_beside": "ab" * 32,
                      "probe/deterministic_alone": "cc" * 32, "probe/deterministic_beside": "cc" * 32},
               "s8": {"probe/auto_whole": "11" * 32, "probe/auto_resumed": "12" * 32,
-                     "probe/dynamic_whole": "33" * 32, "probe/dynamic_resumed": "33" * 32}}  # fmt: skip
+                     "probe/rows_whole": "33" * 32, "probe/rows_resumed": "33" * 32}}  # fmt: skip
     runs = {"s8": {"probe/auto_stopped": {"global_steps": 30}, "probe/auto_whole": {"tokens_per_second": 1234.4},
-                   "probe/dynamic_stopped": {"global_steps": 30}}}  # fmt: skip
+                   "probe/rows_stopped": {"global_steps": 30}}}  # fmt: skip
     assert aggregate.determinism_probes(probes) == {
         "s7": {"default": {"alone": "aaaaaaaa", "beside": "abababab", "repeats": False},
                "deterministic": {"alone": "cccccccc", "beside": "cccccccc", "repeats": True}}
@@ -122,7 +122,7 @@ def test_the_probes_tables_say_whether_a_resumed_run_repeats():
     assert aggregate.resume_probes(probes, runs) == {
         "s8": {"auto": {"whole": "11111111", "resumed": "12121212", "repeats": False, "stopped_after_step": 30,
                         "tokens_per_second": 1234},
-               "dynamic": {"whole": "33333333", "resumed": "33333333", "repeats": True, "stopped_after_step": 30,
+               "rows": {"whole": "33333333", "resumed": "33333333", "repeats": True, "stopped_after_step": 30,
                            "tokens_per_second": None}}
     }  # fmt: skip
 

@@ -136,7 +136,7 @@ def resume_probes(probes: dict[str, dict[str, str]], runs: dict[str, dict[str, d
     the stop was, and the uninterrupted run's tokens/s after its warm-up steps (alone on the GPU)."""
     result: dict = {}
     for session, found in sorted(probes.items()):
-        for mode in ("auto", "rows", "dynamic"):
+        for mode in ("auto", "rows"):  # run.py PROBE_MODES
             whole, resumed = found.get(f"probe/{mode}_whole"), found.get(f"probe/{mode}_resumed")
             if not (whole and resumed):
                 continue
@@ -454,7 +454,7 @@ def tables(results: dict) -> str:
                   "| the same | tokens/s (uninterrupted, alone, after 10 steps) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
         for session, modes in results["resume_probe"].items():
             for mode, e in modes.items():
-                setting = {"auto": "null (torch's choice)", "rows": "rows", "dynamic": "true"}[mode]
+                setting = {"auto": "null (torch's choice)", "rows": "rows"}[mode]
                 speed = f"{e['tokens_per_second']:,}" if e["tokens_per_second"] else "—"
                 lines.append(f"| {session} | {setting} | {e['whole']} | {e['resumed']} | {e['stopped_after_step']} | "
                              f"{e['repeats']} | {speed} |")  # fmt: skip
