@@ -93,6 +93,9 @@ def test_a_job_after_another_starts_when_that_one_ended_done_or_not(tmp_path):
                        needs=["probe/auto_whole"])]  # fmt: skip
     driver.run(jobs, root, deadline=120, last_start=120, grace=5, at_once=4, memory=100)
     assert [job.status for job in jobs] == ["failed (exit 1)", "done", "skipped (a job it needs did not finish)"]
+    first, second, skipped = (job.seconds for job in jobs)  # when each started and ended, from the call's start
+    assert len(first) == len(second) == 2 and first[0] <= first[1] <= second[0] <= second[1] and skipped == []
+    assert driver.summary(jobs, root)["job_seconds"] == {"probe/auto_whole": first, "pretrain/seed0": second}
 
 
 def test_a_stopped_probe_is_done_once_stop_after_step_stopped_it(tmp_path):
@@ -185,6 +188,16 @@ def test_a_given_base_replaces_pretraining(tmp_path):
     assert {j.init for j in runs} == {base} and all(j.needs == ["data/smile"] for j in runs)
 
 
+def test_a_grid_run_is_done_once_trained_its_test_evaluation_is_not_needed(tmp_path):
+    root = tmp_path / "root"
+    job = driver.Job("grid/smile_split_shuffled+sample_lr1e-3", [])
+    (root / job.name).mkdir(parents=True)
+    (root / job.name / "metrics.json").write_text(json.dumps({"status": "stopped"}))
+    assert not driver.done(root, job)
+    (root / job.name / "metrics.json").write_text(json.dumps({"status": "completed"}))
+    assert driver.done(root, job)  # its validation curve is what the grid reads
+
+
 def test_a_run_is_done_only_when_trained_and_evaluated(tmp_path):
     root = tmp_path / "root"
     job = driver.Job("seeds/smile_session+token_seed1", [])
@@ -199,27 +212,69 @@ def test_a_run_is_done_only_when_trained_and_evaluated(tmp_path):
     assert driver.done(root, job)
 
 
-def test_only_interior_rates_are_chosen(tmp_path):
+def test_only_interior_rates_of_complete_grids_are_chosen(tmp_path):
     results = tmp_path / "results.json"
-    results.write_text(json.dumps({"lr_grid": {"a+token": {"chosen": "2e-3", "interior": True},
-                                               "b+token": {"chosen": "5e-3", "interior": False}}}))  # fmt: skip
-    assert driver.chosen_rates(results) == {"a+token": "2e-3"}
+    every = {rate: {} for rate in driver.GRID_RATES}
+    four = {rate: {} for rate in ("1e-4", "2e-4", "5e-4", "1e-3")}
+    results.write_text(json.dumps({"lr_grid": {"a+token": {"rates": every, "chosen": "2e-3", "interior": True},
+                                               "b+token": {"rates": every, "chosen": "5e-3", "interior": False},
+                                               "c+token": {"rates": four, "chosen": "5e-4", "interior": True}}}))  # fmt: skip
+    assert driver.chosen_rates(results) == {"a+token": "2e-3"}  # c: two rates not run, its choice may move
+    assert driver.chosen_rates(None) == {} and driver.chosen_rates(tmp_path / "none.json") == {}
+    assert driver.recorded_rates(results)["c+token"] == {"1e-4", "2e-4", "5e-4", "1e-3"}
+    assert driver.grids_file(None, None) == driver.HERE / "results.json"
+    assert driver.grids_file(None, [tmp_path / "chatglm2-6b"]) is None  # another base runs its own grids
+    assert driver.grids_file(results, [tmp_path / "chatglm2-6b"]) == results
 
 
-def test_kept_runs_come_from_the_archives_or_from_the_index_when_the_archives_stayed_behind(tmp_path):
+def test_a_grid_runs_only_the_rates_not_recorded(tmp_path, capsys):
+    recorded = {"smile_split_shuffled+sample": {"1e-4", "2e-4", "5e-4", "1e-3"}}
+    jobs = plan(tmp_path, arms=["smile_split_shuffled+sample", "smile_split_samples+token"], recorded=recorded)
+    assert [j.name for j in jobs if j.name.startswith("grid/")] == [
+        "grid/smile_split_shuffled+sample_lr2e-3", "grid/smile_split_shuffled+sample_lr5e-3",
+        *[f"grid/smile_split_samples+token_lr{rate}" for rate in driver.GRID_RATES]]  # fmt: skip
+    assert "grid/smile_split_shuffled+sample_lr1e-4: recorded" in capsys.readouterr().out
+
+
+def test_the_rate_of_a_grid_run_in_this_root_once_every_rate_completed(tmp_path):
+    root = tmp_path / "root"
+
+    def record(rate: str, last: float, status: str = "completed") -> None:
+        folder = root / f"grid/smile_session+token_lr{rate}"
+        folder.mkdir(parents=True, exist_ok=True)
+        curve = [{"step": 10, "loss": 9.0}, {"step": 20, "loss": last}]
+        (folder / "metrics.json").write_text(json.dumps({"status": status, "val_curve": curve}))
+
+    for rate, last in zip(driver.GRID_RATES[:5], (3.4, 3.2, 3.1, 3.0, 3.05), strict=True):
+        record(rate, last)
+    assert driver.root_rates(root) == {}  # 5e-3 not run yet
+    record("5e-3", 2.9, status="stopped")
+    assert driver.root_rates(root) == {}  # stopped: not a grid point yet
+    record("5e-3", 3.3)
+    assert driver.root_rates(root) == {"smile_session+token": "1e-3"}  # the lowest last validation loss
+    record("5e-3", 2.9)
+    assert driver.root_rates(root) == {}  # chosen at the grid's edge: not interior, its seeds wait
+
+
+def test_kept_runs_come_from_the_index_of_the_reference_bases_not_from_every_archive(tmp_path):
     import io
     import tarfile
 
     raw = tmp_path / "raw"
     raw.mkdir()
     assert driver.kept_test_losses(raw) == set()
-    with tarfile.open(raw / "s9_call1_arms.tgz", "w:gz") as tar:
-        for name in ("grid/smile_last+token_lr5e-4/evaluation/test_losses.json",
-                     "grid/smile_last+token_lr1e-3/evaluation/predictions.jsonl"):  # fmt: skip
-            info = tarfile.TarInfo(name)
-            info.size = 2
-            tar.addfile(info, io.BytesIO(b"{}"))
-    assert driver.kept_test_losses(raw) == {"grid/smile_last+token_lr5e-4"}
-    (raw / "s9_call1_arms.tgz").unlink()  # the GPU machine gets the index alone
-    (raw / driver.KEPT_INDEX).write_text("grid/smile_last+token_lr5e-4\ngrid/smile_rising+token_lr2e-3\n")
-    assert driver.kept_test_losses(raw) == {"grid/smile_last+token_lr5e-4", "grid/smile_rising+token_lr2e-3"}
+    with tarfile.open(raw / "s7_call3_arms.tgz", "w:gz") as tar:  # earlier bases: not paired with the reference
+        info = tarfile.TarInfo("seeds/smile_session+token_seed0/evaluation/test_losses.json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+    assert driver.kept_test_losses(raw) == set()
+    (raw / driver.KEPT_INDEX).write_text("grid/smile_last+token_lr5e-4\nseeds/smile_rising+token_seed3\n")
+    assert driver.kept_test_losses(raw) == {"grid/smile_last+token_lr5e-4", "seeds/smile_rising+token_seed3"}
+
+
+def test_a_kept_seed_is_not_run_again(tmp_path):
+    jobs = plan(tmp_path, seeds_of=["smile_rising+token"], rates={"smile_rising+token": "2e-3"},
+                kept={"seeds/smile_rising+token_seed3", "seeds/smile_session+token_seed1"})  # fmt: skip
+    assert [j.name for j in jobs if j.name.startswith("seeds/")] == [
+        f"seeds/smile_rising+token_seed{s}" for s in (0, 1, 2, 4)
+    ]

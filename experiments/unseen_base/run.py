@@ -18,20 +18,24 @@ calls that continue one another.
 3. ``base_eval/<corpus>_seed<b>``: each base's step-0 test answer loss and generated answers on SMILE, CPsyCoun
    and KdConv, in the chatglm2 template its fine-tuning uses;
 4. ``grid/<arm>+<reduction>_lr<r>``: one run of each ``--arms`` entry (``experiment=unseen/<arm>``, e.g.
-   ``smile_session+token``, ``smile_split_shuffled+sample``) from base 0 over ``GRID_RATES``; session+token on SMILE
-   is the gate (it must end 0.3 nats below the base's step-0 test loss). The first calls named these jobs
-   ``pilot/...`` (``raw/``); ``aggregate.py`` reads both;
-5. ``seeds/<arm>+<reduction>_seed<s>``: each ``--seeds-of`` entry at its chosen rate (``results.json``'s
-   ``lr_grid``, or this root's grid when it is complete), seeds 0-4, seed ``s`` from base ``s % 2``; seed 0 is the
-   grid's run at the chosen rate where ``raw/`` holds its per-session test losses (then it is not run again);
+   ``smile_session+token``, ``smile_split_shuffled+sample``) from base 0 over ``GRID_RATES``, less the rates
+   ``results.json``'s ``lr_grid`` holds already (from earlier calls); session+token on SMILE is the gate (it must end
+   0.3 nats below the base's step-0 test loss). The first calls named these jobs ``pilot/...`` (``raw/``);
+   ``aggregate.py`` reads both;
+5. ``seeds/<arm>+<reduction>_seed<s>``: each ``--seeds-of`` entry at its chosen rate (a complete grid's interior
+   choice: ``results.json``'s ``lr_grid``, or this root's own grid), seeds 0-4, seed ``s`` from base ``s % 2``; with
+   ``--base`` (other bases) only this root's grids count. A seed whose per-session test losses ``raw/`` keeps from
+   the reference bases is not run again, nor seed 0 where it is the grid's run at the chosen rate;
    ``check/<corpus>_split_grouped+token_seed0``: split samples of the session arm's very steps, at session+token's
    rate (Invariant 2: it trains as session+token does).
 
-A job whose run status (``metrics.json``) says ``completed`` is done and is not run again; no job starts after
+A job whose run status (``metrics.json``) says ``completed`` (a fine-tuning run's test evaluation written too, but
+for a grid run) is done and is not run again; no job starts after
 ``--last-start`` seconds; at ``--deadline`` seconds the running jobs get SIGTERM, finish their step, save
 ``last.ckpt`` and record ``stopped``: the next call (while the machine is held: ``DIR`` stays) resumes them
 (``ckpt_path``). A finished run's checkpoints are deleted (the disk holds about 100 of them otherwise).
-``OUT/summary.json`` holds every job's status and the numbers the README's tables come from, ``OUT/runs.tgz`` each
+``OUT/summary.json`` holds every job's status, when it started and ended (``job_seconds``, from the call's start)
+and the numbers the README's tables come from, ``OUT/runs.tgz`` each
 finished run's per-session test losses and generated answers (for the bootstrap and the fixed-answer references).
 """
 
@@ -96,7 +100,7 @@ class Job:
     memory_gib: float = 10.0  # what it holds on the GPU at its peak (reserved included)
     status: str = "pending"
     process: subprocess.Popen | None = None
-    started: float | None = None
+    seconds: list[float] = field(default_factory=list)  # when it started and ended, from the call's start
 
 
 KEPT_INDEX = "kept_test_losses.txt"  # written by aggregate.py
@@ -116,24 +120,54 @@ def memory_gib(experiment: str) -> float:
     return 22.0 if experiment.startswith("smile_split") else 10.0
 
 
-def chosen_rates(path: Path) -> dict[str, str]:
-    """arm + reduction -> its chosen rate, from ``results.json``'s ``lr_grid`` (interior choices only)."""
-    if not path.is_file():
+def recorded_grids(path: Path | None) -> dict[str, dict]:
+    """arm + reduction -> its ``lr_grid`` entry in ``results.json`` (none without the file)."""
+    if path is None or not path.is_file():
         return {}
-    grid = json.loads(path.read_text()).get("lr_grid", {})
-    return {arm: entry["chosen"] for arm, entry in grid.items() if entry.get("interior")}
+    return json.loads(path.read_text()).get("lr_grid", {})
+
+
+def grids_file(rates: Path | None, base: list[Path] | None) -> Path | None:
+    """Where the grids run so far are recorded: ``--rates``, else this experiment's ``results.json``, whose grids
+    belong to the bases it pretrains: other bases (``--base``) run their own grids."""
+    return rates or (HERE / "results.json" if base is None else None)
+
+
+def chosen_rates(path: Path | None) -> dict[str, str]:
+    """arm + reduction -> its chosen rate, from ``results.json``'s ``lr_grid``: complete grids (every rate of
+    ``GRID_RATES``) with an interior choice only."""
+    return {arm: entry["chosen"] for arm, entry in recorded_grids(path).items()
+            if entry.get("interior") and set(GRID_RATES) <= set(entry.get("rates", {}))}  # fmt: skip
+
+
+def recorded_rates(path: Path | None) -> dict[str, set[str]]:
+    """arm + reduction -> the rates its grid has run (``results.json``): the driver does not run them again."""
+    return {arm: set(entry.get("rates", {})) for arm, entry in recorded_grids(path).items()}
+
+
+def root_rates(root: Path) -> dict[str, str]:
+    """arm + reduction -> the rate chosen by this root's own grid (a grid run from ``--base``): every rate of
+    ``GRID_RATES`` completed, the lowest last validation loss, interior only."""
+    result = {}
+    for arm in ARMS:
+        last = {}
+        for rate in GRID_RATES:
+            record = read_record(root / f"grid/{arm}_lr{rate}")
+            if record.get("status") == "completed" and record.get("val_curve"):
+                last[rate] = record["val_curve"][-1]["loss"]
+        if len(last) == len(GRID_RATES):
+            chosen = min(last, key=last.get)
+            if chosen not in (GRID_RATES[0], GRID_RATES[-1]):
+                result[arm] = chosen
+    return result
 
 
 def kept_test_losses(raw: Path) -> set[str]:
-    """The jobs whose per-session test losses ``raw/*.tgz`` holds, or, where the archives stayed behind (they do not
-    travel to the GPU machine: the working tree's size limit), the index ``aggregate.py`` writes from them."""
+    """The runs from the reference bases whose per-session test losses ``raw/`` keeps: the index ``aggregate.py``
+    writes from the archives (run it after each call; the archives hold earlier generations' runs too, and they do
+    not travel to the GPU machine: the working tree's size limit)."""
     index = raw / KEPT_INDEX
-    names = set(index.read_text().split()) if index.is_file() else set()
-    for archive in sorted(raw.glob("*.tgz")):
-        with tarfile.open(archive) as tar:
-            names |= {m.name.removesuffix("/evaluation/test_losses.json") for m in tar.getmembers()
-                      if m.name.endswith("/evaluation/test_losses.json")}  # fmt: skip
-    return names
+    return set(index.read_text().split()) if index.is_file() else set()
 
 
 def plan(
@@ -148,8 +182,10 @@ def plan(
     extra: list[str],
     eval_extra: list[str],
     given: list[Path] | None = None,
+    recorded: dict[str, set[str]] | None = None,
 ) -> list[Job]:
-    """The jobs, in order; ``given``: bases to start from instead of pretraining (base ``b`` is ``given[b]``)."""
+    """The jobs, in order; ``given``: bases to start from instead of pretraining (base ``b`` is ``given[b]``);
+    ``recorded``: the rates each grid has already run (not run again)."""
     python = [sys.executable, "-m"]
     zhbase = ["experiment=unseen/pretrain", f"data.path=[{','.join(zhbase_files(data))}]"]
     corpora = {name: [o.format(data=data) for o in overrides] for name, overrides in CORPORA.items()}
@@ -227,8 +263,8 @@ def plan(
             print(f"{arm}: no interior rate chosen yet (results.json lr_grid): its seeds wait", flush=True)
             continue
         for seed in SEEDS:
-            if seed == 0 and f"grid/{arm}_lr{rates[arm]}" in kept:
-                continue  # the grid's run at the chosen rate, per-session losses in raw/
+            if f"seeds/{arm}_seed{seed}" in kept or (seed == 0 and f"grid/{arm}_lr{rates[arm]}" in kept):
+                continue  # run in an earlier call (or the grid's run at the chosen rate), per-session losses in raw/
             jobs.append(train(f"seeds/{arm}_seed{seed}", experiment, reduction, rates[arm], seed, seed % 2))
         corpus = experiment.split("_")[0]
         check = f"check/{corpus}_split_grouped+token_seed0"
@@ -237,6 +273,9 @@ def plan(
     for arm in arms:  # a rate grid per arm + reduction, from base 0 (seed 0)
         experiment, reduction = arm.split("+")
         for rate in GRID_RATES:
+            if rate in (recorded or {}).get(arm, ()):
+                print(f"grid/{arm}_lr{rate}: recorded (results.json lr_grid), not run again", flush=True)
+                continue
             jobs.append(train(f"grid/{arm}_lr{rate}", experiment, reduction, rate, 0, 0))
     return jobs
 
@@ -249,7 +288,9 @@ def done(root: Path, job: Job) -> bool:
         return any((root / job.name).glob("**/metrics.json"))
     if job.name.startswith("probe/") and job.name.endswith("_stopped"):
         return run_status(root / job.name) == "stopped"  # where stop_after_step stopped it
-    if job.name.startswith(("pretrain/", "probe/")):
+    if job.name.startswith(("pretrain/", "probe/", "grid/")):
+        # A grid run is read for its validation curve: stopped in its test evaluation, it is not trained again
+        # (seed 0 then runs as its own job: it reuses the grid's run only where raw/ kept its test losses).
         return run_status(root / job.name) == "completed"
     # A fine-tuning run evaluates the test split after training: a run stopped in that evaluation is not done.
     return (
@@ -257,7 +298,7 @@ def done(root: Path, job: Job) -> bool:
     )
 
 
-def start(job: Job, root: Path) -> None:
+def start(job: Job, root: Path, now: float) -> None:
     command = list(job.command)
     last = root / job.name / "checkpoints" / "last.ckpt"
     if job.resumable and run_status(root / job.name) == "stopped" and last.is_file():
@@ -271,7 +312,7 @@ def start(job: Job, root: Path) -> None:
     log = root / "logs" / f"{job.name.replace('/', '__')}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     job.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("a"), stderr=subprocess.STDOUT)
-    job.status, job.started = "running", time.monotonic()
+    job.status, job.seconds = "running", [round(now)]
 
 
 def finish(job: Job, root: Path) -> None:
@@ -321,6 +362,7 @@ def run(jobs: list[Job], root: Path, deadline: float, last_start: float, grace: 
                     job.process.kill()
                 continue
             job.status = "done" if done(root, job) else f"{run_status(root / job.name) or 'failed'} (exit {code})"
+            job.seconds.append(round(now))
             finish(job, root)
             print(f"[{now:6.0f}s] {job.name}: {job.status}", flush=True)
         if now > deadline and not stopping:
@@ -337,7 +379,7 @@ def run(jobs: list[Job], root: Path, deadline: float, last_start: float, grace: 
                 needs = [by_name[n].status for n in job.needs if n in by_name]
                 ended = all(by_name[n].status not in ("pending", "running") for n in job.after if n in by_name)
                 if all(s == "done" for s in needs) and ended:
-                    start(job, root)
+                    start(job, root, now)
                     running.append(job)
                     print(f"[{now:6.0f}s] {job.name}: started", flush=True)
                 elif any(s not in ("done", "pending", "running") for s in needs):
@@ -369,7 +411,8 @@ def summary(jobs: list[Job], root: Path) -> dict:
     """Every job's status and the numbers the tables come from; each run names the sha256 of the base it started
     from (``base_sha256``), each pretraining job the base it made (``bases``)."""
     result: dict = {"jobs": {job.name: job.status for job in jobs}, "data": {}, "runs": {}, "base_eval": {},
-                    "bases": {}, "probes": {}}  # fmt: skip
+                    "bases": {}, "probes": {},
+                    "job_seconds": {job.name: job.seconds for job in jobs if job.seconds}}  # fmt: skip
     fingerprints: dict[Path, str | None] = {}
 
     def fingerprint(checkpoint: Path) -> str | None:
@@ -437,7 +480,9 @@ def main() -> None:
                              "folder, e.g. ChatGLM2-6B from glm_session.convert): seed s starts from the (s %% n)-th")  # fmt: skip
     parser.add_argument("--arms", nargs="*", default=[], choices=ARMS, help="a rate grid for each, from base 0")
     parser.add_argument("--seeds-of", nargs="*", default=[], choices=ARMS, help="5 seeds at the chosen rate")
-    parser.add_argument("--rates", type=Path, default=HERE / "results.json", help="the chosen rates (lr_grid)")
+    parser.add_argument("--rates", type=Path, default=None,
+                        help="the grids run so far and their chosen rates (an lr_grid in a results.json; default: "
+                             "this experiment's, unless --base gives other bases); this root's complete grids too")  # fmt: skip
     parser.add_argument(
         "--deadline", type=float, default=480.0, help="seconds after which running jobs are stopped"
     )
@@ -449,9 +494,11 @@ def main() -> None:
     parser.add_argument("--eval-extra", nargs="*", default=[], help="overrides for the data and evaluation jobs")
     args = parser.parse_args()
     begin = time.monotonic()
-    rates = chosen_rates(args.rates)
+    grids = grids_file(args.rates, args.base)
+    rates = {**chosen_rates(grids), **root_rates(args.root)}
     jobs = plan(args.root, args.data.resolve(), args.phase, args.bases, args.arms, args.seeds_of, rates,
-                kept_test_losses(HERE / "raw"), args.extra, args.eval_extra, args.base)  # fmt: skip
+                kept_test_losses(HERE / "raw") if args.base is None else set(), args.extra, args.eval_extra,
+                args.base, recorded_rates(grids))  # fmt: skip
     last_start = args.deadline if args.last_start is None else args.last_start
     load = run(jobs, args.root, args.deadline, last_start, args.grace, args.jobs, args.memory)
     result = {"seconds": round(time.monotonic() - begin), "rates": rates, "machine_load": load,
