@@ -85,6 +85,8 @@ def test_evaluate_a_training_checkpoint(tmp_path, cache_dir):
     assert tokens == metrics["teacher_forced"]["tokens"]
     assert set(metrics["chatglm2_official"]) == {"rouge-1", "rouge-2", "rouge-l", "bleu-4", "empty_predictions"}
     assert json.loads((out / "metrics.json").read_text())["prompts"] == metrics["prompts"]
+    assert set(metrics["seconds"]) == {"generation", "scoring", "teacher_forced"}
+    assert all(seconds > 0 for seconds in metrics["seconds"].values())
 
 
 QUESTION = (

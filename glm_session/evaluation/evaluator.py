@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -102,17 +103,24 @@ def evaluate_model(
     output_dir.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
+    clock = time.perf_counter()
     answers = generate_answers(model, prompts, data.tokenizer, **asdict(generation))
+    seconds = {"generation": time.perf_counter() - clock}
     with atomic_open(output_dir / "predictions.jsonl", "w", "evaluation's predictions") as f:
         for prompt, answer in zip(prompts, answers, strict=True):
             record = {"session_id": prompt.session_id, "turn": prompt.turn, "prompt": prompt.text,
                       "reference": prompt.reference, "prediction": answer}  # fmt: skip
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     references = [p.reference for p in prompts]
+    clock = time.perf_counter()
     rouge = RougeByTurn()
     rouge.update(answers, references, [p.turn for p in prompts])
     scores = rouge.compute()
+    official = official_scores(answers, references)
+    seconds["scoring"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     per_session = teacher_forced_by_session(model, data, split)
+    seconds["teacher_forced"] = time.perf_counter() - clock
     ids = [session.id for session in all_sessions]
     write_text(output_dir / "test_losses.json",
                json.dumps({ids[index]: turns for index, turns in sorted(per_session.items())}) + "\n")  # fmt: skip
@@ -129,11 +137,12 @@ def evaluate_model(
         "generation": asdict(generation),
         "rouge": scores["overall"],
         "rouge_by_turn": scores["by_turn"],
-        "chatglm2_official": official_scores(answers, references),
+        "chatglm2_official": official,
         "prediction_chars_mean": sum(map(len, answers)) / len(answers),
         "reference_chars_mean": sum(map(len, references)) / len(references),
         "empty_predictions": sum(not a for a in answers),
         "teacher_forced": loss_summary(per_session),
+        "seconds": {part: round(value, 3) for part, value in seconds.items()},  # where the evaluation's time goes
     }
     write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     model.train(was_training)
