@@ -82,6 +82,15 @@ def test_fsdp_equals_one_process_and_resumes(tmp_path, cache_dir, initial_weight
                        strict=True):  # fmt: skip
         assert abs(a - b) < 1e-4 and abs(a - c) > 1e-4
 
+    # FSDP2's options for speed: half the layers recomputed, the gathered parameters kept from forward to backward,
+    # the next layer gathered ahead: the same training.
+    options = ["trainer.strategy.checkpoint_every_n_layers=2", "trainer.strategy.reshard_after_forward=false",
+               "trainer.strategy.prefetch=1"]  # fmt: skip
+    result = torchrun(tmp_path / "options", *options, cache=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for a, b in zip(metrics(tmp_path / "options")["val_loss_by_epoch"], sharded["val_loss_by_epoch"], strict=True):
+        assert abs(a - b) < 1e-5
+
     killed = tmp_path / "killed"
     result = torchrun(
         killed, "+callbacks.kill._target_=helpers.KillAtStep", "+callbacks.kill.step=5", cache=cache_dir
@@ -93,6 +102,80 @@ def test_fsdp_equals_one_process_and_resumes(tmp_path, cache_dir, initial_weight
     assert resumed["global_steps"] == 8
     for a, b in zip(resumed["val_loss_by_epoch"], sharded["val_loss_by_epoch"], strict=True):
         assert abs(a - b) < 1e-5
+
+
+def test_every_second_layer_is_recomputed_and_the_gradients_do_not_change():
+    from glm_session.model.sharding import checkpoint_layers
+
+    torch.manual_seed(0)
+    config = chatglm2_config("chatglm2-tiny", vocab_size=128, num_hidden_layers=4)
+    plain, checkpointed = GlmForCausalLM(config), GlmForCausalLM(config)
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpoint_layers(checkpointed, every_n_layers=2)
+    assert [layer.gradient_checkpointing for layer in checkpointed.model.layers] == [True, False, True, False]
+    calls = [0] * 4  # attention forwards of each layer: a recomputed layer runs its attention twice
+    for index, layer in enumerate(checkpointed.model.layers):
+        layer.self_attn.register_forward_hook(lambda *_, i=index: calls.__setitem__(i, calls[i] + 1))
+    ids = torch.randint(0, 128, (2, 12))
+    for model in (plain, checkpointed):
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert calls == [2, 1, 2, 1]
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad), name
+
+
+SHARD = """
+import json, os, sys, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from transformers import GlmForCausalLM
+from glm_session.model import chatglm2_config
+from glm_session.model.sharding import shard_model
+dist.init_process_group("gloo", init_method=f"file://{sys.argv[1]}", rank=0, world_size=1)
+with torch.device("meta"):
+    model = GlmForCausalLM(chatglm2_config("chatglm2-tiny", vocab_size=128, num_hidden_layers=4))
+model = shard_model(model, init_device_mesh("cpu", (1,)), torch.device("cpu"), torch.float32, *json.loads(sys.argv[2]))
+states = [layer._get_fsdp_state() for layer in model.model.layers]
+index = {id(state): i for i, state in enumerate(states)}
+print(json.dumps([{"resharded": state._fsdp_param_group.post_forward_mesh_info is not None,
+                   "forward": [index[id(s)] for s in state._states_to_forward_prefetch],
+                   "backward": [index[id(s)] for s in state._states_to_backward_prefetch],
+                   "recomputed": layer.gradient_checkpointing} for layer, state in zip(model.model.layers, states)]))
+"""
+
+
+def test_fsdp_options_reach_each_decoder_layers_unit(tmp_path):
+    """One CPU process (gloo): what shard_model sets on each layer's FSDP2 unit (checked on FSDP2's own state)."""
+
+    def shard(*options) -> list[dict]:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
+        store = tmp_path / f"store{len(options)}"
+        result = subprocess.run([sys.executable, "-c", SHARD, str(store), json.dumps(options)], env=env,
+                                capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.splitlines()[-1])
+
+    assert shard() == [{"resharded": True, "forward": [], "backward": [], "recomputed": True}] * 4
+    assert shard(True, 2, False, 2) == [
+        {"resharded": False, "forward": [1, 2], "backward": [], "recomputed": True},
+        {"resharded": False, "forward": [2, 3], "backward": [0], "recomputed": False},
+        {"resharded": False, "forward": [3], "backward": [1, 0], "recomputed": True},
+        {"resharded": False, "forward": [], "backward": [2, 1], "recomputed": False},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("trainer.strategy.checkpoint_every_n_layers=0", "checkpoint_every_n_layers=0: must be an integer >= 1"),
+     ("trainer.strategy.prefetch=-1", "prefetch=-1: must be an integer >= 0"),
+     ("trainer.strategy.reshard_after_forward=2", "reshard_after_forward=2: must be true or false")],
+)  # fmt: skip
+def test_fsdp_options_out_of_range_are_refused(override, message):
+    from hydra.utils import instantiate
+
+    cfg = compose_config("train", ["trainer=fsdp", override])
+    with pytest.raises(Exception, match=message):
+        instantiate(cfg.trainer.strategy)
 
 
 def test_evaluation_after_sharded_training_is_refused_before_training(tmp_path):

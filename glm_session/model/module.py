@@ -207,7 +207,14 @@ class ChatGLM2Module(L.LightningModule):
                     add_lora(model, self.lora)
             self._fuse(model)
             self.model = shard_model(
-                model, mesh, strategy.root_device, strategy.param_dtype, strategy.activation_checkpointing
+                model,
+                mesh,
+                strategy.root_device,
+                strategy.param_dtype,
+                strategy.activation_checkpointing,
+                strategy.checkpoint_every_n_layers,
+                strategy.reshard_after_forward,
+                strategy.prefetch,
             )
             if self.init_from:
                 load_full_weights(self.model, self.init_from)

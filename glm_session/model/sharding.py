@@ -20,24 +20,48 @@ def shard_model(
     device: torch.device,
     param_dtype: torch.dtype = torch.bfloat16,
     activation_checkpointing: bool = True,
+    checkpoint_every_n_layers: int = 1,
+    reshard_after_forward: bool = True,
+    prefetch: int = 0,
 ) -> GlmForCausalLM:
     """Shard a model created on the meta device, then materialise and initialise it shard by shard.
 
-    Each decoder layer is its own FSDP unit (its parameters are gathered only while it computes); the embedding,
-    final norm and output layer form the root unit. Parameters are kept in fp32 and computed in ``param_dtype``;
-    gradients are reduced in fp32.
+    Each decoder layer is its own FSDP unit; the embedding, final norm and output layer form the root unit.
+    Parameters are kept in fp32 and computed in ``param_dtype``; gradients are reduced in fp32.
+
+    Args:
+        activation_checkpointing: recompute decoder layers in the backward pass: every ``checkpoint_every_n_layers``-th
+            one (1: all of them; 2: layers 0, 2, 4, ...; the others keep their activations).
+        reshard_after_forward: free a layer's gathered parameters after its forward (gathered again for its
+            backward); ``False`` keeps them from forward to backward, one gather a step, at the memory of the whole
+            model's ``param_dtype`` copy.
+        prefetch: gather the parameters of the next ``prefetch`` layers ahead of time, in the forward and in the
+            backward (0: FSDP2's own implicit prefetch of one layer).
     """
-    if activation_checkpointing:  # recompute each decoder layer in the backward pass
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if activation_checkpointing:
+        checkpoint_layers(model, checkpoint_every_n_layers)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for layer in model.model.layers:  # a 2-D mesh (replicate, shard) gives HSDP
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    layers = list(model.model.layers)
+    for layer in layers:  # a 2-D mesh (replicate, shard) gives HSDP
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    if prefetch > 0:
+        for index, layer in enumerate(layers):
+            layer.set_modules_to_forward_prefetch(layers[index + 1 : index + 1 + prefetch])
+            layer.set_modules_to_backward_prefetch(layers[max(0, index - prefetch) : index][::-1])
     model.to_empty(device=device)
     with torch.no_grad():
         model.apply(model._init_weights)  # transformers' own init (normal linears, unit norms, rotary tables)
         reset_adapters(model)
     return model
+
+
+def checkpoint_layers(model: GlmForCausalLM, every_n_layers: int = 1) -> None:
+    """Recompute every ``every_n_layers``-th decoder layer (0, n, 2n, ...) in the backward pass (transformers'
+    checkpointing, non-reentrant); the other layers keep their activations."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for index, layer in enumerate(model.model.layers):
+        layer.gradient_checkpointing = index % every_n_layers == 0
 
 
 def load_full_weights(model: GlmForCausalLM, init_from: str) -> None:

@@ -14,6 +14,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from glm_session.adapters import is_adapter_key
 from glm_session.atomic_files import fsync_folder
 from glm_session.checkpoints import SHARDED_METADATA
+from glm_session.errors import ConfigError
 from glm_session.training.checkpoint_io import REPLACED, SAVING, remove_stale_saves
 
 
@@ -22,7 +23,12 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     Args:
         param_dtype: the dtype layers compute in (``bfloat16``); parameters and optimizer states stay fp32.
-        activation_checkpointing: recompute each decoder layer in the backward pass.
+        activation_checkpointing: recompute decoder layers in the backward pass.
+        checkpoint_every_n_layers: with it, recompute every n-th layer only (1: all; 2: half of them, the other
+            half keeping its activations).
+        reshard_after_forward: free a layer's gathered parameters after its forward (``False``: keep them until its
+            backward, one gather a step instead of two, at the memory of a ``param_dtype`` copy of the model).
+        prefetch: gather the next ``prefetch`` layers' parameters ahead (0: FSDP2's implicit prefetch of one).
         **kwargs: ``ModelParallelStrategy``'s (``save_distributed_checkpoint``, ...).
 
     Each checkpoint folder is written under a temporary name and renamed into place once every rank has written
@@ -32,11 +38,26 @@ class FSDP2Strategy(ModelParallelStrategy):
     """
 
     def __init__(
-        self, param_dtype: str = "bfloat16", activation_checkpointing: bool = True, **kwargs: Any
+        self,
+        param_dtype: str = "bfloat16",
+        activation_checkpointing: bool = True,
+        checkpoint_every_n_layers: int = 1,
+        reshard_after_forward: bool = True,
+        prefetch: int = 0,
+        **kwargs: Any,
     ) -> None:
+        for key, value, least in (("checkpoint_every_n_layers", checkpoint_every_n_layers, 1),
+                                  ("prefetch", prefetch, 0)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(f"trainer.strategy.{key}", value, f"an integer >= {least}")
+        if not isinstance(reshard_after_forward, bool):
+            raise ConfigError("trainer.strategy.reshard_after_forward", reshard_after_forward, "true or false")
         super().__init__(**kwargs)
         self.param_dtype = getattr(torch, param_dtype)
         self.activation_checkpointing = activation_checkpointing
+        self.checkpoint_every_n_layers = checkpoint_every_n_layers
+        self.reshard_after_forward = reshard_after_forward
+        self.prefetch = prefetch
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any = None
