@@ -14,8 +14,9 @@ Parts (each step a subprocess with its own time limit; results are written as th
   and the small model's fast path (``profile_small_fast``);
 - ``yardsticks``: ``reference_step.py`` (base and its best variant, flex_liger) and ``trl_peer.py`` on the project's
   own session rows;
-- ``fsdp`` (2 GPUs or more): ``fsdp_step.py`` (plain FSDP2, 6B shape) and ``experiments/scale/run.py`` (the
-  project's ``trainer=fsdp``, chatglm2-6b) on all GPUs, with the chunked loss and with ``speed=fast``.
+- ``fsdp``: ``fsdp_step.py`` (plain FSDP2, 6B shape) and ``experiments/scale/run.py`` (the project's
+  ``trainer=fsdp``, chatglm2-6b) on all GPUs (one included), with the chunked loss, with ``speed=fast`` and with
+  FSDP2's options on top of it (``FSDP_VARIANTS``).
 
 With two GPUs, the project's single-GPU runs go to GPU 0 while the yardsticks run on GPU 1; with one, in turn.
 Rows, runs and logs stay in ``--work``; ``OUT`` gets ``results.json``, ``steps.json``, ``logs.tgz`` and ``scale.json``.
@@ -71,6 +72,12 @@ VARIANTS_SMALL = {
     + NO_LIGER
     + WHOLE_LOGITS
     + ["data.batch_tokens=65536", "trainer.max_steps=60", "metrics.warmup_batches=15"],  # fmt: skip
+}
+FSDP_VARIANTS = {  # name: overrides of experiments/scale/run.py's trainer=fsdp chatglm2-6b run
+    "scale": [],  # the chunked loss alone
+    "scale_fast": FAST,
+    "scale_fast_keep_gathered": FAST + ["trainer.strategy.reshard_after_forward=false"],  # one gather a step
+    "scale_fast_prefetch2": FAST + ["trainer.strategy.prefetch=2"],
 }
 PARTS = ["tests", "variants", "profile_reference", "profile_1b_reference", "profile_1b_fast", "profile_small_fast",
          "yardsticks", "fsdp"]  # fmt: skip
@@ -197,11 +204,11 @@ def main() -> None:
         for part in args.parts:
             for _, name, command, limit in [s for s in project + yardsticks if s[0] == part]:
                 run(name, command, limit)
-    if "fsdp" in args.parts and gpus >= 2:
+    if "fsdp" in args.parts:
         all_gpus = ",".join(map(str, range(gpus)))
         run("fsdp_step", [py, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}",
                           str(args.baselines / "fsdp_step.py")], 110, gpus=all_gpus, env={"MB": "4", "STEPS": "10"})  # fmt: skip
-        for name, extra in (("scale", []), ("scale_fast", ["speed=fast"])):  # the chunked loss alone; speed=fast
+        for name, extra in FSDP_VARIANTS.items():
             run(name, [py, "experiments/scale/run.py", "--out", str(out / f"{name}_project.json"), "--runs",
                        str(out / f"{name}_runs"), "--gpus", str(gpus), "--steps", "16", "--warmup", "4", "--batch-tokens",
                        "16384", "model.loss_chunk_tokens=8192", *extra], 200, gpus=all_gpus)  # fmt: skip
@@ -248,6 +255,25 @@ def summarise(out: Path) -> None:
         "best_small_session_packing": small_best["name"] if small_best else None,
         "reference_best_variant": ref_best["variant"] if ref_best else None,
     }  # fmt: skip
+    fsdp_log = out / "logs" / "fsdp_step.log"
+    lines = (
+        [line for line in fsdp_log.read_text().splitlines() if line.startswith("{")] if fsdp_log.exists() else []
+    )
+    baseline = json.loads(lines[-1]) if lines else None
+    scale = []
+    runs = [{**r, "variant": name} for name in FSDP_VARIANTS
+            for r in (_json(out / f"{name}_project.json") or {}).get("results", [])]  # fmt: skip
+    for r in runs:
+        if r.get("tokens_per_second_per_gpu") and baseline:
+            r["over_baseline"] = r["tokens_per_second_per_gpu"] / baseline["tok_s_per_gpu"]
+        scale.append(r)
+    if scale or baseline:
+        (out / "scale.json").write_text(json.dumps({"results": scale, "fsdp_step": baseline}, indent=1) + "\n")
+    one_gpu = [r for r in scale if r.get("gpus") == 1 and r.get("over_baseline")]
+    best_one_gpu = max(one_gpu, key=lambda r: r["over_baseline"], default=None)
+    ratios["fsdp_1gpu_over_baseline"] = best_one_gpu["over_baseline"] if best_one_gpu else None
+    ratios["mfu_6b_1gpu"] = best_one_gpu["mfu"] if best_one_gpu else None
+    ratios["best_fsdp_1gpu_variant"] = best_one_gpu["variant"] if best_one_gpu else None
     profiles = {name: _json(out / f"{name}.json") for name in PARTS if name.startswith("profile_")}
     gpu_tests = (out / "gpu_tests.xml").read_text() if (out / "gpu_tests.xml").exists() else None
     report = out / "gpu_kernels.jsonl"
@@ -257,20 +283,6 @@ def summarise(out: Path) -> None:
         "ratios": ratios, "project_1b": one_b, "project_small": small, "reference_step": reference, "trl_peer": trl,
         "profiles": profiles, "gpu_tests_junit": gpu_tests, "fast_path_errors": kernel_errors, "steps": _json(out / "steps.json"),
     }, indent=1) + "\n")  # fmt: skip
-    fsdp_log = out / "logs" / "fsdp_step.log"
-    lines = (
-        [line for line in fsdp_log.read_text().splitlines() if line.startswith("{")] if fsdp_log.exists() else []
-    )
-    baseline = json.loads(lines[-1]) if lines else None
-    scale = []
-    runs = [{**r, "variant": name} for name in ("scale", "scale_fast")
-            for r in (_json(out / f"{name}_project.json") or {}).get("results", [])]  # fmt: skip
-    for r in runs:
-        if r.get("tokens_per_second_per_gpu") and baseline:
-            r["over_baseline"] = r["tokens_per_second_per_gpu"] / baseline["tok_s_per_gpu"]
-        scale.append(r)
-    if scale or baseline:
-        (out / "scale.json").write_text(json.dumps({"results": scale, "fsdp_step": baseline}, indent=1) + "\n")
     print(json.dumps(ratios, indent=1))
 
 
