@@ -104,6 +104,7 @@ class Job:
 
 
 KEPT_INDEX = "kept_test_losses.txt"  # written by aggregate.py
+RESTORED = "restored.json"  # beside a base's run record that bases.py brought from an earlier session
 
 
 def zhbase_files(data: Path) -> list[str]:
@@ -409,9 +410,10 @@ def base_fingerprint(checkpoint: Path) -> str | None:
 
 def summary(jobs: list[Job], root: Path) -> dict:
     """Every job's status and the numbers the tables come from; each run names the sha256 of the base it started
-    from (``base_sha256``), each pretraining job the base it made (``bases``)."""
+    from (``base_sha256``); ``bases`` the sha256 of each base on the machine, ``restored`` those that ``bases.py``
+    brought from an earlier session (their pretraining is that session's record, not this one's)."""
     result: dict = {"jobs": {job.name: job.status for job in jobs}, "data": {}, "runs": {}, "base_eval": {},
-                    "bases": {}, "probes": {},
+                    "bases": {}, "restored": {}, "probes": {},
                     "job_seconds": {job.name: job.seconds for job in jobs if job.seconds}}  # fmt: skip
     fingerprints: dict[Path, str | None] = {}
 
@@ -422,10 +424,15 @@ def summary(jobs: list[Job], root: Path) -> dict:
 
     for path in sorted((root / "data").glob("*.json")):
         result["data"][path.stem] = json.loads(path.read_text())
+    for folder in sorted(root.glob("pretrain/seed*")):  # the bases on this machine, whether this call made them
+        name = f"pretrain/{folder.name}"
+        result["bases"][name] = fingerprint(folder / "checkpoints" / "last.ckpt")
+        if (folder / RESTORED).is_file():  # bases.py brought it from an earlier session: not pretrained here
+            result["restored"][name] = json.loads((folder / RESTORED).read_text())
     for job in jobs:
         folder = root / job.name
-        if job.name.startswith("pretrain/"):
-            result["bases"][job.name] = fingerprint(folder / "checkpoints" / "last.ckpt")
+        if job.name in result["restored"]:
+            continue
         if job.name.startswith("probe/"):
             result["probes"][job.name] = fingerprint(folder / "checkpoints" / "last.ckpt")
         if job.name.startswith("base_eval/"):
