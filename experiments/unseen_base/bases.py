@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import io
 import json
 import sys
@@ -27,8 +28,12 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
-from run import RESTORED, base_fingerprint  # noqa: E402  (the driver's own fingerprint of a base)
+# The driver (run.py, by its path: other experiments have a run.py too), for its fingerprint of a base.
+_spec = importlib.util.spec_from_file_location("unseen_base_run", HERE / "run.py")
+driver = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = driver  # dataclasses look their module up
+_spec.loader.exec_module(driver)
+RESTORED, base_fingerprint = driver.RESTORED, driver.base_fingerprint
 
 PIECE_MIB = 13  # four pieces: what a call returns (64 MiB) and carries beside the ~6 MiB working tree
 ARCHIVE = "bases.tar"
