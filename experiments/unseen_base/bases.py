@@ -47,7 +47,7 @@ def pack(root: Path, out: Path, seeds: list[int]) -> dict:
         for seed in seeds:
             folder = root / f"pretrain/seed{seed}"
             checkpoint = folder / "checkpoints" / "last.ckpt"
-            if json.loads((folder / "metrics.json").read_text()).get("status") != "completed":
+            if driver.run_status(folder) != "completed":
                 raise SystemExit(f"{folder}: its pretraining has not completed; nothing to pack")
             weights = io.BytesIO()
             state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]  # our own file
