@@ -74,6 +74,28 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, cache_d
     assert json.loads((killed / "metrics.json").read_text())["val_loss_by_epoch"] == resumed["val_loss_by_epoch"]
 
 
+@pytest.mark.slow
+def test_a_run_stopped_in_its_test_evaluation_resumes_to_the_same_evaluation(tmp_path, cache_dir):
+    """What the unseen_base driver does with a run the deadline stopped after training, in its test evaluation:
+    resumed from its last.ckpt (written at the last step), it trains nothing more and evaluates as the
+    uninterrupted run did, to the byte."""
+    evaluate = [f"data.cache_dir={cache_dir}", "trainer.max_epochs=1", "evaluate.enabled=true", "evaluate.limit=3",
+                "generation.max_new_tokens=6"]  # fmt: skip
+    whole = run(tmp_path / "whole", *evaluate)
+    stopped = tmp_path / "stopped"
+    (stopped / "checkpoints").mkdir(parents=True)
+    last = stopped / "checkpoints" / "last.ckpt"
+    last.write_bytes((tmp_path / "whole/checkpoints/last.ckpt").read_bytes())
+    assert torch.load(last, weights_only=False)["global_step"] == whole["global_steps"]
+    # What the stop leaves: the run record says completed, the evaluation is not written.
+    (stopped / "metrics.json").write_text((tmp_path / "whole/metrics.json").read_text())
+    resumed = run(stopped, *evaluate, f"ckpt_path={last}")
+    assert resumed["global_steps"] == whole["global_steps"] and resumed["input_tokens"] == whole["input_tokens"]
+    assert resumed["val_loss_by_epoch"] == whole["val_loss_by_epoch"]
+    for name in ("predictions.jsonl", "test_losses.json"):
+        assert (stopped / "evaluation" / name).read_bytes() == (tmp_path / "whole/evaluation" / name).read_bytes()
+
+
 KILL_WHILE_SAVING = """
 import os, signal, sys, torch
 from glm_session.training.checkpoint_io import AtomicCheckpointIO

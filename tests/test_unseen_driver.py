@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -278,3 +279,59 @@ def test_a_kept_seed_is_not_run_again(tmp_path):
     assert [j.name for j in jobs if j.name.startswith("seeds/")] == [
         f"seeds/smile_rising+token_seed{s}" for s in (0, 1, 2, 4)
     ]
+
+
+def test_a_job_kind_is_its_corpus_and_arm_and_its_expected_seconds_the_longest_recorded(tmp_path):
+    assert driver.job_kind("seeds/smile_session+turn_seed3") == "smile_session"
+    assert driver.job_kind("grid/smile_split_samples+token_lr2e-3") == "smile_split_samples"
+    assert driver.job_kind("check/cpsycoun_split_grouped+token_seed0") == "cpsycoun_split_grouped"
+    assert driver.job_kind("base_eval/kdconv_seed1") == "base_eval/kdconv"
+    assert driver.job_kind("pretrain/seed0") is None and driver.job_kind("data/smile") is None
+    first, second = tmp_path / "s9_call3_arms.json", tmp_path / "s9_call4_arms.json"
+    first.write_text(json.dumps({"job_seconds": {"seeds/smile_session+sample_seed0": [34, 260],
+                                                 "seeds/smile_session+turn_seed1": [204, 471],  # stopped: >= 267
+                                                 "seeds/cpsycoun_last+token_seed2": [20],  # still running
+                                                 "data/smile": [0, 34]}}))  # fmt: skip
+    second.write_text(json.dumps({"job_seconds": {"grid/cpsycoun_last+token_lr1e-4": [0, 185]}}))
+    assert driver.expected_seconds([first, second]) == {"smile_session": 267.0, "cpsycoun_last": 185.0}
+
+
+def test_with_fit_a_job_that_would_not_end_before_the_deadline_waits_and_one_that_fits_starts(tmp_path):
+    root = tmp_path / "root"
+    complete = "import json, pathlib, sys; p = pathlib.Path(sys.argv[1]); p.mkdir(parents=True); " \
+               "(p / 'metrics.json').write_text(json.dumps({'status': 'completed'})); " \
+               "(p / 'evaluation').mkdir(); (p / 'evaluation' / 'metrics.json').write_text('{}')"  # fmt: skip
+    names = ["seeds/smile_session+token_seed1", "seeds/cpsycoun_session+token_seed1", "seeds/kdconv_session+token_seed1"]
+    jobs = [driver.Job(name, [sys.executable, "-c", complete, str(root / name)]) for name in names]
+    expected = {"smile_session": 100.0, "cpsycoun_session": 40.0}  # kdconv: never measured, so it may start
+    assert not driver.fits(jobs[0], 0.0, 120.0, expected)  # 1.25 x 100 > 120
+    assert driver.fits(jobs[0], 0.0, 125.0, expected) and driver.fits(jobs[0], 0.0, 120.0, None)
+    begin = time.monotonic()
+    driver.run(jobs, root, deadline=120, last_start=120, grace=5, at_once=1, memory=100, expected=expected)
+    assert [job.status for job in jobs] == ["pending", "done", "done"]
+    assert time.monotonic() - begin < 30  # it did not wait for --last-start with nothing that could start
+
+
+def test_a_run_stopped_in_its_test_evaluation_resumes_from_its_last_checkpoint(tmp_path):
+    root = tmp_path / "root"
+    job = driver.Job("seeds/smile_session+token_seed1", [sys.executable, "-c", "pass"], resumable=True)
+    folder = root / job.name
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (folder / "metrics.json").write_text(json.dumps({"status": "completed"}))  # trained, not evaluated
+    driver.start(job, root, 0.0)
+    job.process.wait()
+    assert job.process.args[-1] == f"ckpt_path={folder / 'checkpoints' / 'last.ckpt'}"
+    (folder / "metrics.json").write_text(json.dumps({"status": "failed"}))
+    driver.start(job, root, 0.0)  # anything else starts afresh
+    job.process.wait()
+    assert job.process.args == job.command and not (folder / "checkpoints").exists()
+
+
+def test_the_summary_names_the_software_versions_and_the_gpu():
+    found = driver.software()
+    assert set(found) == {*driver.SOFTWARE, "cuda", "gpu"}
+    import torch
+
+    assert found["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert found["gpu"] is None or isinstance(found["gpu"], str)

@@ -314,7 +314,8 @@ def corpus_arms(corpus: str, runs: dict, sessions: dict, lr_grid: dict, step0_lo
     result: dict = {"arms": {}, "contrasts": {}, "equivalence": None, "check": None, "references": {}}
     base_jobs = {f"base_eval/{corpus}_seed{b}": b for b in (0, 1)}
     order = sorted(next((sessions[j]["test_losses"] for j in base_jobs if j in sessions), {}))
-    if not order:
+    if not order:  # the bases' step-0 evaluation gives the test sessions and the gain over the base
+        result["waiting_for_step0"] = sorted(j for seeds in arms.values() for j in seeds.values())
         return result
     complete = {arm: seeds for arm, seeds in arms.items() if sorted(seeds) == list(range(SEEDS))}
 
@@ -497,12 +498,10 @@ def arm_tables(generation: str, arms: dict, is_reference: bool) -> list[str]:
     for corpus, c in arms.items():
         if not c["arms"]:
             if is_reference:
-                lines += [
-                    "",
-                    f"## {corpus}: the arms from the bases {generation}",
-                    "",
-                    "No arm has run from them yet.",
-                ]
+                waiting = c.get("waiting_for_step0", [])
+                lines += ["", f"## {corpus}: the arms from the bases {generation}", "",
+                          f"{len(waiting)} runs ({', '.join(waiting)}) wait for the bases' step-0 evaluation on "
+                          f"{corpus} (`--phase evaluate`)." if waiting else "No arm has run from them yet."]  # fmt: skip
             continue
         what = "the reference bases" if is_reference else "earlier bases, not paired with the reference"
         lines += ["", f"## {corpus}: the arms at their chosen rates from the bases {generation} ({what}; test answer "

@@ -30,13 +30,14 @@ calls that continue one another.
    rate (Invariant 2: it trains as session+token does).
 
 A job whose run status (``metrics.json``) says ``completed`` (a fine-tuning run's test evaluation written too, but
-for a grid run) is done and is not run again; no job starts after
-``--last-start`` seconds; at ``--deadline`` seconds the running jobs get SIGTERM, finish their step, save
-``last.ckpt`` and record ``stopped``: the next call (while the machine is held: ``DIR`` stays) resumes them
-(``ckpt_path``). A finished run's checkpoints are deleted (the disk holds about 100 of them otherwise).
+for a grid run) is done and is not run again. No job starts after ``--last-start`` seconds, nor, with ``--fit``, a
+job that the longest recorded duration of its kind (``raw/``'s ``job_seconds``) says would not end before the
+deadline. At ``--deadline`` seconds the running jobs get SIGTERM, finish their step, save ``last.ckpt`` and record
+``stopped``: the next call (while the machine is held: ``DIR`` stays) resumes them (``ckpt_path``), a run stopped
+in its test evaluation too. A finished run's checkpoints are deleted (the disk holds about 100 of them otherwise).
 ``OUT/summary.json`` holds every job's status, when it started and ended (``job_seconds``, from the call's start)
-and the numbers the README's tables come from, ``OUT/runs.tgz`` each
-finished run's per-session test losses and generated answers (for the bootstrap and the fixed-answer references).
+and the numbers the README's tables come from, ``OUT/runs.tgz`` each finished run's per-session test losses and
+generated answers (for the bootstrap and the fixed-answer references).
 """
 
 from __future__ import annotations
@@ -302,10 +303,12 @@ def done(root: Path, job: Job) -> bool:
 def start(job: Job, root: Path, now: float) -> None:
     command = list(job.command)
     last = root / job.name / "checkpoints" / "last.ckpt"
-    if job.resumable and run_status(root / job.name) == "stopped" and last.is_file():
+    # A run stopped in its training continues from last.ckpt; one stopped in its test evaluation too: it trains
+    # nothing more and evaluates as the uninterrupted run does (tests/test_resume.py).
+    if job.resumable and run_status(root / job.name) in ("stopped", "completed") and last.is_file():
         command.append(f"ckpt_path={last}")
     elif not job.name.startswith("data/"):
-        shutil.rmtree(root / job.name, ignore_errors=True)  # a fresh start (say, a run stopped in its evaluation)
+        shutil.rmtree(root / job.name, ignore_errors=True)  # a fresh start
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1",
            "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # fmt: skip
     if job.init is not None:
@@ -314,6 +317,41 @@ def start(job: Job, root: Path, now: float) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     job.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("a"), stderr=subprocess.STDOUT)
     job.status, job.seconds = "running", [round(now)]
+
+
+def job_kind(name: str) -> str | None:
+    """What a job's duration depends on: a fine-tuning run's corpus and arm (``seeds/smile_session+turn_seed3``,
+    ``grid/smile_session+token_lr2e-3`` -> ``smile_session``), a base evaluation's corpus; None for the rest."""
+    group, _, rest = name.partition("/")
+    if group in ("seeds", "grid", "check"):
+        return rest.split("+", 1)[0]
+    if group == "base_eval":
+        return "base_eval/" + rest.rsplit("_seed", 1)[0]
+    return None
+
+
+def expected_seconds(summaries: list[Path]) -> dict[str, float]:
+    """kind -> the longest a job of that kind has taken (start to end) in the calls whose ``summary.json`` these
+    are: finished jobs, and jobs the deadline stopped (they needed at least that long)."""
+    longest: dict[str, float] = {}
+    for path in summaries:
+        record = json.loads(path.read_text())
+        for name, seconds in record.get("job_seconds", {}).items():
+            kind = job_kind(name)
+            if kind and len(seconds) == 2:
+                longest[kind] = max(longest.get(kind, 0.0), float(seconds[1] - seconds[0]))
+    return longest
+
+
+FIT_MARGIN = 1.25  # a job's expected seconds times this must end before the deadline (--fit)
+
+
+def fits(job: Job, now: float, deadline: float, expected: dict[str, float] | None) -> bool:
+    """Whether ``job`` may start now: always without ``expected`` (no --fit) or a measured duration of its kind;
+    otherwise only if it is expected to end before the deadline."""
+    if expected is None or job.name.startswith("data/") or job_kind(job.name) not in expected:
+        return True
+    return now + FIT_MARGIN * expected[job_kind(job.name)] <= deadline
 
 
 def finish(job: Job, root: Path) -> None:
@@ -344,8 +382,10 @@ def machine_load(seconds: float, running: int, query: list[str] = GPU_QUERY) -> 
 
 
 def run(jobs: list[Job], root: Path, deadline: float, last_start: float, grace: float, at_once: int,
-        memory: float) -> list[dict]:  # fmt: skip
-    """Run the jobs; return samples of the machine's load every ``SAMPLE_EVERY`` seconds (to choose ``--jobs``)."""
+        memory: float, expected: dict[str, float] | None = None) -> list[dict]:  # fmt: skip
+    """Run the jobs; return samples of the machine's load every ``SAMPLE_EVERY`` seconds (to choose ``--jobs``).
+    With ``expected`` (kind -> seconds), a job of a measured kind starts only if it should end before the
+    deadline, and a later job that fits may start before it."""
     begin = time.monotonic()
     load: list[dict] = []
     by_name = {job.name: job for job in jobs}
@@ -377,6 +417,8 @@ def run(jobs: list[Job], root: Path, deadline: float, last_start: float, grace: 
                 held = sum(j.memory_gib for j in running)
                 if job.status != "pending" or len(running) >= at_once or held + job.memory_gib > memory:
                     continue
+                if not fits(job, now, deadline, expected):
+                    continue
                 needs = [by_name[n].status for n in job.needs if n in by_name]
                 ended = all(by_name[n].status not in ("pending", "running") for n in job.after if n in by_name)
                 if all(s == "done" for s in needs) and ended:
@@ -385,12 +427,35 @@ def run(jobs: list[Job], root: Path, deadline: float, last_start: float, grace: 
                     print(f"[{now:6.0f}s] {job.name}: started", flush=True)
                 elif any(s not in ("done", "pending", "running") for s in needs):
                     job.status = "skipped (a job it needs did not finish)"
-        waiting = not stopping and now <= last_start and any(job.status == "pending" for job in jobs)
+        # (a job that does not fit now never will: nothing to wait for once the others ended)
+        waiting = not stopping and now <= last_start and any(
+            job.status == "pending" and fits(job, now, deadline, expected) for job in jobs
+        )
         if not running and not waiting:
             return load
         if now >= SAMPLE_EVERY * len(load):
             load.append(machine_load(now, len(running)))
         time.sleep(1.0)
+
+
+SOFTWARE = ("torch", "triton", "transformers", "lightning", "liger-kernel", "datasets")
+
+
+def software() -> dict:
+    """The versions a run's numerics depend on, and the GPU: two sessions whose bases differ compare these first."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    found: dict = {}
+    for name in SOFTWARE:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    found["cuda"] = torch.version.cuda
+    found["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return found
 
 
 def base_fingerprint(checkpoint: Path) -> str | None:
@@ -497,6 +562,9 @@ def main() -> None:
     parser.add_argument("--last-start", type=float, default=None, help="no job starts after (default: deadline)")
     parser.add_argument("--grace", type=float, default=60.0, help="then seconds before they are killed")
     parser.add_argument("--jobs", type=int, default=8, help="jobs at a time")
+    parser.add_argument("--fit", action="store_true",
+                        help="start a job only if it should end before the deadline (the longest a job of its kind "
+                             "took in raw/'s calls, times 1.25): for a session's last call")  # fmt: skip
     parser.add_argument("--memory", type=float, default=120.0, help="GiB of the GPU the jobs may hold together")
     parser.add_argument("--extra", nargs="*", default=["speed=fast"], help="overrides for every training job")
     parser.add_argument("--eval-extra", nargs="*", default=[], help="overrides for the data and evaluation jobs")
@@ -508,9 +576,10 @@ def main() -> None:
                 kept_test_losses(HERE / "raw") if args.base is None else set(), args.extra, args.eval_extra,
                 args.base, recorded_rates(grids))  # fmt: skip
     last_start = args.deadline if args.last_start is None else args.last_start
-    load = run(jobs, args.root, args.deadline, last_start, args.grace, args.jobs, args.memory)
+    expected = expected_seconds(sorted((HERE / "raw").glob("*.json"))) if args.fit else None
+    load = run(jobs, args.root, args.deadline, last_start, args.grace, args.jobs, args.memory, expected)
     result = {"seconds": round(time.monotonic() - begin), "rates": rates, "machine_load": load,
-              **summary(jobs, args.root)}  # fmt: skip
+              "software": software(), **summary(jobs, args.root)}  # fmt: skip
     out = args.out or args.root
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
