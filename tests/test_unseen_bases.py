@@ -33,9 +33,11 @@ def pretrained(tmp_path) -> Path:
     for seed in (0, 1):
         folder = root / f"pretrain/seed{seed}"
         (folder / "checkpoints").mkdir(parents=True)
-        (folder / "metrics.json").write_text(json.dumps({"status": "completed", "global_steps": 2064 + seed}))
+        info = {"model_config": {"num_hidden_layers": 8}, "seed": seed}
+        (folder / "metrics.json").write_text(json.dumps({"status": "completed", "global_steps": 2064 + seed,
+                                                         "run_info": info}))  # fmt: skip
         state = {"model.w": torch.randn(300_000, generator=generator), "model.b": torch.arange(7)}
-        torch.save({"state_dict": state, "optimizer_states": [{"exp_avg": torch.ones(300_000)}]},
+        torch.save({"state_dict": state, "glm_session": info, "optimizer_states": [{"exp_avg": torch.ones(300_000)}]},
                    folder / "checkpoints" / "last.ckpt")  # fmt: skip
     return root
 
@@ -53,7 +55,7 @@ def test_packed_bases_come_back_bit_for_bit_and_the_driver_finds_them_restored(t
     assert bases.restore(pieces, root, pieces / "bases.json") == ["pretrain/seed0", "pretrain/seed1"]
     for name, original in originals.items():
         restored = torch.load(root / name / "checkpoints/last.ckpt", weights_only=True)
-        assert set(restored) == {"state_dict"}  # the optimizer's state stays behind
+        assert set(restored) == {"state_dict", "glm_session"}  # the optimizer's state stays behind
         for key, tensor in torch.load(original, weights_only=True)["state_dict"].items():
             assert torch.equal(restored["state_dict"][key], tensor)
         assert (root / name / "metrics.json").read_text() == (pretrained / name / "metrics.json").read_text()
@@ -89,3 +91,29 @@ def test_an_unfinished_pretraining_is_not_packed(tmp_path, pretrained):
     (pretrained / "pretrain/seed1/metrics.json").write_text(json.dumps({"status": "stopped"}))
     with pytest.raises(SystemExit, match="seed1: its pretraining has not completed"):
         bases.pack(pretrained, tmp_path / "pieces", [0, 1])
+
+
+def test_bases_packed_with_their_weights_only_get_their_run_info_back_and_evaluate_reads_them(tmp_path, tiny_checkpoint):
+    """Session 9 packed the reference bases' state_dict alone; glm_session.evaluate (the bases' step-0 evaluation)
+    builds the model from the checkpoint's run info, which restore takes from the run record beside it."""
+    from glm_session.checkpoints import load_model
+
+    there = tmp_path / "there"
+    record = json.loads((tiny_checkpoint.parents[1] / "metrics.json").read_text())
+    for seed in (0, 1):
+        folder = there / f"pretrain/seed{seed}"
+        (folder / "checkpoints").mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({**record, "status": "completed"}))
+        saved = torch.load(tiny_checkpoint, weights_only=False)
+        torch.save({"state_dict": saved["state_dict"]}, folder / "checkpoints" / "last.ckpt")  # as session 9's
+    pieces = tmp_path / "pieces"
+    manifest = bases.pack(there, pieces, [0, 1])
+    root = tmp_path / "next_session"
+    bases.restore(pieces, root, pieces / "bases.json")
+    restored = root / "pretrain/seed1/checkpoints/last.ckpt"
+    assert driver.base_fingerprint(restored) == manifest["bases"]["pretrain/seed1"]  # the weights did not change
+    model, info = load_model(restored)
+    assert info.to_dict() == record["run_info"]
+    original, _ = load_model(tiny_checkpoint)
+    for (name, a), (_, b) in zip(model.state_dict().items(), original.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name

@@ -5,7 +5,8 @@ everything on it are gone after a session, and pretraining both bases again cost
     python experiments/unseen_base/bases.py restore --pieces DIR --root ROOT --manifest bases.json    # there
 
 ``pack`` writes each ``ROOT/pretrain/seed<b>``'s run record (``metrics.json``) and final weights (``last.ckpt``'s
-``state_dict``: all that the arms and ``run.py``'s fingerprint read; the optimizer's state is left out) into one tar
+``state_dict`` and run info: all that the arms, ``glm_session.evaluate`` and ``run.py``'s fingerprint read; the
+optimizer's state is left out) into one tar
 archive cut into pieces of ``PIECE_MIB`` (four of them are what one call returns, and what one call carries beside
 the working tree), and ``bases.json``: the archive's sha256, its pieces, and each base's weights sha256 as
 ``run.py`` computes it. ``restore`` joins the pieces, checks both sha256s, and writes the run folders back into
@@ -50,8 +51,8 @@ def pack(root: Path, out: Path, seeds: list[int]) -> dict:
             if driver.run_status(folder) != "completed":
                 raise SystemExit(f"{folder}: its pretraining has not completed; nothing to pack")
             weights = io.BytesIO()
-            state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]  # our own file
-            torch.save({"state_dict": state}, weights)
+            saved = torch.load(checkpoint, map_location="cpu", weights_only=False)  # our own file
+            torch.save({k: saved[k] for k in ("state_dict", "glm_session") if k in saved}, weights)  # no optimizer
             for name, data in ((f"pretrain/seed{seed}/metrics.json", (folder / "metrics.json").read_bytes()),
                                (f"pretrain/seed{seed}/checkpoints/last.ckpt", weights.getvalue())):  # fmt: skip
                 info = tarfile.TarInfo(name)
@@ -68,6 +69,15 @@ def pack(root: Path, out: Path, seeds: list[int]) -> dict:
                 "bases": bases}  # fmt: skip
     (out / "bases.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def with_run_info(checkpoint: Path, record: Path) -> None:
+    """Give a packed checkpoint that holds weights only (session 9 packed them so) its run's ``glm_session`` entry,
+    from the run record beside it (the same ``RunInfo``): ``glm_session.evaluate`` reads it to build the model."""
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if "glm_session" not in saved:
+        saved["glm_session"] = json.loads(record.read_text())["run_info"]
+        torch.save(saved, checkpoint)
 
 
 def restore(pieces: Path, root: Path, manifest_path: Path) -> list[str]:
@@ -87,7 +97,9 @@ def restore(pieces: Path, root: Path, manifest_path: Path) -> list[str]:
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         tar.extractall(root, filter="data")
     for name, sha256 in manifest["bases"].items():
-        found = base_fingerprint(root / name / "checkpoints" / "last.ckpt")
+        checkpoint = root / name / "checkpoints" / "last.ckpt"
+        with_run_info(checkpoint, root / name / "metrics.json")
+        found = base_fingerprint(checkpoint)
         if found != sha256:
             raise SystemExit(f"{root / name}: restored weights' sha256 {found} is not {sha256}")
         (root / name / RESTORED).write_text(json.dumps({"sha256": sha256, "from": str(manifest_path)}) + "\n")
