@@ -294,6 +294,20 @@ def test_a_job_kind_is_its_corpus_and_arm_and_its_expected_seconds_the_longest_r
                                                  "data/smile": [0, 34]}}))  # fmt: skip
     second.write_text(json.dumps({"job_seconds": {"grid/cpsycoun_last+token_lr1e-4": [0, 185]}}))
     assert driver.expected_seconds([first, second]) == {"smile_session": 267.0, "cpsycoun_last": 185.0}
+    # A kind measured only by its training time (calls before job_seconds): that plus the most a run of its corpus
+    # spent beyond training (a finished run: 226 s from start to end, 134 s of it training).
+    older = tmp_path / "s8_call4_arms.json"
+    older.write_text(json.dumps({"runs": {"seeds/smile_split_shuffled+token_seed2": {"train_seconds": 254.0},
+                                          "seeds/smile_split_shuffled+token_seed3": {"train_seconds": 201.0},
+                                          "seeds/cpsycoun_rising+token_seed0": {"train_seconds": 40.0}}}))  # fmt: skip
+    first.write_text(json.dumps({**json.loads(first.read_text()),
+                                 "jobs": {"seeds/smile_session+sample_seed0": "done",
+                                          "seeds/smile_session+turn_seed1": "completed (exit -15)"},
+                                 "runs": {"seeds/smile_session+sample_seed0": {"train_seconds": 134.0},
+                                          "seeds/smile_session+turn_seed1": {"train_seconds": 240.0}}}))  # fmt: skip
+    assert driver.expected_seconds([older, first, second]) == {
+        "smile_session": 267.0, "cpsycoun_last": 185.0, "smile_split_shuffled": 254.0 + 92.0
+    }  # cpsycoun_rising: no finished CPsyCoun run says what a run spends beyond training
 
 
 def test_with_fit_a_job_that_would_not_end_before_the_deadline_waits_and_one_that_fits_starts(tmp_path):

@@ -331,15 +331,33 @@ def job_kind(name: str) -> str | None:
 
 
 def expected_seconds(summaries: list[Path]) -> dict[str, float]:
-    """kind -> the longest a job of that kind has taken (start to end) in the calls whose ``summary.json`` these
-    are: finished jobs, and jobs the deadline stopped (they needed at least that long)."""
+    """kind -> how long a job of that kind takes, from the calls whose ``summary.json`` these are: the longest it took
+    from start to end (finished jobs, and jobs the deadline stopped: they needed at least that long); for a kind
+    whose runs recorded their training time but not their start and end (calls before ``job_seconds``), its
+    longest training time plus the longest that a run of its corpus spent beyond training (start, evaluation)."""
     longest: dict[str, float] = {}
+    trained: dict[str, float] = {}  # kind -> the longest training seconds
+    beyond: dict[str, float] = {}  # corpus -> the longest seconds beyond training
     for path in summaries:
         record = json.loads(path.read_text())
-        for name, seconds in record.get("job_seconds", {}).items():
+        spans = record.get("job_seconds", {})
+        for name, run in record.get("runs", {}).items():
             kind = job_kind(name)
-            if kind and len(seconds) == 2:
-                longest[kind] = max(longest.get(kind, 0.0), float(seconds[1] - seconds[0]))
+            if kind is None or not run.get("train_seconds"):
+                continue
+            trained[kind] = max(trained.get(kind, 0.0), float(run["train_seconds"]))
+            span = spans.get(name, [])
+            if record.get("jobs", {}).get(name) == "done" and len(span) == 2:
+                corpus = kind.split("_", 1)[0]
+                beyond[corpus] = max(beyond.get(corpus, 0.0), span[1] - span[0] - float(run["train_seconds"]))
+        for name, span in spans.items():
+            kind = job_kind(name)
+            if kind and len(span) == 2:
+                longest[kind] = max(longest.get(kind, 0.0), float(span[1] - span[0]))
+    for kind, seconds in trained.items():
+        corpus = kind.split("_", 1)[0]
+        if kind not in longest and corpus in beyond:
+            longest[kind] = seconds + beyond[corpus]
     return longest
 
 
