@@ -349,3 +349,30 @@ def test_the_summary_names_the_software_versions_and_the_gpu():
 
     assert found["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert found["gpu"] is None or isinstance(found["gpu"], str)
+
+
+def test_records_merge_in_call_order_and_a_session_the_bases_were_carried_to_did_not_pretrain_them(tmp_path):
+    names = ["s9_call4_arms.json", "s10_call7_arms.json", "call2_pretrain.json", "s10_call10_arms.json",
+             "s9_call3_pretrain.json", "s2_call1_pretrain.json"]  # fmt: skip
+    assert [p.name for p in aggregate.in_call_order([tmp_path / n for n in names])] == [
+        "call2_pretrain.json", "s2_call1_pretrain.json", "s9_call3_pretrain.json", "s9_call4_arms.json",
+        "s10_call7_arms.json", "s10_call10_arms.json",
+    ]  # by name, s10 would come before s2 and its records be replaced by older ones
+    base0, base1 = "39afcc51" + "0" * 56, "37acc0f2" + "0" * 56
+    bases = {"pretrain/seed0": base0, "pretrain/seed1": base1}
+    pretrained = {"status": "completed", "val_curve": [{"loss": 5.3}], "global_steps": 2064, "input_tokens": 1,
+                  "train_seconds": 1.0, "tokens_per_second": 1.0}  # fmt: skip
+    records = {
+        "s9_call3_pretrain.json": {"bases": bases, "runs": {"pretrain/seed0": pretrained,
+                                                            "seeds/x_seed1": {"status": "stopped"}}},
+        "s10_call7_arms.json": {"bases": bases, "restored": {"pretrain/seed0": {}, "pretrain/seed1": {}},
+                                "runs": {"seeds/x_seed1": {"status": "completed"}}},
+    }  # fmt: skip
+    for name, record in records.items():
+        (tmp_path / name).write_text(json.dumps(record))
+    merged = aggregate.merge(aggregate.in_call_order(list(tmp_path.glob("*.json"))))
+    entry = merged["generations"]["39afcc51"]
+    assert entry["sessions"] == ["s9"] and entry["carried_to"] == ["s10"]
+    assert entry["runs"]["seeds/x_seed1"]["status"] == "completed"  # the later call's record
+    table = aggregate.pretraining(entry["runs"], entry["bases"], entry["sessions"], entry["carried_to"])
+    assert table["seed0"]["device_sessions"] == ["s9"] and table["seed0"]["carried_to"] == ["s10"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tarfile
 from pathlib import Path
 
@@ -72,6 +73,17 @@ def device_session(path: Path) -> str:
     return head if head[:1] == "s" and head[1:].isdigit() else "s1"
 
 
+def in_call_order(paths: list[Path]) -> list[Path]:
+    """Records in the order their calls ran: by device session, then call (``s10_call2`` after ``s9_call4``, which a
+    sort by name puts first); a later call's record of a job replaces an earlier one's."""
+
+    def order(path: Path) -> tuple[int, int, str]:
+        call = re.search(r"call(\d+)", path.stem)
+        return int(device_session(path)[1:]), int(call.group(1)) if call else 0, path.name
+
+    return sorted(paths, key=order)
+
+
 def generations_of(summaries: list[tuple[str, dict]]) -> dict[str, str]:
     """device session -> the generation of its bases: base 0's sha256 prefix (or base 1's generation where a session
     pretrained base 1 alone); ``<session>: not fingerprinted`` for the first session, which recorded none. Two
@@ -104,7 +116,10 @@ def merge(paths: list[Path]) -> dict:
     for session, summary in summaries:
         entry = merged["generations"].setdefault(generation_of[session],
                                                  {"sessions": [], "runs": {}, "base_eval": {}, "bases": {}})  # fmt: skip
-        if session not in entry["sessions"]:
+        if summary.get("restored"):  # bases.py brought the bases to this session: it did not pretrain them
+            if session not in entry.setdefault("carried_to", []):
+                entry["carried_to"].append(session)
+        elif session not in entry["sessions"]:
             entry["sessions"].append(session)
         for key in ("runs", "base_eval"):
             entry[key].update(summary.get(key, {}))
@@ -172,7 +187,9 @@ def per_session(archives: list[Path], generation_of: dict[str, str]) -> dict[str
 # -- regime: bases, step 0, rate grids, gate ---------------------------------------------------------------------
 
 
-def pretraining(runs: dict, fingerprints: dict, sessions: list[str]) -> dict:
+def pretraining(runs: dict, fingerprints: dict, sessions: list[str], carried_to: list[str] = ()) -> dict:
+    """Each completed base of a generation: its curve, speed, sha256, the device sessions that pretrained it and
+    those it was carried to (``bases.py``)."""
     bases = {}
     for name, run in sorted(runs.items()):
         if name.startswith("pretrain/") and run["status"] == "completed":
@@ -187,6 +204,7 @@ def pretraining(runs: dict, fingerprints: dict, sessions: list[str]) -> dict:
                 "tokens_per_second": round(run["tokens_per_second"]),
                 "weights_sha256": fingerprints.get(name),
                 "device_sessions": sessions,
+                "carried_to": list(carried_to),
             }
     return bases
 
@@ -438,7 +456,10 @@ def tables(results: dict) -> str:
         for seed, base in seeds.items():
             curve = " → ".join(f"{x:.4f}" for x in base["val_loss_by_epoch"])
             sha = base["weights_sha256"][:8] if base["weights_sha256"] else "not recorded"
-            lines.append(f"| {generation} | {', '.join(base['device_sessions'])} | {seed} | {base['steps']:,} | "
+            where = ", ".join(base["device_sessions"])
+            if base.get("carried_to"):
+                where += f" (carried to {', '.join(base['carried_to'])})"
+            lines.append(f"| {generation} | {where} | {seed} | {base['steps']:,} | "
                          f"{base['tokens']:,} | {curve} | {base['train_seconds']:.0f} | {base['tokens_per_second']:,} | "
                          f"{sha} |")  # fmt: skip
     if results["determinism_probe"]:
@@ -547,9 +568,9 @@ def arm_tables(generation: str, arms: dict, is_reference: bool) -> list[str]:
 
 def main() -> None:
     raw = HERE / "raw"
-    merged = merge(sorted(raw.glob("*.json")))
+    merged = merge(in_call_order(list(raw.glob("*.json"))))
     generations = merged["generations"]
-    sessions = per_session(sorted(raw.glob("*.tgz")), merged["generation_of"])
+    sessions = per_session(in_call_order(list(raw.glob("*.tgz"))), merged["generation_of"])
     kept = {job for job, found in sessions.get(REFERENCE_BASES, {}).items() if "test_losses" in found}
     kept |= {job for by_job in sessions.values() for job in by_job if job.startswith("check/")}
     (raw / "kept_test_losses.txt").write_text("".join(f"{job}\n" for job in sorted(kept)))  # for run.py
@@ -603,7 +624,8 @@ def main() -> None:
             for corpus, data in merged["data"].items()
             if "openings" in data
         },  # fmt: skip
-        "pretraining": {g: pretraining(e["runs"], e["bases"], e["sessions"]) for g, e in generations.items()},
+        "pretraining": {g: pretraining(e["runs"], e["bases"], e["sessions"], e.get("carried_to", []))
+                        for g, e in generations.items()},  # fmt: skip
         "determinism_probe": determinism_probes(merged["probes"]),
         "resume_probe": resume_probes(merged["probes"], merged["probe_runs"]),
         "step0": step0_losses,
