@@ -58,6 +58,16 @@ def test_a_kept_check_is_not_run_again(tmp_path):
     assert len([j for j in jobs if j.name.startswith("seeds/")]) == 5
 
 
+def test_a_kept_step_0_evaluation_is_not_run_again(tmp_path):
+    jobs = plan(tmp_path, phases=["evaluate"], kept={"base_eval/smile_seed0", "base_eval/kdconv_seed1"})
+    assert [j.name for j in jobs if j.name.startswith("base_eval/")] == [
+        "base_eval/smile_seed1",
+        "base_eval/cpsycoun_seed0",
+        "base_eval/cpsycoun_seed1",
+        "base_eval/kdconv_seed0",
+    ]
+
+
 def test_the_probe_runs_alone_one_after_the_other_then_stops_and_resumes_beside_the_pretraining(tmp_path):
     jobs = {j.name: j for j in plan(tmp_path, phases=["pretrain", "probe"], extra=["speed=fast"])}
     assert list(jobs) == ["data/zhbase", "data/cpsycoun", "probe/auto_whole", "probe/rows_whole",
@@ -306,23 +316,31 @@ def test_a_job_kind_is_its_corpus_and_arm_and_its_expected_seconds_the_longest_r
                                  "runs": {"seeds/smile_session+sample_seed0": {"train_seconds": 134.0},
                                           "seeds/smile_session+turn_seed1": {"train_seconds": 240.0}}}))  # fmt: skip
     assert driver.expected_seconds([older, first, second]) == {
-        "smile_session": 267.0, "cpsycoun_last": 185.0, "smile_split_shuffled": 254.0 + 92.0
+        "smile_session": 267.0,
+        "cpsycoun_last": 185.0,
+        "smile_split_shuffled": 254.0 + 92.0,
     }  # cpsycoun_rising: no finished CPsyCoun run says what a run spends beyond training
 
 
-def test_with_fit_a_job_that_would_not_end_before_the_deadline_waits_and_one_that_fits_starts(tmp_path):
+def test_with_fit_a_job_that_would_not_end_in_time_or_was_never_measured_waits_and_one_that_fits_starts(tmp_path):
     root = tmp_path / "root"
     complete = "import json, pathlib, sys; p = pathlib.Path(sys.argv[1]); p.mkdir(parents=True); " \
                "(p / 'metrics.json').write_text(json.dumps({'status': 'completed'})); " \
                "(p / 'evaluation').mkdir(); (p / 'evaluation' / 'metrics.json').write_text('{}')"  # fmt: skip
-    names = ["seeds/smile_session+token_seed1", "seeds/cpsycoun_session+token_seed1", "seeds/kdconv_session+token_seed1"]
+    names = [
+        "seeds/smile_session+token_seed1",
+        "seeds/cpsycoun_session+token_seed1",
+        "seeds/kdconv_session+token_seed1",
+    ]
     jobs = [driver.Job(name, [sys.executable, "-c", complete, str(root / name)]) for name in names]
-    expected = {"smile_session": 100.0, "cpsycoun_session": 40.0}  # kdconv: never measured, so it may start
+    expected = {"smile_session": 100.0, "cpsycoun_session": 40.0}  # kdconv: never measured, so it does not start
     assert not driver.fits(jobs[0], 0.0, 120.0, expected)  # 1.25 x 100 > 120
     assert driver.fits(jobs[0], 0.0, 125.0, expected) and driver.fits(jobs[0], 0.0, 120.0, None)
+    assert not driver.fits(jobs[2], 0.0, 10_000.0, expected) and driver.fits(jobs[2], 0.0, 120.0, None)
+    assert driver.fits(driver.Job("pretrain/seed0", []), 119.0, 120.0, expected)  # no kind: it resumes
     begin = time.monotonic()
     driver.run(jobs, root, deadline=120, last_start=120, grace=5, at_once=1, memory=100, expected=expected)
-    assert [job.status for job in jobs] == ["pending", "done", "done"]
+    assert [job.status for job in jobs] == ["pending", "done", "pending"]
     assert time.monotonic() - begin < 30  # it did not wait for --last-start with nothing that could start
 
 
@@ -355,8 +373,12 @@ def test_records_merge_in_call_order_and_a_session_the_bases_were_carried_to_did
     names = ["s9_call4_arms.json", "s10_call7_arms.json", "call2_pretrain.json", "s10_call10_arms.json",
              "s9_call3_pretrain.json", "s2_call1_pretrain.json"]  # fmt: skip
     assert [p.name for p in aggregate.in_call_order([tmp_path / n for n in names])] == [
-        "call2_pretrain.json", "s2_call1_pretrain.json", "s9_call3_pretrain.json", "s9_call4_arms.json",
-        "s10_call7_arms.json", "s10_call10_arms.json",
+        "call2_pretrain.json",
+        "s2_call1_pretrain.json",
+        "s9_call3_pretrain.json",
+        "s9_call4_arms.json",
+        "s10_call7_arms.json",
+        "s10_call10_arms.json",
     ]  # by name, s10 would come before s2 and its records be replaced by older ones
     base0, base1 = "39afcc51" + "0" * 56, "37acc0f2" + "0" * 56
     bases = {"pretrain/seed0": base0, "pretrain/seed1": base1}
@@ -376,3 +398,13 @@ def test_records_merge_in_call_order_and_a_session_the_bases_were_carried_to_did
     assert entry["runs"]["seeds/x_seed1"]["status"] == "completed"  # the later call's record
     table = aggregate.pretraining(entry["runs"], entry["bases"], entry["sessions"], entry["carried_to"])
     assert table["seed0"]["device_sessions"] == ["s9"] and table["seed0"]["carried_to"] == ["s10"]
+
+
+def test_the_gate_on_the_reference_bases_compares_session_token_seed_0_with_base_0s_step_0():
+    step0 = {aggregate.REFERENCE_BASES: {"smile": {"seed0": {"test_loss": 5.4}, "seed1": {"test_loss": 5.0}}}}
+    reference = {"smile": {"arms": {"session+token": {"test_loss": {"per_seed": {0: 5.2, 1: 4.0}}}}}}
+    gate = aggregate.gate_on_reference(step0, reference)
+    assert gate["drop_nats"] == 0.2 and gate["passed"] is False  # seed 1 (from base 1) is not the pilot
+    reference["smile"]["arms"]["session+token"]["test_loss"]["per_seed"][0] = 5.1
+    assert aggregate.gate_on_reference(step0, reference)["passed"] is True  # 0.3 nats: the gate's bound
+    assert aggregate.gate_on_reference({}, reference)["passed"] is None

@@ -277,6 +277,25 @@ def gate(step0_losses: dict, lr_grid: dict) -> dict:
     }
 
 
+def gate_on_reference(step0_losses: dict, reference: dict) -> dict:
+    """The gate again on the reference bases: session+token's seed 0 (from base 0) at its chosen rate against base
+    0's step-0 SMILE test loss (the gate above ran on the first session's bases, before any arm)."""
+    base = step0_losses.get(REFERENCE_BASES, {}).get("smile", {}).get("seed0")
+    pilot = reference.get("smile", {}).get("arms", {}).get("session+token", {}).get("test_loss", {})
+    if base is None or 0 not in pilot.get("per_seed", {}):
+        return {"passed": None, "why": "the reference bases' step 0 or session+token's seed 0 has not run"}
+    drop = base["test_loss"] - pilot["per_seed"][0]
+    return {
+        "bases": REFERENCE_BASES,
+        "base_step0_test_loss": base["test_loss"],
+        "pilot": "smile session+token seed 0",
+        "pilot_test_loss": pilot["per_seed"][0],
+        "drop_nats": round(drop, 4),
+        "required_nats": GATE_NATS,
+        "passed": drop >= GATE_NATS,
+    }
+
+
 # -- the arms ------------------------------------------------------------------------------------------------------
 
 
@@ -494,6 +513,13 @@ def tables(results: dict) -> str:
     lines += ["", "## The gate", "", f"SMILE base seed 0 ({g['bases']}) step-0 test loss {g['base_step0_test_loss']:.4f}; "
               f"{g['pilot']} ends at {g['pilot_test_loss']:.4f}: {g['drop_nats']:.4f} nats below "
               f"(required {g['required_nats']}): {'passed' if g['passed'] else 'NOT passed'}."]  # fmt: skip
+    g = results["gate_on_reference_bases"]
+    if g["passed"] is None:
+        lines += ["", f"On the reference bases: {g['why']}."]
+    else:
+        lines += ["", f"On the reference bases ({g['bases']}): base seed 0's step-0 SMILE test loss "
+                  f"{g['base_step0_test_loss']:.4f}; {g['pilot']} ends at {g['pilot_test_loss']:.4f}: "
+                  f"{g['drop_nats']:.4f} nats below: {'passed' if g['passed'] else 'NOT passed'}."]  # fmt: skip
     lines += ["", "## Rate grids (one run a rate: base seed 0, seed 0; last validation loss, the chosen rate in bold)",
               "", "| arm + reduction | " + " | ".join(f"lr {r}" for r in ("1e-4", "2e-4", "5e-4", "1e-3", "2e-3", "5e-3"))
               + " | chosen | interior | bases |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -631,6 +657,7 @@ def main() -> None:
         "step0": step0_losses,
         "lr_grid": lr_grid,
         "gate": gate(step0_losses, lr_grid),
+        "gate_on_reference_bases": gate_on_reference(step0_losses, reference),
         "arms": reference,
         "arms_on_earlier_bases": {g: a for g, a in arms_by_generation.items() if g != REFERENCE_BASES},
         "curves_plotted_from": plotted,

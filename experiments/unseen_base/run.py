@@ -250,6 +250,8 @@ def plan(
         for corpus, overrides in corpora.items():
             for seed in bases:
                 name = f"base_eval/{corpus}_seed{seed}"
+                if name in kept:
+                    continue  # evaluated in an earlier call, its per-session losses in raw/
                 checkpoint, making = init(seed)
                 if checkpoint.is_dir():  # evaluate reads a run's checkpoint file, not a converted folder
                     print(f"{name}: left out (glm_session.evaluate reads a run's checkpoint file, not a folder)")
@@ -365,11 +367,14 @@ FIT_MARGIN = 1.25  # a job's expected seconds times this must end before the dea
 
 
 def fits(job: Job, now: float, deadline: float, expected: dict[str, float] | None) -> bool:
-    """Whether ``job`` may start now: always without ``expected`` (no --fit) or a measured duration of its kind;
-    otherwise only if it is expected to end before the deadline."""
-    if expected is None or job.name.startswith("data/") or job_kind(job.name) not in expected:
+    """Whether ``job`` may start now: always without ``expected`` (no --fit) and for a job without a kind (data,
+    pretraining: they resume); otherwise only if the longest recorded duration of its kind says it ends before the
+    deadline. A kind never measured does not start: nothing says it would end (session 10's last call started five
+    unmeasured SMILE split_samples grid runs 190 s before its deadline and lost them all)."""
+    kind = job_kind(job.name)
+    if expected is None or kind is None:
         return True
-    return now + FIT_MARGIN * expected[job_kind(job.name)] <= deadline
+    return kind in expected and now + FIT_MARGIN * expected[kind] <= deadline
 
 
 def finish(job: Job, root: Path) -> None:
@@ -402,8 +407,8 @@ def machine_load(seconds: float, running: int, query: list[str] = GPU_QUERY) -> 
 def run(jobs: list[Job], root: Path, deadline: float, last_start: float, grace: float, at_once: int,
         memory: float, expected: dict[str, float] | None = None) -> list[dict]:  # fmt: skip
     """Run the jobs; return samples of the machine's load every ``SAMPLE_EVERY`` seconds (to choose ``--jobs``).
-    With ``expected`` (kind -> seconds), a job of a measured kind starts only if it should end before the
-    deadline, and a later job that fits may start before it."""
+    With ``expected`` (kind -> seconds), a job starts only if it should end before the deadline (``fits``), and a
+    later job that fits may start before it."""
     begin = time.monotonic()
     load: list[dict] = []
     by_name = {job.name: job for job in jobs}
@@ -446,8 +451,10 @@ def run(jobs: list[Job], root: Path, deadline: float, last_start: float, grace: 
                 elif any(s not in ("done", "pending", "running") for s in needs):
                     job.status = "skipped (a job it needs did not finish)"
         # (a job that does not fit now never will: nothing to wait for once the others ended)
-        waiting = not stopping and now <= last_start and any(
-            job.status == "pending" and fits(job, now, deadline, expected) for job in jobs
+        waiting = (
+            not stopping
+            and now <= last_start
+            and any(job.status == "pending" and fits(job, now, deadline, expected) for job in jobs)
         )
         if not running and not waiting:
             return load
