@@ -97,3 +97,37 @@ def test_rows_marks_the_rows_of_every_input_a_layer_gets():
     for tensor in (hidden, cos, position_ids, block_mask.kv_indices, block_mask.full_q_indices, closure):
         assert getattr(tensor, "_dynamo_weak_dynamic_indices", set()) == {0}  # what maybe_mark_dynamic sets
     assert not getattr(cache_position, "_dynamo_weak_dynamic_indices", None)  # (T,): no rows dimension
+
+
+@pytest.mark.slow
+def test_the_test_evaluation_after_a_compiled_run_compiles_nothing_and_equals_evaluating_its_checkpoint(
+    tmp_path, cache_dir, monkeypatch
+):
+    """The in-run test evaluation runs the layers uncompiled: its shapes (prompts, KV-cache decode steps, test rows)
+    are not training's, and compiling them cost more than running them on the GPU. It then writes what
+    ``glm_session.evaluate`` writes for the run's checkpoint (uncompiled too), to the byte."""
+    import glm_session.evaluation.evaluator as evaluator
+    from glm_session.evaluate import evaluate
+
+    compiled: list[int] = []  # graphs Dynamo compiled during each evaluation
+    real = evaluator.evaluate_model
+
+    def counting(*args, **kwargs):
+        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        metrics = real(*args, **kwargs)
+        compiled.append(torch._dynamo.utils.counters["stats"]["unique_graphs"] - before)
+        return metrics
+
+    monkeypatch.setattr(evaluator, "evaluate_model", counting)
+    folder = tmp_path / "run"
+    settings = ["evaluate.limit=3", "generation.max_new_tokens=6"]
+    run(folder, cache_dir, "trainer.max_epochs=1", "evaluate.enabled=true", *settings)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # training ran compiled layers
+    assert compiled == [0]
+    again = tmp_path / "again"
+    evaluate(compose_config("evaluate", [f"ckpt_path={folder / 'checkpoints' / 'last.ckpt'}", "limit=3",
+                                         "generation.max_new_tokens=6", "data.limit=23", "data.max_seq_len=512",
+                                         "data.batch_tokens=2048", "data.pad_to=max_seq_len",
+                                         f"data.cache_dir={cache_dir}", f"output_dir={again}"]))  # fmt: skip
+    for name in ("predictions.jsonl", "test_losses.json"):
+        assert (again / name).read_bytes() == (folder / "evaluation" / name).read_bytes()

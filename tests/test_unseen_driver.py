@@ -408,3 +408,39 @@ def test_the_gate_on_the_reference_bases_compares_session_token_seed_0_with_base
     reference["smile"]["arms"]["session+token"]["test_loss"]["per_seed"][0] = 5.1
     assert aggregate.gate_on_reference(step0, reference)["passed"] is True  # 0.3 nats: the gate's bound
     assert aggregate.gate_on_reference({}, reference)["passed"] is None
+
+
+def test_the_evaluation_probe_trains_cpsycoun_session_token_seed_0_again_and_needs_its_evaluation(tmp_path):
+    jobs = plan(tmp_path, phases=["evaluation-probe"], rates={"cpsycoun_session+token": "2e-3"})
+    probe = next(j for j in jobs if j.name == driver.EVALUATION_PROBE)
+    kept = next(j for j in plan(tmp_path, seeds_of=["cpsycoun_session+token"], rates={"cpsycoun_session+token": "2e-3"})
+                if j.name == "seeds/cpsycoun_session+token_seed0")  # fmt: skip
+    assert probe.command[:-1] == kept.command[:-1] and probe.init == kept.init  # only hydra.run.dir differs
+    assert probe.command[-1] == f"hydra.run.dir={tmp_path / 'root' / driver.EVALUATION_PROBE}"
+    folder = tmp_path / "root" / driver.EVALUATION_PROBE
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"status": "completed"}))
+    assert not driver.done(tmp_path / "root", probe)  # trained, not evaluated: not done
+    (folder / "evaluation").mkdir()
+    (folder / "evaluation" / "metrics.json").write_text("{}")
+    assert driver.done(tmp_path / "root", probe)
+    assert not [j for j in plan(tmp_path, phases=["evaluation-probe"]) if j.name == driver.EVALUATION_PROBE]
+
+
+def test_the_evaluation_probe_is_set_beside_the_kept_seed_evaluated_compiled():
+    def run(loss, turns, rouge1, seconds):
+        official = {"rouge-1": rouge1, "rouge-2": 10.0, "rouge-l": 30.0, "bleu-4": 12.0}
+        return {"val_curve": [{"loss": 2.6}, {"loss": 2.0}],
+                "test": {"teacher_forced": {"loss": loss, "loss_by_turn": turns}, "chatglm2_official": official,
+                         "seconds": {"generation": seconds, "teacher_forced": seconds / 2}}}  # fmt: skip
+
+    compiled = {aggregate.EVALUATED_COMPILED: run(2.0, {"1": 1.5, "2": 2.5}, 35.0, 70.0)}
+    probe = {"s11": {aggregate.EVALUATION_PROBE: run(2.0000004, {"1": 1.5000001, "2": 2.4999990}, 35.25, 14.0)}}
+    found = aggregate.evaluation_probes(probe, compiled)["s11"]
+    assert found["training_repeats"] is True
+    assert found["test_loss_difference"] == pytest.approx(4e-7)
+    assert found["largest_turn_loss_difference"] == pytest.approx(1e-6)
+    assert found["official_difference"] == {"rouge-1": 0.25, "rouge-2": 0.0, "rouge-l": 0.0, "bleu-4": 0.0}
+    probe["s11"][aggregate.EVALUATION_PROBE]["val_curve"][1]["loss"] = 2.1
+    assert aggregate.evaluation_probes(probe, compiled)["s11"]["training_repeats"] is False
+    assert aggregate.evaluation_probes(probe, {}) == {}

@@ -165,6 +165,37 @@ def resume_probes(probes: dict[str, dict[str, str]], runs: dict[str, dict[str, d
     return result
 
 
+EVALUATION_PROBE = "probe/evaluation_uncompiled"  # run.py's
+EVALUATED_COMPILED = "seeds/cpsycoun_session+token_seed0"  # the same training, its test evaluation compiled
+
+
+def evaluation_probes(probe_runs: dict[str, dict[str, dict]], reference_runs: dict[str, dict]) -> dict:
+    """Per device session: CPsyCoun session+token seed 0 trained again and evaluated uncompiled (``run.py
+    --phase evaluation-probe``) beside the kept seed 0 of the reference bases, evaluated compiled: whether the
+    training repeated (the validation curve), and what the evaluation's change did to the test numbers and time."""
+    compiled = reference_runs.get(EVALUATED_COMPILED, {})
+    result: dict = {}
+    for session, runs in sorted(probe_runs.items()):
+        uncompiled = runs.get(EVALUATION_PROBE, {})
+        if "test" not in uncompiled or "test" not in compiled:
+            continue
+        a, b = compiled["test"], uncompiled["test"]
+        turns = a["teacher_forced"]["loss_by_turn"]
+        official = {k: round(b["chatglm2_official"][k] - a["chatglm2_official"][k], 4)
+                    for k in ("rouge-1", "rouge-2", "rouge-l", "bleu-4")}  # fmt: skip
+        result[session] = {
+            "training_repeats": [v["loss"] for v in compiled["val_curve"]] == [v["loss"] for v in uncompiled["val_curve"]],
+            "test_loss": {"compiled": a["teacher_forced"]["loss"], "uncompiled": b["teacher_forced"]["loss"]},
+            "test_loss_difference": b["teacher_forced"]["loss"] - a["teacher_forced"]["loss"],
+            "largest_turn_loss_difference": max(
+                abs(b["teacher_forced"]["loss_by_turn"][t] - turns[t]) for t in turns
+            ),
+            "official_difference": official,
+            "seconds": {"compiled": a["seconds"], "uncompiled": b["seconds"]},
+        }
+    return result
+
+
 def per_session(archives: list[Path], generation_of: dict[str, str]) -> dict[str, dict[str, dict]]:
     """generation -> job -> {"test_losses": {session: {turn: [sum, count]}}, "predictions": [...]}, from every
     ``runs.tgz`` (a test session here, a device session in ``generation_of``)."""
@@ -499,6 +530,19 @@ def tables(results: dict) -> str:
                 speed = f"{e['tokens_per_second']:,}" if e["tokens_per_second"] else "—"
                 lines.append(f"| {session} | {setting} | {e['whole']} | {e['resumed']} | {e['stopped_after_step']} | "
                              f"{e['repeats']} | {speed} |")  # fmt: skip
+    if results["evaluation_probe"]:
+        lines += ["", "## Does the test evaluation change when it runs uncompiled? (CPsyCoun session+token seed 0, "
+                  "trained twice: its kept run evaluated compiled, the probe uncompiled)", "",
+                  "| device session | training repeats | test loss, compiled | uncompiled | difference | largest turn "
+                  "difference | official ROUGE-1 / ROUGE-L / BLEU-4 difference | seconds (generation, teacher-forced), "
+                  "compiled | uncompiled |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for session, e in results["evaluation_probe"].items():
+            o, t = e["official_difference"], e["seconds"]
+            lines.append(f"| {session} | {e['training_repeats']} | {e['test_loss']['compiled']:.6f} | "
+                         f"{e['test_loss']['uncompiled']:.6f} | {e['test_loss_difference']:+.2e} | "
+                         f"{e['largest_turn_loss_difference']:.2e} | {o['rouge-1']:+.2f} / {o['rouge-l']:+.2f} / "
+                         f"{o['bleu-4']:+.2f} | {t['compiled']['generation']:.0f}, {t['compiled']['teacher_forced']:.0f} | "
+                         f"{t['uncompiled']['generation']:.0f}, {t['uncompiled']['teacher_forced']:.0f} |")  # fmt: skip
     lines += ["", "## Step 0: each base's test answer loss (chatglm2 template), before fine-tuning", "",
               "| bases | corpus | seed | test sessions | test loss | ROUGE-1 | ROUGE-2 | ROUGE-L | BLEU-4 | empty |",
               "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -654,6 +698,9 @@ def main() -> None:
                         for g, e in generations.items()},  # fmt: skip
         "determinism_probe": determinism_probes(merged["probes"]),
         "resume_probe": resume_probes(merged["probes"], merged["probe_runs"]),
+        "evaluation_probe": evaluation_probes(
+            merged["probe_runs"], generations.get(REFERENCE_BASES, {}).get("runs", {})
+        ),
         "step0": step0_losses,
         "lr_grid": lr_grid,
         "gate": gate(step0_losses, lr_grid),

@@ -29,6 +29,11 @@ calls that continue one another.
    ``check/<corpus>_split_grouped+token_seed0``: split samples of the session arm's very steps, at session+token's
    rate (Invariant 2: it trains as session+token does).
 
+With ``--phase evaluation-probe``, ``probe/evaluation_uncompiled``: CPsyCoun session+token seed 0 (base 0) trained
+again since its test evaluation runs the layers uncompiled (session 11 on); its training repeats the kept seed 0 bit
+for bit (session 10 ran it on two machines), so ``aggregate.py`` sets its test numbers beside that seed's, which
+were evaluated compiled: what the change of evaluation does to the numbers, and to the time.
+
 A job whose run status (``metrics.json``) says ``completed`` (a fine-tuning run's test evaluation written too, but
 for a grid run) is done and is not run again. No job starts after ``--last-start`` seconds, nor, with ``--fit``, a
 job that the longest recorded duration of its kind (``raw/``'s ``job_seconds``) says would not end before the
@@ -65,6 +70,7 @@ CORPORA = {  # name: evaluation overrides (data config and file)
     "cpsycoun": ["data=cpsycoun", "data.path={data}/cpsycound.jsonl.gz"],
     "kdconv": ["data=kdconv"],
 }
+EVALUATION_PROBE = "probe/evaluation_uncompiled"
 PROBE = ["experiment=unseen/cpsycoun_split_shuffled", "model.reduction=token", "optimizer.lr=2e-3", "seed=0",
          "model.init_from=null", "trainer.max_steps=60", "callbacks.last_checkpoint.every_n_train_steps=60",
          "trainer.limit_val_batches=0", "evaluate.enabled=false", "metrics.warmup_batches=10"]  # fmt: skip
@@ -261,6 +267,11 @@ def plan(
                                        "generation.batch_size=256", "generation.max_new_tokens=64",
                                        *eval_extra, f"hydra.run.dir={root / name}"],
                                 needs=[f"data/{corpus}", *making], memory_gib=25.0))  # fmt: skip
+    if "evaluation-probe" in phases and not given:
+        if "cpsycoun_session+token" in rates:
+            jobs.append(train(EVALUATION_PROBE, "cpsycoun_session", "token", rates["cpsycoun_session+token"], 0, 0))
+        else:
+            print(f"{EVALUATION_PROBE}: cpsycoun_session+token has no chosen rate: left out", flush=True)
     for arm in seeds_of:  # final runs first: they are what the tables report
         experiment, reduction = arm.split("+")
         if arm not in rates:
@@ -292,7 +303,7 @@ def done(root: Path, job: Job) -> bool:
         return any((root / job.name).glob("**/metrics.json"))
     if job.name.startswith("probe/") and job.name.endswith("_stopped"):
         return run_status(root / job.name) == "stopped"  # where stop_after_step stopped it
-    if job.name.startswith(("pretrain/", "probe/", "grid/")):
+    if job.name.startswith(("pretrain/", "probe/", "grid/")) and job.name != EVALUATION_PROBE:
         # A grid run is read for its validation curve: stopped in its test evaluation, it is not trained again
         # (seed 0 then runs as its own job: it reuses the grid's run only where raw/ kept its test losses).
         return run_status(root / job.name) == "completed"
@@ -571,7 +582,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=ROOT / "outputs" / "unseen_base")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--phase", nargs="*", choices=("pretrain", "evaluate", "probe"), default=[])
+    parser.add_argument("--phase", nargs="*", choices=("pretrain", "evaluate", "probe", "evaluation-probe"), default=[])
     parser.add_argument("--bases", "--seeds", nargs="+", type=int, default=[0, 1], help="the bases' seeds")
     parser.add_argument("--base", nargs="+", type=Path, default=None,
                         help="start from these bases instead of pretraining (a run's last.ckpt or a converted "

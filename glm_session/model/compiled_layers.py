@@ -41,6 +41,15 @@ def compile_layers(layers: torch.nn.ModuleList, dynamic: bool | str | None) -> N
             layer.compile(dynamic=dynamic)
 
 
+def uncompile_layers(layers: torch.nn.ModuleList) -> None:
+    """Undo ``compile_layers``: each layer runs eagerly again, its parameters untouched. For the test evaluation
+    after training: its shapes (prompts of every length, the KV cache's decode steps, the test rows) are not
+    training's, and compiling them cost more than running them (experiments/unseen_base, session 10: an in-run
+    CPsyCoun evaluation spent 5-35 s on teacher-forced loss, the same evaluation of an uncompiled base 0.5-0.8 s)."""
+    for layer in layers:
+        layer._compiled_call_impl = None
+
+
 def _rows_dynamic(compiled: Any) -> Any:
     """``compiled`` called with the rows dimension of every input marked dynamic (before Dynamo sees them)."""
 
