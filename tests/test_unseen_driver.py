@@ -444,3 +444,10 @@ def test_the_evaluation_probe_is_set_beside_the_kept_seed_evaluated_compiled():
     probe["s11"][aggregate.EVALUATION_PROBE]["val_curve"][1]["loss"] = 2.1
     assert aggregate.evaluation_probes(probe, compiled)["s11"]["training_repeats"] is False
     assert aggregate.evaluation_probes(probe, {}) == {}
+
+
+def test_grids_start_before_seeds(tmp_path):
+    jobs = plan(tmp_path, arms=["smile_split_samples+token"], seeds_of=["cpsycoun_last+token"],
+                rates={"cpsycoun_last+token": "5e-4"})  # fmt: skip
+    runs = [j.name.split("/")[0] for j in jobs if not j.name.startswith("data/")]
+    assert runs == ["grid"] * len(driver.GRID_RATES) + ["seeds"] * len(driver.SEEDS)
