@@ -451,3 +451,35 @@ def test_grids_start_before_seeds(tmp_path):
                 rates={"cpsycoun_last+token": "5e-4"})  # fmt: skip
     runs = [j.name.split("/")[0] for j in jobs if not j.name.startswith("data/")]
     assert runs == ["grid"] * len(driver.GRID_RATES) + ["seeds"] * len(driver.SEEDS)
+
+
+def test_the_arms_report_each_turn_position_and_the_contrasts_there():
+    """Two complete arms on three test sessions of two turns: session+token loses 2.0 a token on turn 1 and 1.0 on
+    turn 2, split_shuffled+token 1.5 and 1.0, in every seed: the contrast is +0.5 at turn 1 and 0 at turn 2,
+    whatever the bootstrap draws."""
+    order = ["a", "b", "c"]
+
+    def losses(turn1: float) -> dict:
+        return {s: {"1": [turn1 * 10, 10], "2": [1.0 * 30, 30]} for s in order}
+
+    sessions = {"base_eval/smile_seed0": {"test_losses": losses(5.0)}}
+    runs, lr_grid = {}, {}
+    for arm, turn1 in (("session+token", 2.0), ("split_shuffled+token", 1.5)):
+        lr_grid[f"smile_{arm}"] = {"chosen": "2e-3", "interior": True}
+        for seed in range(5):
+            job = f"seeds/smile_{arm}_seed{seed}"
+            sessions[job] = {"test_losses": losses(turn1)}
+            official = {k: 10.0 for k in ("rouge-1", "rouge-2", "rouge-l", "bleu-4")}
+            runs[job] = {"status": "completed", "val_curve": [{"loss": 2.0}], "global_steps": 10, "input_tokens": 100,
+                         "test": {"chatglm2_official": official,
+                                  "rouge": {k: 10.0 for k in ("rouge1", "rouge2", "rougeL")}}}  # fmt: skip
+    step0 = {"smile": {"seed0": {"test_loss": 5.0}}}
+    found = aggregate.corpus_arms("smile", runs, sessions, lr_grid, step0)
+    by_turn = found["arms"]["session+token"]["test_loss_by_turn"]
+    assert list(by_turn) == ["1", "2"]  # no test turn beyond 2
+    assert by_turn["1"]["point"] == pytest.approx(2.0) and by_turn["2"]["point"] == pytest.approx(1.0)
+    contrast = found["contrasts_by_turn"]["session+token - split_shuffled+token"]
+    assert contrast["1"]["diff"] == pytest.approx(0.5) and contrast["1"]["ci95"] == pytest.approx([0.5, 0.5])
+    assert contrast["2"]["diff"] == pytest.approx(0.0) and contrast["2"]["ci95"] == pytest.approx([0.0, 0.0])
+    # overall: (20 + 30) / 40 against (15 + 30) / 40 a session
+    assert found["contrasts"]["session+token - split_shuffled+token"]["diff"] == pytest.approx(5 / 40)

@@ -404,6 +404,12 @@ def corpus_arms(corpus: str, runs: dict, sessions: dict, lr_grid: dict, step0_lo
             for j in s.values()
         )  # fmt: skip
     }
+    def bucket_point(seeds: dict[int, str], bucket: str) -> float:
+        """The arm's loss at one turn-position bucket: the mean over its seeds of each seed's token mean there."""
+        means = [a.sum() / c.sum() for job in seeds.values()
+                 for a, c in [session_arrays(sessions[job]["test_losses"], order, bucket)]]  # fmt: skip
+        return float(np.mean(means))
+
     for arm, seeds in sorted(arms.items()):
         losses = {s: float(a.sum() / c.sum()) for s, job in sorted(seeds.items())
                   for a, c in [session_arrays(sessions[job]["test_losses"], order)]}  # fmt: skip
@@ -428,9 +434,10 @@ def corpus_arms(corpus: str, runs: dict, sessions: dict, lr_grid: dict, step0_lo
         if arm in replicates:
             entry["test_loss"]["ci95"] = interval(replicates[arm])
             entry["test_loss_by_turn"] = {
-                bucket: {"mean": float(np.mean(reps[arm])), "ci95": interval(reps[arm])}
+                bucket: {"mean": float(np.mean(reps[arm])), "ci95": interval(reps[arm]),
+                         "point": bucket_point(seeds, bucket)}
                 for bucket, reps in by_turn_reps.items()
-            }
+            }  # fmt: skip
         base = min(step0_losses.get(corpus, {}).get(f"seed{b}", {}).get("test_loss", math.inf) for b in (0, 1))
         entry["gain_over_base"] = float(base - entry["test_loss"]["mean"])
         result["arms"][arm] = entry
@@ -442,6 +449,17 @@ def corpus_arms(corpus: str, runs: dict, sessions: dict, lr_grid: dict, step0_lo
             )
         else:
             result["contrasts"][f"{a} - {b}"] = None  # not run yet: its arms lack 5 seeds
+    # Exploratory, outside the Holm family: each contrast at each turn-position bucket (the article's question: does
+    # a construction shift the weight between early and late turns?).
+    result["contrasts_by_turn"] = {
+        f"{a} - {b}": {
+            bucket: paired_difference(reps[a], reps[b], result["arms"][a]["test_loss_by_turn"][bucket]["point"],
+                                      result["arms"][b]["test_loss_by_turn"][bucket]["point"])
+            for bucket, reps in by_turn_reps.items()
+        }
+        for a, b in CONTRASTS
+        if a in replicates and b in replicates
+    }  # fmt: skip
     computed = {k: v["p_two_sided"] for k, v in result["contrasts"].items() if v is not None}
     if computed and len(computed) == len(CONTRASTS):
         for key, p in holm(computed).items():
@@ -620,6 +638,21 @@ def arm_tables(generation: str, arms: dict, is_reference: bool) -> list[str]:
             else:
                 holm_p = f"{d['p_holm']:.4f}" if "p_holm" in d else "— (family incomplete)"
                 lines.append(f"| {key} | {d['diff']:+.4f} | {ci(d['ci95'])} | {d['p_two_sided']:.4f} | {holm_p} |")
+        by_turn = {arm: e["test_loss_by_turn"] for arm, e in c["arms"].items() if e.get("test_loss_by_turn")}
+        if by_turn:
+            buckets = list(next(iter(by_turn.values())))
+            lines += ["", "Test answer loss by turn position (arms with 5 seeds; mean over seeds; intervals in "
+                      "`results.json`):", "", "| arm | " + " | ".join(f"turn {b}" for b in buckets) + " |",
+                      "|---|" + "---|" * len(buckets)]  # fmt: skip
+            for arm, turns in by_turn.items():
+                lines.append(f"| {arm} | " + " | ".join(f"{turns[b]['point']:.4f}" for b in buckets) + " |")
+        if c.get("contrasts_by_turn"):
+            lines += ["", "The contrasts by turn position (exploratory: outside the Holm family; difference and 95% "
+                      "interval):", "", "| contrast (a − b) | " + " | ".join(f"turn {b}" for b in buckets) + " |",
+                      "|---|" + "---|" * len(buckets)]  # fmt: skip
+            for key, by_bucket in c["contrasts_by_turn"].items():
+                cells = [f"{d['diff']:+.4f} {ci(d['ci95'])}" for d in by_bucket.values()]
+                lines.append(f"| {key} | " + " | ".join(cells) + " |")
         eq = c["equivalence"]
         lines.append("")
         if eq:
