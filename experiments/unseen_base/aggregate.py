@@ -616,16 +616,16 @@ def arm_tables(generation: str, arms: dict, is_reference: bool) -> list[str]:
         lines += ["", f"## {corpus}: the arms at their chosen rates from the bases {generation} ({what}; test answer "
                   "loss, every test session)", "",
                   "| arm | rate | seeds | test loss mean ± std | 95% interval (bases → seeds → sessions) | gain over base | "
-                  "last val | ROUGE-1 | ROUGE-L | BLEU-4 |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "last val | best val | ROUGE-1 | ROUGE-L | BLEU-4 |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for arm, e in c["arms"].items():
             t, o = e["test_loss"], e["official"]
             lines.append(f"| {arm} | {e['rate']} | {t['n']} | {t['mean']:.4f} ± {t['std']:.4f} | {ci(t.get('ci95'))} | "
-                         f"{e['gain_over_base']:.4f} | {e['val_last']['mean']:.4f} | {o['rouge-1']['mean']:.2f} | "
-                         f"{o['rouge-l']['mean']:.2f} | {o['bleu-4']['mean']:.2f} |")  # fmt: skip
+                         f"{e['gain_over_base']:.4f} | {e['val_last']['mean']:.4f} | {e['val_best']['mean']:.4f} | "
+                         f"{o['rouge-1']['mean']:.2f} | {o['rouge-l']['mean']:.2f} | {o['bleu-4']['mean']:.2f} |")  # fmt: skip
         refs = c["references"]
         for name, r in refs.items():
             o = r["chatglm2_official"]
-            lines.append(f"| *{name}* | — | — | — | — | — | — | {o['rouge-1']:.2f} | {o['rouge-l']:.2f} | "
+            lines.append(f"| *{name}* | — | — | — | — | — | — | — | {o['rouge-1']:.2f} | {o['rouge-l']:.2f} | "
                          f"{o['bleu-4']:.2f} |")  # fmt: skip
         lines += [
             "",
