@@ -297,6 +297,7 @@ def test_a_job_kind_is_its_corpus_and_arm_and_its_expected_seconds_the_longest_r
     assert driver.job_kind("check/cpsycoun_split_grouped+token_seed0") == "cpsycoun_split_grouped"
     assert driver.job_kind("base_eval/kdconv_seed1") == "base_eval/kdconv"
     assert driver.job_kind("pretrain/seed0") is None and driver.job_kind("data/smile") is None
+    assert driver.job_kind(driver.EVALUATION_PROBE) == "cpsycoun_session"
     first, second = tmp_path / "s9_call3_arms.json", tmp_path / "s9_call4_arms.json"
     first.write_text(json.dumps({"job_seconds": {"seeds/smile_session+sample_seed0": [34, 260],
                                                  "seeds/smile_session+turn_seed1": [204, 471],  # stopped: >= 267

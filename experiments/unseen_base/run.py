@@ -336,6 +336,8 @@ def start(job: Job, root: Path, now: float) -> None:
 def job_kind(name: str) -> str | None:
     """What a job's duration depends on: a fine-tuning run's corpus and arm (``seeds/smile_session+turn_seed3``,
     ``grid/smile_session+token_lr2e-3`` -> ``smile_session``), a base evaluation's corpus; None for the rest."""
+    if name == EVALUATION_PROBE:  # a CPsyCoun session+token run
+        return "cpsycoun_session"
     group, _, rest = name.partition("/")
     if group in ("seeds", "grid", "check"):
         return rest.split("+", 1)[0]
