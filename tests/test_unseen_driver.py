@@ -302,25 +302,37 @@ def test_a_job_kind_is_its_corpus_and_arm_and_its_expected_seconds_the_longest_r
     first.write_text(json.dumps({"job_seconds": {"seeds/smile_session+sample_seed0": [34, 260],
                                                  "seeds/smile_session+turn_seed1": [204, 471],  # stopped: >= 267
                                                  "seeds/cpsycoun_last+token_seed2": [20],  # still running
-                                                 "data/smile": [0, 34]}}))  # fmt: skip
-    second.write_text(json.dumps({"job_seconds": {"grid/cpsycoun_last+token_lr1e-4": [0, 185]}}))
-    assert driver.expected_seconds([first, second]) == {"smile_session": 267.0, "cpsycoun_last": 185.0}
-    # A kind measured only by its training time (calls before job_seconds): that plus the most a run of its corpus
-    # spent beyond training (a finished run: 226 s from start to end, 134 s of it training).
-    older = tmp_path / "s8_call4_arms.json"
-    older.write_text(json.dumps({"runs": {"seeds/smile_split_shuffled+token_seed2": {"train_seconds": 254.0},
-                                          "seeds/smile_split_shuffled+token_seed3": {"train_seconds": 201.0},
-                                          "seeds/cpsycoun_rising+token_seed0": {"train_seconds": 40.0}}}))  # fmt: skip
-    first.write_text(json.dumps({**json.loads(first.read_text()),
+                                                 "grid/smile_split_samples+token_lr1e-4": [361, 563],  # stopped
+                                                 "data/smile": [0, 34]},
                                  "jobs": {"seeds/smile_session+sample_seed0": "done",
-                                          "seeds/smile_session+turn_seed1": "completed (exit -15)"},
-                                 "runs": {"seeds/smile_session+sample_seed0": {"train_seconds": 134.0},
-                                          "seeds/smile_session+turn_seed1": {"train_seconds": 240.0}}}))  # fmt: skip
+                                          "seeds/smile_session+turn_seed1": "stopped (exit 143)",
+                                          "seeds/cpsycoun_last+token_seed2": "running",
+                                          "grid/smile_split_samples+token_lr1e-4": "stopped (exit 143)",
+                                          "data/smile": "done"}}))  # fmt: skip
+    second.write_text(json.dumps({"job_seconds": {"grid/cpsycoun_last+token_lr1e-4": [0, 185]},
+                                  "jobs": {"grid/cpsycoun_last+token_lr1e-4": "done"}}))  # fmt: skip
+    # smile_split_samples: stopped runs only, whose spans are lower bounds: no estimate
+    assert driver.expected_seconds([first, second]) == {"smile_session": 267.0, "cpsycoun_last": 185.0}
+    # A kind measured only by its training time (calls before job_seconds): that of a completed run plus the most a
+    # run of its corpus spent beyond training (a finished run: 226 s from start to end, 134 s of it training).
+    older = tmp_path / "s8_call4_arms.json"
+    older.write_text(json.dumps({"runs": {"seeds/smile_split_shuffled+token_seed2": {"train_seconds": 254.0,
+                                                                                     "status": "completed"},
+                                          "seeds/smile_split_shuffled+token_seed3": {"train_seconds": 201.0,
+                                                                                     "status": "completed"},
+                                          "seeds/smile_rising+token_seed4": {"train_seconds": 99.0,
+                                                                             "status": "stopped"},
+                                          "seeds/cpsycoun_rising+token_seed0": {"train_seconds": 40.0,
+                                                                                "status": "completed"}}}))  # fmt: skip
+    record = json.loads(first.read_text())
+    record["runs"] = {"seeds/smile_session+sample_seed0": {"train_seconds": 134.0, "status": "completed"},
+                      "seeds/smile_session+turn_seed1": {"train_seconds": 240.0, "status": "stopped"}}  # fmt: skip
+    first.write_text(json.dumps(record))
     assert driver.expected_seconds([older, first, second]) == {
         "smile_session": 267.0,
         "cpsycoun_last": 185.0,
         "smile_split_shuffled": 254.0 + 92.0,
-    }  # cpsycoun_rising: no finished CPsyCoun run says what a run spends beyond training
+    }  # cpsycoun_rising: no finished CPsyCoun run says what a run spends beyond training; smile_rising: stopped
 
 
 def test_with_fit_a_job_that_would_not_end_in_time_or_was_never_measured_waits_and_one_that_fits_starts(tmp_path):

@@ -348,33 +348,40 @@ def job_kind(name: str) -> str | None:
 
 def expected_seconds(summaries: list[Path]) -> dict[str, float]:
     """kind -> how long a job of that kind takes, from the calls whose ``summary.json`` these are: the longest it took
-    from start to end (finished jobs, and jobs the deadline stopped: they needed at least that long); for a kind
-    whose runs recorded their training time but not their start and end (calls before ``job_seconds``), its
-    longest training time plus the longest that a run of its corpus spent beyond training (start, evaluation)."""
+    from start to end, for a kind of which at least one job finished (a job the deadline stopped needed at least its
+    span, so it may raise the estimate, but alone it is no estimate: session 10's stopped SMILE split_samples runs
+    had run 202 s of about 650); for a kind whose runs recorded their training time but not their start and end
+    (calls before ``job_seconds``), its longest training time of a completed run plus the longest that a run of its
+    corpus spent beyond training (start, evaluation)."""
     longest: dict[str, float] = {}
-    trained: dict[str, float] = {}  # kind -> the longest training seconds
+    finished: set[str] = set()  # kinds with a job that finished
+    trained: dict[str, float] = {}  # kind -> the longest training seconds of a completed run
     beyond: dict[str, float] = {}  # corpus -> the longest seconds beyond training
     for path in summaries:
         record = json.loads(path.read_text())
         spans = record.get("job_seconds", {})
+        status = record.get("jobs", {})
         for name, run in record.get("runs", {}).items():
             kind = job_kind(name)
-            if kind is None or not run.get("train_seconds"):
+            if kind is None or not run.get("train_seconds") or run.get("status") != "completed":
                 continue
             trained[kind] = max(trained.get(kind, 0.0), float(run["train_seconds"]))
             span = spans.get(name, [])
-            if record.get("jobs", {}).get(name) == "done" and len(span) == 2:
+            if status.get(name) == "done" and len(span) == 2:
                 corpus = kind.split("_", 1)[0]
                 beyond[corpus] = max(beyond.get(corpus, 0.0), span[1] - span[0] - float(run["train_seconds"]))
         for name, span in spans.items():
             kind = job_kind(name)
             if kind and len(span) == 2:
                 longest[kind] = max(longest.get(kind, 0.0), float(span[1] - span[0]))
+                if status.get(name) == "done":
+                    finished.add(kind)
     for kind, seconds in trained.items():
         corpus = kind.split("_", 1)[0]
-        if kind not in longest and corpus in beyond:
-            longest[kind] = seconds + beyond[corpus]
-    return longest
+        if kind not in finished and corpus in beyond:
+            longest[kind] = max(longest.get(kind, 0.0), seconds + beyond[corpus])
+            finished.add(kind)
+    return {kind: seconds for kind, seconds in longest.items() if kind in finished}
 
 
 FIT_MARGIN = 1.25  # a job's expected seconds times this must end before the deadline (--fit)
