@@ -313,6 +313,13 @@ def test_a_job_kind_is_its_corpus_and_arm_and_its_expected_seconds_the_longest_r
                                   "jobs": {"grid/cpsycoun_last+token_lr1e-4": "done"}}))  # fmt: skip
     # smile_split_samples: stopped runs only, whose spans are lower bounds: no estimate
     assert driver.expected_seconds([first, second]) == {"smile_session": 267.0, "cpsycoun_last": 185.0}
+    # ... nor the end of a stopped run resumed in a later call: its span is a part of the run
+    third = tmp_path / "s9_call5_arms.json"
+    third.write_text(json.dumps({"job_seconds": {"grid/smile_split_samples+token_lr1e-4": [0, 300]},
+                                 "jobs": {"grid/smile_split_samples+token_lr1e-4": "done"},
+                                 "resumed": ["grid/smile_split_samples+token_lr1e-4"]}))  # fmt: skip
+    assert "smile_split_samples" not in driver.expected_seconds([first, second, third])
+    third.unlink()
     # A kind measured only by its training time (calls before job_seconds): that of a completed run plus the most a
     # run of its corpus spent beyond training (a finished run: 226 s from start to end, 134 s of it training).
     older = tmp_path / "s8_call4_arms.json"
@@ -366,7 +373,7 @@ def test_a_run_stopped_in_its_test_evaluation_resumes_from_its_last_checkpoint(t
     (folder / "metrics.json").write_text(json.dumps({"status": "completed"}))  # trained, not evaluated
     driver.start(job, root, 0.0)
     job.process.wait()
-    assert job.process.args[-1] == f"ckpt_path={folder / 'checkpoints' / 'last.ckpt'}"
+    assert job.process.args[-1] == f"ckpt_path={folder / 'checkpoints' / 'last.ckpt'}" and job.resumed
     (folder / "metrics.json").write_text(json.dumps({"status": "failed"}))
     driver.start(job, root, 0.0)  # anything else starts afresh
     job.process.wait()

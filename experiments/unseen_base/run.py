@@ -108,6 +108,7 @@ class Job:
     status: str = "pending"
     process: subprocess.Popen | None = None
     seconds: list[float] = field(default_factory=list)  # when it started and ended, from the call's start
+    resumed: bool = False  # continued from a last.ckpt in this call: its span is a part of its duration
 
 
 KEPT_INDEX = "kept_test_losses.txt"  # written by aggregate.py
@@ -321,6 +322,7 @@ def start(job: Job, root: Path, now: float) -> None:
     # nothing more and evaluates as the uninterrupted run does (tests/test_resume.py).
     if job.resumable and run_status(root / job.name) in ("stopped", "completed") and last.is_file():
         command.append(f"ckpt_path={last}")
+        job.resumed = True
     elif not job.name.startswith("data/"):
         shutil.rmtree(root / job.name, ignore_errors=True)  # a fresh start
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1",
@@ -350,7 +352,7 @@ def expected_seconds(summaries: list[Path]) -> dict[str, float]:
     """kind -> how long a job of that kind takes, from the calls whose ``summary.json`` these are: the longest it took
     from start to end, for a kind of which at least one job finished (a job the deadline stopped needed at least its
     span, so it may raise the estimate, but alone it is no estimate: session 10's stopped SMILE split_samples runs
-    had run 202 s of about 650); for a kind whose runs recorded their training time but not their start and end
+    had run 202 s of about 650; a job resumed in its call is left out, its span a part of its run); for a kind whose runs recorded their training time but not their start and end
     (calls before ``job_seconds``), its longest training time of a completed run plus the longest that a run of its
     corpus spent beyond training (start, evaluation)."""
     longest: dict[str, float] = {}
@@ -359,7 +361,8 @@ def expected_seconds(summaries: list[Path]) -> dict[str, float]:
     beyond: dict[str, float] = {}  # corpus -> the longest seconds beyond training
     for path in summaries:
         record = json.loads(path.read_text())
-        spans = record.get("job_seconds", {})
+        resumed = set(record.get("resumed", []))  # their spans are a part of a run's duration: no measure of it
+        spans = {name: span for name, span in record.get("job_seconds", {}).items() if name not in resumed}
         status = record.get("jobs", {})
         for name, run in record.get("runs", {}).items():
             kind = job_kind(name)
@@ -525,7 +528,8 @@ def summary(jobs: list[Job], root: Path) -> dict:
     brought from an earlier session (their pretraining is that session's record, not this one's)."""
     result: dict = {"jobs": {job.name: job.status for job in jobs}, "data": {}, "runs": {}, "base_eval": {},
                     "bases": {}, "restored": {}, "probes": {},
-                    "job_seconds": {job.name: job.seconds for job in jobs if job.seconds}}  # fmt: skip
+                    "job_seconds": {job.name: job.seconds for job in jobs if job.seconds},
+                    "resumed": sorted(job.name for job in jobs if job.resumed)}  # fmt: skip
     fingerprints: dict[Path, str | None] = {}
 
     def fingerprint(checkpoint: Path) -> str | None:
