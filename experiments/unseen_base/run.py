@@ -350,11 +350,12 @@ def job_kind(name: str) -> str | None:
 
 def expected_seconds(summaries: list[Path]) -> dict[str, float]:
     """kind -> how long a job of that kind takes, from the calls whose ``summary.json`` these are: the longest it took
-    from start to end, for a kind of which at least one job finished (a job the deadline stopped needed at least its
-    span, so it may raise the estimate, but alone it is no estimate: session 10's stopped SMILE split_samples runs
-    had run 202 s of about 650; a job resumed in its call is left out, its span a part of its run); for a kind whose runs recorded their training time but not their start and end
-    (calls before ``job_seconds``), its longest training time of a completed run plus the longest that a run of its
-    corpus spent beyond training (start, evaluation)."""
+    from start to end, for a kind of which at least one job finished. A job the deadline stopped needed at least its
+    span, so it may raise the estimate, but alone it is no estimate (session 10's stopped SMILE split_samples runs
+    had run 202 s of about 650); a job resumed in its call is left out, its span a part of its run. For a kind whose
+    runs recorded their training time but not their start and end (calls before ``job_seconds``): its longest
+    training time of a completed run plus the longest that a run of its corpus spent beyond training (start,
+    evaluation)."""
     longest: dict[str, float] = {}
     finished: set[str] = set()  # kinds with a job that finished
     trained: dict[str, float] = {}  # kind -> the longest training seconds of a completed run
