@@ -503,3 +503,30 @@ def test_the_arms_report_each_turn_position_and_the_contrasts_there():
     assert contrast["2"]["diff"] == pytest.approx(0.0) and contrast["2"]["ci95"] == pytest.approx([0.0, 0.0])
     # overall: (20 + 30) / 40 against (15 + 30) / 40 a session
     assert found["contrasts"]["session+token - split_shuffled+token"]["diff"] == pytest.approx(5 / 40)
+
+
+def test_a_job_run_to_completion_in_two_calls_from_the_same_bases_is_a_rerun_and_says_how_far_apart(tmp_path):
+    def run(loss, curve, status="completed"):
+        return {"status": status, "val_curve": [{"loss": v} for v in curve],
+                "test": {"teacher_forced": {"loss": loss}, "seconds": {"generation": 1.0}}}  # fmt: skip
+
+    calls = {
+        "s11_call7_arms": {"job_seconds": {"seeds/a_seed0": [0, 9], "seeds/b_seed0": [0, 9]},
+                           "runs": {"seeds/a_seed0": run(3.1335, [3.59, 3.06]), "seeds/b_seed0": run(2.0, [2.5])}},
+        # b_seed0 is in the archive of call 15 again but was not run there; c_seed0 stopped in call 15
+        "s11_call15_arms": {"job_seconds": {"seeds/a_seed0": [0, 9], "seeds/c_seed0": [0, 9]},
+                            "runs": {"seeds/a_seed0": run(3.1327, [3.59, 3.05]), "seeds/b_seed0": run(2.0, [2.5]),
+                                     "seeds/c_seed0": run(1.0, [1.0], status="stopped")}},
+        "s12_call1_arms": {"job_seconds": {"seeds/a_seed0": [0, 9]}, "runs": {"seeds/a_seed0": run(9.0, [9.0, 9.0])}},
+    }  # fmt: skip
+    paths = []
+    for name, summary in calls.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(summary))
+        paths.append(tmp_path / f"{name}.json")
+    generation_of = {"s11": "39afcc51", "s12": "other"}  # s12's bases differ: its run is no rerun of s11's
+    (found,) = aggregate.reruns(aggregate.in_call_order(paths), generation_of)
+    assert found["job"] == "seeds/a_seed0" and found["calls"] == ["s11_call7_arms", "s11_call15_arms"]
+    assert found["test_loss"] == [3.1335, 3.1327]
+    assert found["test_loss_spread"] == pytest.approx(0.0008)
+    assert found["val_curves_equal"] is False
+    assert found["largest_val_difference"] == pytest.approx(0.01)

@@ -215,6 +215,33 @@ def per_session(archives: list[Path], generation_of: dict[str, str]) -> dict[str
     return by_generation
 
 
+def reruns(paths: list[Path], generation_of: dict[str, str]) -> list[dict]:
+    """Jobs trained and evaluated in two or more calls from the same bases (a call on a new machine that ran what a
+    lost machine had run): whether they repeat. A job counts in a call that ran it (``job_seconds``) to completion;
+    the aggregate keeps the later call's record, this says how far the earlier one was."""
+    found: dict[tuple[str, str], list[tuple[str, dict]]] = {}
+    for path in paths:
+        summary = json.loads(path.read_text())
+        for job in summary.get("job_seconds", {}):
+            run = summary.get("runs", {}).get(job, {})
+            if run.get("status") == "completed" and "test" in run:
+                found.setdefault((generation_of[device_session(path)], job), []).append((path.stem, run))
+    result = []
+    for (generation, job), records in sorted(found.items()):
+        if len(records) < 2:
+            continue
+        losses = [run["test"]["teacher_forced"]["loss"] for _, run in records]
+        curves = [[v["loss"] for v in run["val_curve"]] for _, run in records]
+        result.append({
+            "bases": generation, "job": job, "calls": [call for call, _ in records],
+            "test_loss": losses, "test_loss_spread": max(losses) - min(losses),
+            "val_curves_equal": all(c == curves[0] for c in curves),
+            "largest_val_difference": max(abs(a - b) for c in curves[1:] for a, b in zip(c, curves[0])),
+            "test_seconds": [run["test"]["seconds"] for _, run in records],
+        })  # fmt: skip
+    return result
+
+
 # -- regime: bases, step 0, rate grids, gate ---------------------------------------------------------------------
 
 
@@ -561,6 +588,15 @@ def tables(results: dict) -> str:
                          f"{e['largest_turn_loss_difference']:.2e} | {o['rouge-1']:+.2f} / {o['rouge-l']:+.2f} / "
                          f"{o['bleu-4']:+.2f} | {t['compiled']['generation']:.0f}, {t['compiled']['teacher_forced']:.0f} | "
                          f"{t['uncompiled']['generation']:.0f}, {t['uncompiled']['teacher_forced']:.0f} |")  # fmt: skip
+    if results["reruns"]:
+        lines += ["", "## Does a run repeat? (jobs trained and evaluated in two calls from the same bases; the later "
+                  "call's record is the one kept)", "",
+                  "| bases | job | calls | test loss | spread | validation curves equal | largest validation "
+                  "difference |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for e in results["reruns"]:
+            lines.append(f"| {e['bases']} | {e['job']} | {', '.join(e['calls'])} | "
+                         f"{' / '.join(f'{x:.6f}' for x in e['test_loss'])} | {e['test_loss_spread']:.1e} | "
+                         f"{e['val_curves_equal']} | {e['largest_val_difference']:.1e} |")  # fmt: skip
     lines += ["", "## Step 0: each base's test answer loss (chatglm2 template), before fine-tuning", "",
               "| bases | corpus | seed | test sessions | test loss | ROUGE-1 | ROUGE-2 | ROUGE-L | BLEU-4 | empty |",
               "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -734,6 +770,7 @@ def main() -> None:
         "evaluation_probe": evaluation_probes(
             merged["probe_runs"], generations.get(REFERENCE_BASES, {}).get("runs", {})
         ),
+        "reruns": reruns(in_call_order(list(raw.glob("*.json"))), merged["generation_of"]),
         "step0": step0_losses,
         "lr_grid": lr_grid,
         "gate": gate(step0_losses, lr_grid),
