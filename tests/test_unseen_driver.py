@@ -530,3 +530,28 @@ def test_a_job_run_to_completion_in_two_calls_from_the_same_bases_is_a_rerun_and
     assert found["test_loss_spread"] == pytest.approx(0.0008)
     assert found["val_curves_equal"] is False
     assert found["largest_val_difference"] == pytest.approx(0.01)
+
+
+def test_a_call_record_saved_into_raw_keeps_its_finished_runs_from_the_reference_bases(tmp_path):
+    raw, reference = tmp_path / "raw", tmp_path / "bases.json"
+    raw.mkdir()
+    reference.write_text(json.dumps({"bases": {"pretrain/seed0": "39afcc51", "pretrain/seed1": "37acc0f2"}}))
+    evaluated = {"status": "completed", "test": {"teacher_forced": {"loss": 2.0}}}
+    (raw / "s11_call7_arms.json").write_text(json.dumps({
+        "bases": {"pretrain/seed0": "39afcc51"},
+        "runs": {"seeds/cpsycoun_last+token_seed0": evaluated,
+                 "grid/smile_split_shuffled+sample_lr2e-3": evaluated,
+                 "seeds/smile_rising+token_seed2": {"status": "stopped"},  # a stopped run is not finished
+                 "seeds/smile_rising+token_seed3": {"status": "completed"}},  # trained, not evaluated
+        "base_eval": {"smile_seed0": {"teacher_forced": {"loss": 5.4}}},
+    }))  # fmt: skip
+    (raw / "s8_call3_arms.json").write_text(json.dumps({  # other bases: not paired with the reference
+        "bases": {"pretrain/seed0": "45d3c334"}, "runs": {"seeds/smile_last+token_seed1": evaluated},
+    }))  # fmt: skip
+    kept = driver.kept_test_losses(raw, reference)
+    assert kept == {"seeds/cpsycoun_last+token_seed0", "grid/smile_split_shuffled+sample_lr2e-3",
+                    "base_eval/smile_seed0"}  # fmt: skip
+    jobs = [j.name for j in plan(tmp_path, arms=["smile_split_shuffled+sample"], seeds_of=["cpsycoun_last+token"],
+                                 rates={"cpsycoun_last+token": "5e-4"}, kept=kept)]  # fmt: skip
+    assert "grid/smile_split_shuffled+sample_lr2e-3" not in jobs and "grid/smile_split_shuffled+sample_lr5e-3" in jobs
+    assert "seeds/cpsycoun_last+token_seed0" not in jobs and "seeds/cpsycoun_last+token_seed1" in jobs

@@ -171,12 +171,23 @@ def root_rates(root: Path) -> dict[str, str]:
     return result
 
 
-def kept_test_losses(raw: Path) -> set[str]:
+def kept_test_losses(raw: Path, reference: Path = HERE / "bases.json") -> set[str]:
     """The runs from the reference bases whose per-session test losses ``raw/`` keeps: the index ``aggregate.py``
-    writes from the archives (run it after each call; the archives hold earlier generations' runs too, and they do
-    not travel to the GPU machine: the working tree's size limit)."""
+    writes from the archives (the archives hold earlier generations' runs too, and they do not travel to the GPU
+    machine: the working tree's size limit), and every run a call's record in ``raw/`` says finished and evaluated
+    from the reference bases (``bases.json``), so that a call's files saved into ``raw/`` are enough: a new machine
+    does not run again what a lost one finished, even before ``aggregate.py`` has run (session 11)."""
     index = raw / KEPT_INDEX
-    return set(index.read_text().split()) if index.is_file() else set()
+    kept = set(index.read_text().split()) if index.is_file() else set()
+    base0 = json.loads(reference.read_text())["bases"]["pretrain/seed0"] if reference.is_file() else None
+    for path in raw.glob("*.json"):
+        summary = json.loads(path.read_text())
+        if base0 is None or summary.get("bases", {}).get("pretrain/seed0") != base0:
+            continue
+        kept |= {job for job, run in summary.get("runs", {}).items()
+                 if run.get("status") == "completed" and "test" in run}  # fmt: skip
+        kept |= {f"base_eval/{name}" for name, found in summary.get("base_eval", {}).items() if "teacher_forced" in found}
+    return kept
 
 
 def plan(
@@ -268,7 +279,7 @@ def plan(
                                        "generation.batch_size=256", "generation.max_new_tokens=64",
                                        *eval_extra, f"hydra.run.dir={root / name}"],
                                 needs=[f"data/{corpus}", *making], memory_gib=25.0))  # fmt: skip
-    if "evaluation-probe" in phases and not given:
+    if "evaluation-probe" in phases and not given and EVALUATION_PROBE not in kept:
         if "cpsycoun_session+token" in rates:
             jobs.append(train(EVALUATION_PROBE, "cpsycoun_session", "token", rates["cpsycoun_session+token"], 0, 0))
         else:
@@ -277,8 +288,8 @@ def plan(
         # grid, and a grid's runs are the longest (SMILE split_samples: ~6,460 steps), best not started at the end
         experiment, reduction = arm.split("+")
         for rate in GRID_RATES:
-            if rate in (recorded or {}).get(arm, ()):
-                print(f"grid/{arm}_lr{rate}: recorded (results.json lr_grid), not run again", flush=True)
+            if rate in (recorded or {}).get(arm, ()) or f"grid/{arm}_lr{rate}" in kept:
+                print(f"grid/{arm}_lr{rate}: recorded (results.json lr_grid or raw/), not run again", flush=True)
                 continue
             jobs.append(train(f"grid/{arm}_lr{rate}", experiment, reduction, rate, 0, 0))
     for arm in seeds_of:  # then the final runs, what the tables report
