@@ -97,7 +97,9 @@ def test_stop_after_step_stops_as_a_signal_would_and_the_run_resumes_exactly(tmp
     assert result.returncode == 0, result.stderr[-3000:]  # asked for: not an interruption
     record = metrics(stopped)
     assert record["status"] == "stopped" and record["signal"] == "stop_after_step"
-    assert record["stopped_at_step"] == 3
+    assert record["stopped_at_step"] == record["global_steps"] == 3
+    # how far it got, for a driver that must know whether the rest fits in its time
+    assert record["planned_steps"] == uninterrupted["planned_steps"] == uninterrupted["global_steps"]
     checkpoint = stopped / "checkpoints" / "last.ckpt"
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 3
     assert [line for line in result.stderr.splitlines() if line.startswith("stopped by")][0].startswith(

@@ -353,15 +353,57 @@ def test_with_fit_a_job_that_would_not_end_in_time_or_was_never_measured_waits_a
         "seeds/kdconv_session+token_seed1",
     ]
     jobs = [driver.Job(name, [sys.executable, "-c", complete, str(root / name)]) for name in names]
-    expected = {"smile_session": 100.0, "cpsycoun_session": 40.0}  # kdconv: never measured, so it does not start
-    assert not driver.fits(jobs[0], 0.0, 120.0, expected)  # 1.25 x 100 > 120
-    assert driver.fits(jobs[0], 0.0, 125.0, expected) and driver.fits(jobs[0], 0.0, 120.0, None)
-    assert not driver.fits(jobs[2], 0.0, 10_000.0, expected) and driver.fits(jobs[2], 0.0, 120.0, None)
-    assert driver.fits(driver.Job("pretrain/seed0", []), 119.0, 120.0, expected)  # no kind: it resumes
+    # kdconv: never measured, so it does not start
+    expected = driver.Durations({"smile_session": 100.0, "cpsycoun_session": 40.0})
+    assert not driver.fits(jobs[0], root, 0.0, 120.0, expected)  # 1.25 x 100 > 120
+    assert driver.fits(jobs[0], root, 0.0, 125.0, expected) and driver.fits(jobs[0], root, 0.0, 120.0, None)
+    assert not driver.fits(jobs[2], root, 0.0, 10_000.0, expected) and driver.fits(jobs[2], root, 0.0, 120.0, None)
+    assert driver.fits(driver.Job("pretrain/seed0", []), root, 119.0, 120.0, expected)  # no kind: it resumes
     begin = time.monotonic()
-    driver.run(jobs, root, deadline=120, last_start=120, grace=5, at_once=1, memory=100, expected=expected)
+    driver.run(jobs, root, deadline=120, last_start=120, grace=5, at_once=1, memory=100, durations=expected)
     assert [job.status for job in jobs] == ["pending", "done", "pending"]
     assert time.monotonic() - begin < 30  # it did not wait for --last-start with nothing that could start
+
+
+def test_with_fit_a_run_stopped_in_its_training_needs_its_steps_left_at_its_own_pace(tmp_path):
+    root = tmp_path / "root"
+    job = driver.Job("grid/smile_split_samples+token_lr1e-4", [], resumable=True)
+    folder = root / job.name
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "last.ckpt").write_bytes(b"")
+    record = {"status": "stopped", "global_steps": 5_000, "planned_steps": 6_460, "train_seconds": 500.0}
+    (folder / "metrics.json").write_text(json.dumps(record))
+    # the kind never finished in one call (no duration), SMILE runs spend 60 s beyond training
+    durations = driver.Durations({}, {"smile": 60.0})
+    assert driver.needed_seconds(job, root, durations) == 1_460 * 0.1 + 60.0  # 206 s
+    assert driver.fits(job, root, 0.0, 1.25 * 206.0, durations)
+    assert not driver.fits(job, root, 1.0, 1.25 * 206.0, durations)
+    # not resumable, or its checkpoint gone, or no run of its corpus finished: its kind's duration, here none
+    assert driver.needed_seconds(driver.Job(job.name, []), root, durations) is None
+    assert driver.needed_seconds(job, root, driver.Durations({}, {"cpsycoun": 60.0})) is None
+    (folder / "checkpoints" / "last.ckpt").unlink()
+    assert not driver.fits(job, root, 0.0, 10_000.0, durations)
+    assert driver.needed_seconds(job, root, driver.Durations({"smile_split_samples": 700.0}, {"smile": 60.0})) == 700.0
+    # a record of the time before planned_steps: its kind's duration too
+    (folder / "checkpoints" / "last.ckpt").write_bytes(b"")
+    del record["planned_steps"]
+    (folder / "metrics.json").write_text(json.dumps(record))
+    assert driver.needed_seconds(job, root, driver.Durations({"smile_split_samples": 700.0}, {"smile": 60.0})) == 700.0
+
+
+def test_the_seconds_beyond_training_are_those_of_runs_finished_in_one_call(tmp_path):
+    call = tmp_path / "s12_call3_arms.json"
+    call.write_text(json.dumps({
+        "job_seconds": {"seeds/smile_rising+token_seed2": [275, 498], "grid/smile_split_samples+token_lr1e-4": [0, 134],
+                        "seeds/cpsycoun_last+token_seed1": [20, 167], "seeds/smile_rising+token_seed3": [498, 562]},
+        "jobs": {"seeds/smile_rising+token_seed2": "done", "grid/smile_split_samples+token_lr1e-4": "done",
+                 "seeds/cpsycoun_last+token_seed1": "done", "seeds/smile_rising+token_seed3": "stopped (exit 143)"},
+        "resumed": ["grid/smile_split_samples+token_lr1e-4"],
+        "runs": {"seeds/smile_rising+token_seed2": {"status": "completed", "train_seconds": 150.0},
+                 "grid/smile_split_samples+token_lr1e-4": {"status": "completed", "train_seconds": 600.0},
+                 "seeds/cpsycoun_last+token_seed1": {"status": "completed", "train_seconds": 47.0},
+                 "seeds/smile_rising+token_seed3": {"status": "stopped", "train_seconds": 40.0}}}))  # fmt: skip
+    assert driver.seconds_beyond_training([call]) == {"smile": 223.0 - 150.0, "cpsycoun": 147.0 - 47.0}
 
 
 def test_a_run_stopped_in_its_test_evaluation_resumes_from_its_last_checkpoint(tmp_path):

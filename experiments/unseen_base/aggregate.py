@@ -236,7 +236,7 @@ def reruns(paths: list[Path], generation_of: dict[str, str]) -> list[dict]:
             "bases": generation, "job": job, "calls": [call for call, _ in records],
             "test_loss": losses, "test_loss_spread": max(losses) - min(losses),
             "val_curves_equal": all(c == curves[0] for c in curves),
-            "largest_val_difference": max(abs(a - b) for c in curves[1:] for a, b in zip(c, curves[0])),
+            "largest_val_difference": max(abs(a - b) for c in curves[1:] for a, b in zip(c, curves[0], strict=False)),
             "test_seconds": [run["test"]["seconds"] for _, run in records],
         })  # fmt: skip
     return result

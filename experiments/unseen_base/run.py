@@ -359,6 +359,24 @@ def job_kind(name: str) -> str | None:
     return None
 
 
+def seconds_beyond_training(summaries: list[Path]) -> dict[str, float]:
+    """corpus -> the most that a run of it, finished in one call, spent beyond training (its start, its test
+    evaluation), from the calls whose ``summary.json`` these are."""
+    beyond: dict[str, float] = {}
+    for path in summaries:
+        record = json.loads(path.read_text())
+        resumed = set(record.get("resumed", []))  # their spans are a part of a run's duration: no measure of it
+        spans = {name: span for name, span in record.get("job_seconds", {}).items() if name not in resumed}
+        for name, run in record.get("runs", {}).items():
+            kind, span = job_kind(name), spans.get(name, [])
+            if kind is None or not run.get("train_seconds") or run.get("status") != "completed":
+                continue
+            if record.get("jobs", {}).get(name) == "done" and len(span) == 2:
+                corpus = kind.split("_", 1)[0]
+                beyond[corpus] = max(beyond.get(corpus, 0.0), span[1] - span[0] - float(run["train_seconds"]))
+    return beyond
+
+
 def expected_seconds(summaries: list[Path]) -> dict[str, float]:
     """kind -> how long a job of that kind takes, from the calls whose ``summary.json`` these are: the longest it took
     from start to end, for a kind of which at least one job finished. A job the deadline stopped needed at least its
@@ -370,27 +388,22 @@ def expected_seconds(summaries: list[Path]) -> dict[str, float]:
     longest: dict[str, float] = {}
     finished: set[str] = set()  # kinds with a job that finished
     trained: dict[str, float] = {}  # kind -> the longest training seconds of a completed run
-    beyond: dict[str, float] = {}  # corpus -> the longest seconds beyond training
     for path in summaries:
         record = json.loads(path.read_text())
-        resumed = set(record.get("resumed", []))  # their spans are a part of a run's duration: no measure of it
+        resumed = set(record.get("resumed", []))
         spans = {name: span for name, span in record.get("job_seconds", {}).items() if name not in resumed}
         status = record.get("jobs", {})
         for name, run in record.get("runs", {}).items():
             kind = job_kind(name)
-            if kind is None or not run.get("train_seconds") or run.get("status") != "completed":
-                continue
-            trained[kind] = max(trained.get(kind, 0.0), float(run["train_seconds"]))
-            span = spans.get(name, [])
-            if status.get(name) == "done" and len(span) == 2:
-                corpus = kind.split("_", 1)[0]
-                beyond[corpus] = max(beyond.get(corpus, 0.0), span[1] - span[0] - float(run["train_seconds"]))
+            if kind is not None and run.get("train_seconds") and run.get("status") == "completed":
+                trained[kind] = max(trained.get(kind, 0.0), float(run["train_seconds"]))
         for name, span in spans.items():
             kind = job_kind(name)
             if kind and len(span) == 2:
                 longest[kind] = max(longest.get(kind, 0.0), float(span[1] - span[0]))
                 if status.get(name) == "done":
                     finished.add(kind)
+    beyond = seconds_beyond_training(summaries)
     for kind, seconds in trained.items():
         corpus = kind.split("_", 1)[0]
         if kind not in finished and corpus in beyond:
@@ -399,18 +412,46 @@ def expected_seconds(summaries: list[Path]) -> dict[str, float]:
     return {kind: seconds for kind, seconds in longest.items() if kind in finished}
 
 
+@dataclass
+class Durations:
+    """What ``--fit`` knows of how long jobs take, from ``raw/``'s call records."""
+
+    by_kind: dict[str, float]  # kind -> the longest a job took from start to end (expected_seconds)
+    beyond: dict[str, float] = field(default_factory=dict)  # corpus -> seconds_beyond_training
+
+    @classmethod
+    def recorded(cls, summaries: list[Path]) -> Durations:
+        return cls(expected_seconds(summaries), seconds_beyond_training(summaries))
+
+
 FIT_MARGIN = 1.25  # a job's expected seconds times this must end before the deadline (--fit)
 
 
-def fits(job: Job, now: float, deadline: float, expected: dict[str, float] | None) -> bool:
-    """Whether ``job`` may start now: always without ``expected`` (no --fit) and for a job without a kind (data,
-    pretraining: they resume); otherwise only if the longest recorded duration of its kind says it ends before the
-    deadline. A kind never measured does not start: nothing says it would end (session 10's last call started five
-    unmeasured SMILE split_samples grid runs 190 s before its deadline and lost them all)."""
+def needed_seconds(job: Job, root: Path, durations: Durations) -> float | None:
+    """How long ``job`` would take from now. A run the deadline stopped in its training resumes from its
+    ``last.ckpt``: the steps it has left at its own pace (its record's ``train_seconds`` over ``global_steps``)
+    plus what a finished run of its corpus spent beyond training (session 12's last call let five SMILE
+    split_samples grid runs wait that had 1,000-3,500 of their 6,460 steps left: the whole run's duration was never
+    measured, and the rest fitted). Otherwise its kind's recorded duration; ``None`` where none was measured."""
     kind = job_kind(job.name)
-    if expected is None or kind is None:
+    record = read_record(root / job.name) if job.resumable else {}
+    steps, planned, trained = (record.get(key) for key in ("global_steps", "planned_steps", "train_seconds"))
+    corpus = kind.split("_", 1)[0] if kind else None
+    resumes = record.get("status") == "stopped" and (root / job.name / "checkpoints" / "last.ckpt").is_file()
+    if resumes and steps and planned and trained and corpus in durations.beyond:
+        return trained / steps * max(planned - steps, 0) + durations.beyond[corpus]
+    return durations.by_kind.get(kind) if kind else None
+
+
+def fits(job: Job, root: Path, now: float, deadline: float, durations: Durations | None) -> bool:
+    """Whether ``job`` may start now: always without ``durations`` (no --fit) and for a job without a kind (data,
+    pretraining: they resume); otherwise only if the time it needs (``needed_seconds``) times ``FIT_MARGIN`` ends
+    before the deadline. A kind never measured does not start: nothing says it would end (session 10's last call
+    started five unmeasured SMILE split_samples grid runs 190 s before its deadline and lost them all)."""
+    if durations is None or job_kind(job.name) is None:
         return True
-    return kind in expected and now + FIT_MARGIN * expected[kind] <= deadline
+    needed = needed_seconds(job, root, durations)
+    return needed is not None and now + FIT_MARGIN * needed <= deadline
 
 
 def finish(job: Job, root: Path) -> None:
@@ -441,9 +482,9 @@ def machine_load(seconds: float, running: int, query: list[str] = GPU_QUERY) -> 
 
 
 def run(jobs: list[Job], root: Path, deadline: float, last_start: float, grace: float, at_once: int,
-        memory: float, expected: dict[str, float] | None = None) -> list[dict]:  # fmt: skip
+        memory: float, durations: Durations | None = None) -> list[dict]:  # fmt: skip
     """Run the jobs; return samples of the machine's load every ``SAMPLE_EVERY`` seconds (to choose ``--jobs``).
-    With ``expected`` (kind -> seconds), a job starts only if it should end before the deadline (``fits``), and a
+    With ``durations`` (--fit), a job starts only if it should end before the deadline (``fits``), and a
     later job that fits may start before it."""
     begin = time.monotonic()
     load: list[dict] = []
@@ -476,7 +517,7 @@ def run(jobs: list[Job], root: Path, deadline: float, last_start: float, grace: 
                 held = sum(j.memory_gib for j in running)
                 if job.status != "pending" or len(running) >= at_once or held + job.memory_gib > memory:
                     continue
-                if not fits(job, now, deadline, expected):
+                if not fits(job, root, now, deadline, durations):
                     continue
                 needs = [by_name[n].status for n in job.needs if n in by_name]
                 ended = all(by_name[n].status not in ("pending", "running") for n in job.after if n in by_name)
@@ -490,7 +531,7 @@ def run(jobs: list[Job], root: Path, deadline: float, last_start: float, grace: 
         waiting = (
             not stopping
             and now <= last_start
-            and any(job.status == "pending" and fits(job, now, deadline, expected) for job in jobs)
+            and any(job.status == "pending" and fits(job, root, now, deadline, durations) for job in jobs)
         )
         if not running and not waiting:
             return load
@@ -638,8 +679,8 @@ def main() -> None:
                 kept_test_losses(HERE / "raw") if args.base is None else set(), args.extra, args.eval_extra,
                 args.base, recorded_rates(grids))  # fmt: skip
     last_start = args.deadline if args.last_start is None else args.last_start
-    expected = expected_seconds(sorted((HERE / "raw").glob("*.json"))) if args.fit else None
-    load = run(jobs, args.root, args.deadline, last_start, args.grace, args.jobs, args.memory, expected)
+    durations = Durations.recorded(sorted((HERE / "raw").glob("*.json"))) if args.fit else None
+    load = run(jobs, args.root, args.deadline, last_start, args.grace, args.jobs, args.memory, durations)
     result = {"seconds": round(time.monotonic() - begin), "rates": rates, "machine_load": load,
               "software": software(), **summary(jobs, args.root)}  # fmt: skip
     out = args.out or args.root

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any
 
@@ -153,6 +154,13 @@ class RunMetrics(L.Callback):
             self.on_train_end(trainer, pl_module)
             self._write(trainer, pl_module, exception.record())
 
+    @staticmethod
+    def _planned_steps(trainer: L.Trainer) -> int | None:
+        """The optimizer steps the whole run makes (Lightning's estimate, the one the rate schedule uses): with
+        ``global_steps``, how far a stopped run got. ``None`` where it is unbounded."""
+        planned = trainer.estimated_stepping_batches
+        return int(planned) if math.isfinite(planned) else None
+
     def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, status: dict[str, Any]) -> None:
         """Fill ``self.metrics`` (``status`` first) and write them to ``path`` (rank 0)."""
         strategy = trainer.strategy
@@ -183,6 +191,7 @@ class RunMetrics(L.Callback):
             "history": history,
             "val_curve": self.val_curve,
             "global_steps": trainer.global_step,
+            "planned_steps": self._planned_steps(trainer),
             "input_tokens": input_tokens,
             "supervised_tokens": supervised_tokens,
             "train_seconds": train_seconds,
