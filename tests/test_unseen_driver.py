@@ -223,6 +223,22 @@ def test_a_run_is_done_only_when_trained_and_evaluated(tmp_path):
     assert driver.done(root, job)
 
 
+def test_the_aggregate_says_a_grid_is_complete_only_with_every_rate_of_the_drivers_grid():
+    assert aggregate.GRID_RATES == driver.GRID_RATES
+
+    def run(rate, last):
+        return {f"grid/smile_split_samples+token_lr{rate}": {"status": "completed", "global_steps": 6449,
+                                                              "val_curve": [{"loss": last + 0.3}, {"loss": last}]}}  # fmt: skip
+
+    five = {k: v for rate, last in zip(driver.GRID_RATES[:5], (3.3, 3.2, 3.1, 3.0, 3.2), strict=True)
+            for k, v in run(rate, last).items()}  # fmt: skip
+    entry = aggregate.grids({"39afcc51": {"runs": five}})["smile_split_samples+token"]
+    assert (entry["chosen"], entry["interior"], entry["complete"], entry["decades"]) == ("1e-3", True, False, 1.3)
+    six = {**five, **run("5e-3", 3.5)}
+    entry = aggregate.grids({"39afcc51": {"runs": six}})["smile_split_samples+token"]
+    assert (entry["chosen"], entry["interior"], entry["complete"], entry["decades"]) == ("1e-3", True, True, 1.7)
+
+
 def test_only_interior_rates_of_complete_grids_are_chosen(tmp_path):
     results = tmp_path / "results.json"
     every = {rate: {} for rate in driver.GRID_RATES}
