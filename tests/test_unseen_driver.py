@@ -281,6 +281,18 @@ def test_the_rate_of_a_grid_run_in_this_root_once_every_rate_completed(tmp_path)
     assert driver.root_rates(root) == {"smile_session+token": "1e-3"}  # the lowest last validation loss
     record("5e-3", 2.9)
     assert driver.root_rates(root) == {}  # chosen at the grid's edge: not interior, its seeds wait
+    # rates that earlier calls ran (results.json) complete a grid whose last rate ran here
+    earlier = {"smile_split_samples+token": {"1e-4": 3.3128, "2e-4": 3.2068, "5e-4": 3.1148, "1e-3": 3.1031,
+                                             "2e-3": 3.2128}}  # fmt: skip
+    assert "smile_split_samples+token" not in driver.root_rates(root, earlier)
+    folder = root / "grid/smile_split_samples+token_lr5e-3"
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({"status": "completed", "val_curve": [{"loss": 3.4}]}))
+    assert driver.root_rates(root, earlier)["smile_split_samples+token"] == "1e-3"
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"lr_grid": {"smile_split_samples+token": {"rates": {
+        rate: {"val_last": loss} for rate, loss in earlier["smile_split_samples+token"].items()}}}}))  # fmt: skip
+    assert driver.recorded_losses(results) == earlier and driver.recorded_losses(None) == {}
 
 
 def test_kept_runs_come_from_the_index_of_the_reference_bases_not_from_every_archive(tmp_path):

@@ -154,19 +154,28 @@ def recorded_rates(path: Path | None) -> dict[str, set[str]]:
     return {arm: set(entry.get("rates", {})) for arm, entry in recorded_grids(path).items()}
 
 
-def root_rates(root: Path) -> dict[str, str]:
-    """arm + reduction -> the rate chosen by this root's own grid (a grid run from ``--base``): every rate of
-    ``GRID_RATES`` completed, the lowest last validation loss, interior only."""
+def recorded_losses(path: Path | None) -> dict[str, dict[str, float]]:
+    """arm + reduction -> rate -> the last validation loss of its grid run, as ``results.json`` records it."""
+    return {arm: {rate: run["val_last"] for rate, run in entry.get("rates", {}).items()}
+            for arm, entry in recorded_grids(path).items()}  # fmt: skip
+
+
+def root_rates(root: Path, earlier: dict[str, dict[str, float]] | None = None) -> dict[str, str]:
+    """arm + reduction -> the rate chosen by this root's own grid runs (a grid run from ``--base``, or the rates a
+    grid lacked, run on the machine this call holds), beside the ``earlier`` ones (``recorded_losses``): every rate
+    of ``GRID_RATES`` completed, the lowest last validation loss, interior only. So the seeds of a grid completed in
+    one call start in the next call on the same machine, not a session later."""
     result = {}
     for arm in ARMS:
-        last = {}
+        last = dict((earlier or {}).get(arm, {}))
         for rate in GRID_RATES:
             record = read_record(root / f"grid/{arm}_lr{rate}")
             if record.get("status") == "completed" and record.get("val_curve"):
                 last[rate] = record["val_curve"][-1]["loss"]
-        if len(last) == len(GRID_RATES):
-            chosen = min(last, key=last.get)
-            if chosen not in (GRID_RATES[0], GRID_RATES[-1]):
+        if set(GRID_RATES) <= set(last):
+            rates = sorted(last, key=float)
+            chosen = min(rates, key=last.get)
+            if chosen not in (rates[0], rates[-1]):
                 result[arm] = chosen
     return result
 
@@ -674,7 +683,7 @@ def main() -> None:
     args = parser.parse_args()
     begin = time.monotonic()
     grids = grids_file(args.rates, args.base)
-    rates = {**chosen_rates(grids), **root_rates(args.root)}
+    rates = {**chosen_rates(grids), **root_rates(args.root, recorded_losses(grids))}
     jobs = plan(args.root, args.data.resolve(), args.phase, args.bases, args.arms, args.seeds_of, rates,
                 kept_test_losses(HERE / "raw") if args.base is None else set(), args.extra, args.eval_extra,
                 args.base, recorded_rates(grids))  # fmt: skip
