@@ -81,6 +81,24 @@ def test_compile_dynamic_is_null_true_false_or_rows():
             module(compile_dynamic=wrong)
 
 
+def test_compile_mode_is_torchs_mode_for_each_layer_and_timed_modes_are_refused_with_deterministic(monkeypatch):
+    from glm_session.model.compiled_layers import compile_layers
+
+    assert module().compile_mode is None and module(compile_mode="reduce-overhead").compile_mode == "reduce-overhead"
+    with pytest.raises(ConfigError, match=r"model.compile_mode='cuda-graphs': must be null or one of default, "):
+        module(compile_mode="cuda-graphs")
+    with pytest.raises(ConfigError, match=r"model.compile_mode='max-autotune': .* chooses kernels by timing them"):
+        module(compile_mode="max-autotune", compile_deterministic=True)
+    module(compile_mode="reduce-overhead", compile_deterministic=True)  # CUDA graphs replay: no timing
+    seen: list[dict] = []
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or real(fn, **kwargs))
+    layers = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)])
+    compile_layers(layers, "rows", "reduce-overhead")
+    compile_layers(layers, True, "max-autotune-no-cudagraphs")
+    assert seen == [{"mode": "reduce-overhead"}] * 2 + [{"dynamic": True, "mode": "max-autotune-no-cudagraphs"}] * 2
+
+
 def test_rows_marks_the_rows_of_every_input_a_layer_gets():
     """Hidden states, rotary tables, position ids, a flex BlockMask's tables and the sample ids its mask function
     reads (one left out, and torch compiles the layer again at the first batch of another size)."""

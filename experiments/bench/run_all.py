@@ -68,6 +68,9 @@ VARIANTS_SMALL = {
     "reference": [],
     "fast": FAST + NO_LIGER + WHOLE_LOGITS,
     "fast+chunked": FAST + NO_LIGER,
+    # each layer's forward and backward replayed as CUDA graphs, one per batch shape (static: a few row counts)
+    "fast+cudagraphs": FAST + NO_LIGER + WHOLE_LOGITS + ["model.compile_mode=reduce-overhead",
+                                                         "model.compile_dynamic=false"],  # fmt: skip
     "fast+batch_65536": FAST
     + NO_LIGER
     + WHOLE_LOGITS

@@ -22,7 +22,7 @@ from transformers import GlmConfig, GlmForCausalLM
 from glm_session.adapters import add_lora, check_peft, is_adapter_key, load_adapter_folder
 from glm_session.checkpoints import BUILTIN_ATTENTION, check_init_from, initial_state, load_weights_into
 from glm_session.errors import ConfigError, UserError, check_choice, check_int
-from glm_session.model.compiled_layers import check_compile_dynamic, compile_layers
+from glm_session.model.compiled_layers import check_compile_dynamic, check_compile_mode, compile_layers
 from glm_session.model.kernels import KERNELS, use_liger_kernels
 from glm_session.model.loss import REDUCTIONS, chunked_token_losses, denominator, reduce, token_losses
 from glm_session.model.packed_mask import packed_block_mask
@@ -120,6 +120,9 @@ class ChatGLM2Module(L.LightningModule):
             (torch's choice: a resumed run runs other kernels for a while), ``"rows"`` (the rows of a batch, from the
             first step: a stopped run resumes bit for bit where only the rows vary, ``data.pad_to=max_seq_len``)
             or ``True`` (every size, from the first step); ``False``: a static compilation for every shape.
+        compile_mode: ``torch.compile``'s mode for the layers (``compiled_layers.py``): ``None`` (torch's default),
+            ``"reduce-overhead"`` (CUDA graphs), ``"max-autotune-no-cudagraphs"`` or ``"max-autotune"`` (kernels
+            chosen by timing; refused with ``compile_deterministic``).
     """
 
     def __init__(
@@ -139,6 +142,7 @@ class ChatGLM2Module(L.LightningModule):
         activation_checkpointing: bool = False,
         compile_deterministic: bool = False,
         compile_dynamic: bool | str | None = None,
+        compile_mode: str | None = None,
     ) -> None:
         super().__init__()
         if compile_deterministic:
@@ -148,6 +152,7 @@ class ChatGLM2Module(L.LightningModule):
         self.init_from = check_init_from(init_from)
         self.compile_layers = compile_layers
         self.compile_dynamic = check_compile_dynamic(compile_dynamic)
+        self.compile_mode = check_compile_mode(compile_mode, deterministic=compile_deterministic)
         self.loss_chunk_tokens = check_int("model.loss_chunk_tokens", loss_chunk_tokens, minimum=1, optional=True)
         # transformers' own attention only: a Hub kernel name would download and run code
         self.config._attn_implementation = check_choice(
@@ -245,7 +250,7 @@ class ChatGLM2Module(L.LightningModule):
         if self.kernels == "liger":
             use_liger_kernels(model)
         if self.compile_layers:
-            compile_layers(model.model.layers, self.compile_dynamic)
+            compile_layers(model.model.layers, self.compile_dynamic, self.compile_mode)
 
     def attention_mask(self, position_ids: torch.Tensor) -> BlockMask | None:
         """Flex attention's mask of packed rows, built on the device (``packed_mask``); ``None`` for sdpa and eager,
