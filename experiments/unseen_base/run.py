@@ -37,7 +37,7 @@ were evaluated compiled: what the change of evaluation does to the numbers, and 
 A job whose run status (``metrics.json``) says ``completed`` (a fine-tuning run's test evaluation written too, but
 for a grid run) is done and is not run again. No job starts after ``--last-start`` seconds, nor, with ``--fit``, a
 job that the longest recorded duration of its kind (``raw/``'s ``job_seconds``) says would not end before the
-deadline. At ``--deadline`` seconds the running jobs get SIGTERM, finish their step, save ``last.ckpt`` and record
+deadline (a run stopped in its training: its steps left at its own pace, ``needed_seconds``). At ``--deadline`` seconds the running jobs get SIGTERM, finish their step, save ``last.ckpt`` and record
 ``stopped``: the next call (while the machine is held: ``DIR`` stays) resumes them (``ckpt_path``), a run stopped
 in its test evaluation too. A finished run's checkpoints are deleted (the disk holds about 100 of them otherwise).
 ``OUT/summary.json`` holds every job's status, when it started and ended (``job_seconds``, from the call's start)
