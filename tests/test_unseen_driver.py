@@ -434,6 +434,28 @@ def test_the_seconds_beyond_training_are_those_of_runs_finished_in_one_call(tmp_
     assert driver.seconds_beyond_training([call]) == {"smile": 223.0 - 150.0, "cpsycoun": 147.0 - 47.0}
 
 
+def test_a_grid_completed_in_a_call_plans_its_seeds_in_that_call(tmp_path):
+    root = tmp_path / "root"
+    trained = "import json, pathlib, sys; p = pathlib.Path(sys.argv[1]); p.mkdir(parents=True); " \
+              "(p / 'metrics.json').write_text(json.dumps({'status': 'completed', 'val_curve': [{'loss': 3.0}]})); " \
+              "(p / 'evaluation').mkdir(); (p / 'evaluation' / 'metrics.json').write_text('{}')"  # fmt: skip
+
+    def job(name: str) -> driver.Job:
+        return driver.Job(name, [sys.executable, "-c", trained, str(root / name)])
+
+    grid = job("grid/smile_split_samples+token_lr5e-3")
+    asked: list[int] = []
+
+    def replan() -> list[driver.Job]:  # what plan() gives once the grid's last rate completed
+        asked.append(1)
+        return [job(grid.name), job("seeds/smile_split_samples+token_seed1")]
+
+    jobs = [grid]
+    driver.run(jobs, root, deadline=60, last_start=60, grace=5, at_once=2, memory=100, replan=replan)
+    assert [(j.name, j.status) for j in jobs] == [(grid.name, "done"), ("seeds/smile_split_samples+token_seed1", "done")]
+    assert asked == [1]  # a seed that ends asks for nothing
+
+
 def test_a_run_stopped_in_its_test_evaluation_resumes_from_its_last_checkpoint(tmp_path):
     root = tmp_path / "root"
     job = driver.Job("seeds/smile_session+token_seed1", [sys.executable, "-c", "pass"], resumable=True)

@@ -48,7 +48,9 @@ generated answers (for the bootstrap and the fixed-answer references).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -57,6 +59,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -491,10 +494,13 @@ def machine_load(seconds: float, running: int, query: list[str] = GPU_QUERY) -> 
 
 
 def run(jobs: list[Job], root: Path, deadline: float, last_start: float, grace: float, at_once: int,
-        memory: float, durations: Durations | None = None) -> list[dict]:  # fmt: skip
+        memory: float, durations: Durations | None = None,
+        replan: Callable[[], list[Job]] | None = None) -> list[dict]:  # fmt: skip
     """Run the jobs; return samples of the machine's load every ``SAMPLE_EVERY`` seconds (to choose ``--jobs``).
     With ``durations`` (--fit), a job starts only if it should end before the deadline (``fits``), and a
-    later job that fits may start before it."""
+    later job that fits may start before it. With ``replan``, each grid run that ends done asks for the plan
+    again, and the jobs it adds (the seeds of a grid that has just completed) join the list: they start in this
+    call, not the next."""
     begin = time.monotonic()
     load: list[dict] = []
     by_name = {job.name: job for job in jobs}
@@ -515,6 +521,12 @@ def run(jobs: list[Job], root: Path, deadline: float, last_start: float, grace: 
             job.seconds.append(round(now))
             finish(job, root)
             print(f"[{now:6.0f}s] {job.name}: {job.status}", flush=True)
+            if replan is not None and job.status == "done" and job.name.startswith("grid/"):
+                for added in (j for j in replan() if j.name not in by_name):
+                    added.status = "done" if done(root, added) else "pending"
+                    jobs.append(added)
+                    by_name[added.name] = added
+                    print(f"[{now:6.0f}s] {added.name}: planned (its grid is complete)", flush=True)
         if now > deadline and not stopping:
             stopping = True
             for job in jobs:
@@ -683,14 +695,24 @@ def main() -> None:
     args = parser.parse_args()
     begin = time.monotonic()
     grids = grids_file(args.rates, args.base)
-    rates = {**chosen_rates(grids), **root_rates(args.root, recorded_losses(grids))}
-    jobs = plan(args.root, args.data.resolve(), args.phase, args.bases, args.arms, args.seeds_of, rates,
-                kept_test_losses(HERE / "raw") if args.base is None else set(), args.extra, args.eval_extra,
-                args.base, recorded_rates(grids))  # fmt: skip
+    kept = kept_test_losses(HERE / "raw") if args.base is None else set()
+
+    def rates() -> dict[str, str]:
+        return {**chosen_rates(grids), **root_rates(args.root, recorded_losses(grids))}
+
+    def jobs_now() -> list[Job]:
+        return plan(args.root, args.data.resolve(), args.phase, args.bases, args.arms, args.seeds_of, rates(),
+                    kept, args.extra, args.eval_extra, args.base, recorded_rates(grids))  # fmt: skip
+
+    def replan() -> list[Job]:
+        with contextlib.redirect_stdout(io.StringIO()):  # the first plan said what waits, and why
+            return jobs_now()
+
+    jobs = jobs_now()
     last_start = args.deadline if args.last_start is None else args.last_start
     durations = Durations.recorded(sorted((HERE / "raw").glob("*.json"))) if args.fit else None
-    load = run(jobs, args.root, args.deadline, last_start, args.grace, args.jobs, args.memory, durations)
-    result = {"seconds": round(time.monotonic() - begin), "rates": rates, "machine_load": load,
+    load = run(jobs, args.root, args.deadline, last_start, args.grace, args.jobs, args.memory, durations, replan)
+    result = {"seconds": round(time.monotonic() - begin), "rates": rates(), "machine_load": load,
               "software": software(), **summary(jobs, args.root)}  # fmt: skip
     out = args.out or args.root
     out.mkdir(parents=True, exist_ok=True)
