@@ -37,9 +37,10 @@ were evaluated compiled: what the change of evaluation does to the numbers, and 
 A job whose run status (``metrics.json``) says ``completed`` (a fine-tuning run's test evaluation written too, but
 for a grid run) is done and is not run again. No job starts after ``--last-start`` seconds, nor, with ``--fit``, a
 job that the longest recorded duration of its kind (``raw/``'s ``job_seconds``) says would not end before the
-deadline (a run stopped in its training: its steps left at its own pace, ``needed_seconds``). At ``--deadline`` seconds the running jobs get SIGTERM, finish their step, save ``last.ckpt`` and record
-``stopped``: the next call (while the machine is held: ``DIR`` stays) resumes them (``ckpt_path``), a run stopped
-in its test evaluation too. A finished run's checkpoints are deleted (the disk holds about 100 of them otherwise).
+deadline (a run stopped in its training: its steps left at its own pace, ``needed_seconds``). At ``--deadline``
+seconds the running jobs get SIGTERM, finish their step, save ``last.ckpt`` and record ``stopped``: the next call
+(while the machine is held: ``DIR`` stays) resumes them (``ckpt_path``), a run stopped in its test evaluation too.
+A grid run that ends asks for the plan again: a grid it completes starts its ``--seeds-of`` at once. A finished run's checkpoints are deleted (the disk holds about 100 of them otherwise).
 ``OUT/summary.json`` holds every job's status, when it started and ended (``job_seconds``, from the call's start)
 and the numbers the README's tables come from, ``OUT/runs.tgz`` each finished run's per-session test losses and
 generated answers (for the bootstrap and the fixed-answer references).
@@ -166,8 +167,9 @@ def recorded_losses(path: Path | None) -> dict[str, dict[str, float]]:
 def root_rates(root: Path, earlier: dict[str, dict[str, float]] | None = None) -> dict[str, str]:
     """arm + reduction -> the rate chosen by this root's own grid runs (a grid run from ``--base``, or the rates a
     grid lacked, run on the machine this call holds), beside the ``earlier`` ones (``recorded_losses``): every rate
-    of ``GRID_RATES`` completed, the lowest last validation loss, interior only. So the seeds of a grid completed in
-    one call start in the next call on the same machine, not a session later."""
+    of ``GRID_RATES`` completed, the lowest last validation loss, interior only. So the seeds of a grid completed on
+    the held machine get their rate there (``run``'s ``replan`` asks again as each grid run ends), not a session
+    later."""
     result = {}
     for arm in ARMS:
         last = dict((earlier or {}).get(arm, {}))
@@ -443,7 +445,7 @@ def needed_seconds(job: Job, root: Path, durations: Durations) -> float | None:
     """How long ``job`` would take from now. A run the deadline stopped in its training resumes from its
     ``last.ckpt``: the steps it has left at its own pace (its record's ``train_seconds`` over ``global_steps``)
     plus what a finished run of its corpus spent beyond training (session 12's last call let five SMILE
-    split_samples grid runs wait that had 1,000-3,500 of their 6,460 steps left: the whole run's duration was never
+    split_samples grid runs wait that had 784-3,233 of their 6,449 steps left: the whole run's duration was never
     measured, and the rest fitted). Otherwise its kind's recorded duration; ``None`` where none was measured."""
     kind = job_kind(job.name)
     record = read_record(root / job.name) if job.resumable else {}
