@@ -39,11 +39,12 @@ for a grid run) is done and is not run again. No job starts after ``--last-start
 job that the longest recorded duration of its kind (``raw/``'s ``job_seconds``) says would not end before the
 deadline (a run stopped in its training: its steps left at its own pace, ``needed_seconds``). At ``--deadline``
 seconds the running jobs get SIGTERM, finish their step, save ``last.ckpt`` and record ``stopped``: the next call
-(while the machine is held: ``DIR`` stays) resumes them (``ckpt_path``), a run stopped in its test evaluation too.
-A grid run that ends asks for the plan again: a grid it completes starts its ``--seeds-of`` at once. A finished
-run's checkpoints are deleted (the disk holds about 100 of them otherwise). ``OUT/summary.json`` holds every job's status, when it started and ended (``job_seconds``, from the call's start)
-and the numbers the README's tables come from, ``OUT/runs.tgz`` each finished run's per-session test losses and
-generated answers (for the bootstrap and the fixed-answer references).
+(while the machine is held: ``DIR`` stays) resumes them (``ckpt_path``), a run stopped in its test evaluation too. A
+grid run that ends asks for the plan again: a grid it completes starts its ``--seeds-of`` at once. A finished run's
+checkpoints are deleted (the disk holds about 100 of them otherwise). ``OUT/summary.json`` holds every job's status,
+when it started and ended (``job_seconds``, from the call's start) and the numbers the README's tables come from,
+``OUT/runs.tgz`` each finished run's per-session test losses and generated answers (for the bootstrap and the
+fixed-answer references).
 """
 
 from __future__ import annotations
