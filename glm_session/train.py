@@ -35,7 +35,7 @@ from glm_session.model.compiled_layers import uncompile_layers
 from glm_session.run_info import RunInfo
 from glm_session.run_status import METRICS_FILE, read_record
 from glm_session.training.checkpoint_io import AtomicCheckpointIO, remove_stale_saves
-from glm_session.training.loggers import build_loggers, log_config
+from glm_session.training.loggers import build_loggers, check_loggers, log_config
 from glm_session.training.progress import progress_bar
 from glm_session.training.run_lock import RunFolderBusy, RunFolderLock
 from glm_session.training.run_metrics import RunMetrics
@@ -133,6 +133,7 @@ def _train(
             "evaluate the run's checkpoint afterwards (consolidate it, then python -m glm_session.evaluate ckpt_path=...)"
         )  # fmt: skip
     generation = build(cfg.generation) if evaluation else None
+    check_loggers(cfg.get("logger"))  # a missing extra ends the run before its data is built
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)

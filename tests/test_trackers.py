@@ -76,10 +76,11 @@ def test_a_missing_extra_ends_the_command_with_one_line(tmp_path):
     code = ("import importlib.util, sys; real = importlib.util.find_spec; "
             "importlib.util.find_spec = lambda n, *a: None if n == 'wandb' else real(n, *a); "
             "sys.argv = ['train', 'logger=wandb', 'model=chatglm2-tiny', 'data.limit=8', "
-            f"'hydra.run.dir={tmp_path / 'run'}']; "
+            f"'data.cache_dir={tmp_path / 'cache'}', 'hydra.run.dir={tmp_path / 'run'}']; "
             "from glm_session.train import main; main()")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 2
+    assert not (tmp_path / "cache").exists()  # it ended before building the samples (a cold cache prints progress)
     assert result.stderr.strip().splitlines() == [
         "error: logger.wandb (lightning.pytorch.loggers.WandbLogger) needs the wandb package: "
         "pip install 'glm_session[wandb]'"

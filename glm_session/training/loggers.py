@@ -29,12 +29,19 @@ def check_installed(key: str, target: str) -> None:
         raise UserError(f"logger.{key} ({target}) needs the {modules[0]} package: pip install 'glm_session[{extra}]'")
 
 
-def build_loggers(loggers: DictConfig | None) -> list[Logger]:
-    built = []
+def check_loggers(loggers: DictConfig | None) -> None:
+    """Every configured logger's package is installed: checked before a run spends its time on the data."""
     for key, node in (loggers or {}).items():
+        if node is not None:
+            check_installed(key, str(node.get("_target_", "")))
+
+
+def build_loggers(loggers: DictConfig | None) -> list[Logger]:
+    check_loggers(loggers)
+    built = []
+    for node in (loggers or {}).values():
         if node is None:
             continue
-        check_installed(key, str(node.get("_target_", "")))
         uri = str(node.get("tracking_uri") or "")
         if uri.startswith("sqlite:///"):  # MLflow's local store: SQLite creates the database, not its folder
             Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
