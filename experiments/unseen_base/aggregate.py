@@ -63,6 +63,15 @@ CONTRASTS = [  # (a, b): the declared family of a - b differences, per corpus
     ("session+token", "last+token"),
     ("session+token", "rising+token"),
 ]
+# Declared in session 13 (2026-12-04), after CPsyCoun's 3-epoch runs and before SMILE's: what two more epochs change,
+# outside the Holm family (secondary). The equivalence test of the 3-epoch pair uses the same margin.
+SECONDARY = [
+    ("session_3ep+token", "split_shuffled_3ep+token"),
+    ("session_3ep+token", "session+token"),
+    ("split_shuffled_3ep+token", "split_shuffled+token"),
+    ("session_3ep+token", "split_shuffled+token"),  # 3 session epochs against one split epoch's 3.5-4.5
+]
+EQUIVALENCE_3EP = ("session_3ep+token", "split_shuffled_3ep+token")
 
 
 # -- the records --------------------------------------------------------------------------------------------------
@@ -496,6 +505,17 @@ def corpus_arms(corpus: str, runs: dict, sessions: dict, lr_grid: dict, step0_lo
     a, b = EQUIVALENCE
     if a in replicates and b in replicates:
         result["equivalence"] = tost(replicates[a], replicates[b], points[a], points[b], MARGIN_NATS)
+    result["secondary"] = {
+        f"{a} - {b}": paired_difference(replicates[a], replicates[b], points[a], points[b])
+        if a in replicates and b in replicates else None
+        for a, b in SECONDARY
+    }  # fmt: skip
+    a, b = EQUIVALENCE_3EP
+    result["equivalence_3ep"] = (
+        tost(replicates[a], replicates[b], points[a], points[b], MARGIN_NATS)
+        if a in replicates and b in replicates
+        else None
+    )
     check = runs.get(f"check/{corpus}_split_grouped+token_seed0")
     session0 = arms.get("session+token", {}).get(0)
     if check and session0:
@@ -701,6 +721,18 @@ def arm_tables(generation: str, arms: dict, is_reference: bool) -> list[str]:
                          f"{'equivalent' if eq['equivalent'] else 'not shown equivalent'}.")  # fmt: skip
         else:
             lines.append(f"Equivalence of {' and '.join(EQUIVALENCE)}: not run yet (both arms need 5 seeds).")
+        if any(c.get("secondary", {}).values()) or (is_reference and "secondary" in c):
+            lines += ["", "Three epochs (secondary, outside the Holm family; declared in session 13, after CPsyCoun's "
+                      "3-epoch runs, before SMILE's):", "", "| contrast (a − b, test loss) | difference | 95% interval | "
+                      "p |", "|---|---|---|---|"]  # fmt: skip
+            for key, d in c["secondary"].items():
+                lines.append(f"| {key} | not run yet | | |" if d is None else
+                             f"| {key} | {d['diff']:+.4f} | {ci(d['ci95'])} | {d['p_two_sided']:.4f} |")  # fmt: skip
+            eq3 = c.get("equivalence_3ep")
+            if eq3:
+                lines.append(f"\nEquivalence of {' and '.join(EQUIVALENCE_3EP)} within ±{MARGIN_NATS}: difference "
+                             f"{eq3['diff']:+.4f}, 90% interval {ci(eq3['ci90'])}, TOST p {eq3['p']:.4f}: "
+                             f"{'equivalent' if eq3['equivalent'] else 'not shown equivalent'}.")  # fmt: skip
         if c["check"]:
             k = c["check"]
             lines.append(f"\nCheck (Invariant 2): split_grouped+token vs session+token, seed 0: validation curves differ "
@@ -787,6 +819,8 @@ def main() -> None:
             "margin_nats": MARGIN_NATS,
             "equivalence": list(EQUIVALENCE),
             "contrasts": CONTRASTS,
+            "secondary": SECONDARY,
+            "equivalence_3ep": list(EQUIVALENCE_3EP),
             "seeds": SEEDS,
             "resamples": RESAMPLES,
             "gate_nats": GATE_NATS,

@@ -634,7 +634,8 @@ def summary(jobs: list[Job], root: Path) -> dict:
         elif not job.name.startswith("data/") and (folder / "metrics.json").is_file():
             record = read_record(folder)
             keep = ("status", "val_curve", "val_loss_by_epoch", "train_loss", "global_steps", "input_tokens",
-                    "supervised_tokens", "train_seconds", "wall_seconds", "tokens_per_second", "run_info")  # fmt: skip
+                    "supervised_tokens", "train_seconds", "wall_seconds", "tokens_per_second", "peak_reserved_gib",
+                    "run_info")  # fmt: skip
             entry = {k: record[k] for k in keep if k in record}
             if job.init is not None:
                 entry["base_sha256"] = fingerprint(job.init)
