@@ -293,13 +293,21 @@ def runs_csv(runs: Sequence[Run], keys: Sequence[str], root: Path) -> str:
 
 
 def mean_curve(curves: Sequence[Sequence[Mapping[str, float]]], x: str = "step") -> tuple[list, list, list]:
-    """The points of ``x`` that every curve has, with the mean and std of their losses."""
-    common = set.intersection(*({point[x] for point in curve} for curve in curves)) if curves else set()
-    xs = sorted(common)
-    means, stds = [], []
-    for value in xs:
-        losses = [next(p["loss"] for p in curve if p[x] == value) for curve in curves]
-        summary = seed_summary(losses)
+    """The mean and std of the curves' losses at the points of ``x`` that every curve has. Curves of one length whose
+    points of ``x`` differ (seeds whose steps or FLOPs an epoch differ a little: batches by token count) are averaged
+    validation by validation instead, each point at the curves' mean ``x``."""
+    if not curves:
+        return [], [], []
+    common = set.intersection(*({point[x] for point in curve} for curve in curves))
+    lengths = {len(curve) for curve in curves}
+    if len(lengths) == 1 and len(common) < lengths.pop():
+        points = [[curve[i] for curve in curves] for i in range(len(curves[0]))]
+    else:
+        points = [[next(p for p in curve if p[x] == value) for curve in curves] for value in sorted(common)]
+    xs, means, stds = [], [], []
+    for at in points:
+        summary = seed_summary([p["loss"] for p in at])
+        xs.append(sum(p[x] for p in at) / len(at))
         means.append(summary["mean"])
         stds.append(summary["std"])
     return xs, means, stds
@@ -319,11 +327,15 @@ def plot_curves(
     import matplotlib.pyplot as plt
 
     fig, panels = plt.subplots(1, len(axes), figsize=(6.5 * len(axes), 4.5), squeeze=False)
+    palette = plt.get_cmap("tab20").colors  # ten distinct hues, then their light shades: one colour a label
+    colors = [*palette[::2], *palette[1::2]]
     for panel, (x, xlabel, scale) in zip(panels[0], axes, strict=True):
-        for label, seeds in curves.items():
+        for i, (label, seeds) in enumerate(curves.items()):
+            color = colors[i % len(colors)]  # (past 20 labels the colours repeat)
             xs, means, stds = mean_curve(seeds, x)
             xs = [v / scale for v in xs]
-            (line,) = panel.plot(xs, means, marker="o", markersize=3, label=label if len(seeds) == 1 else f"{label} (n={len(seeds)})")
+            (line,) = panel.plot(xs, means, marker="o", markersize=3, color=color,
+                                 label=label if len(seeds) == 1 else f"{label} (n={len(seeds)})")  # fmt: skip
             if len(seeds) > 1:
                 panel.fill_between(xs, [m - s for m, s in zip(means, stds, strict=True)],
                                    [m + s for m, s in zip(means, stds, strict=True)], color=line.get_color(),

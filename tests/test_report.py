@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from glm_session.report import main, seed_summary, write_report
+from glm_session.report import main, mean_curve, seed_summary, write_report
 
 T_975_DF2 = 4.302652729749464  # Student t, 97.5th percentile, 2 degrees of freedom (printed tables: 4.303)
 
@@ -26,7 +26,11 @@ def make_run(
 ) -> None:
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
-    hydra = {"hydra": {"runtime": {"choices": {"model": "chatglm2-small", "hydra/launcher": "basic", **(choices or {})}}}}
+    hydra = {
+        "hydra": {
+            "runtime": {"choices": {"model": "chatglm2-small", "hydra/launcher": "basic", **(choices or {})}}
+        }
+    }
     (folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
     (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))  # not a run folder by itself
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
@@ -46,7 +50,9 @@ def sweep(tmp_path) -> Path:
     config = {"seed": 0, "optimizer": {"lr": 0.001}, "output_dir": "x"}
     make_run(tmp_path / "0", ["seed=0", "output_dir=/a"], config, completed([2.5, 2.0], 3.0))
     make_run(tmp_path / "1", ["seed=1", "optimizer.lr=1e-3"], config, completed([2.1, 2.2], 3.2))
-    make_run(tmp_path / "9", ["seed=2", "optimizer.lr=0.001", "hydra.verbose=true"], config, completed([2.5, 2.4], 3.4))
+    make_run(
+        tmp_path / "9", ["seed=2", "optimizer.lr=0.001", "hydra.verbose=true"], config, completed([2.5, 2.4], 3.4)
+    )
     make_run(tmp_path / "10", ["seed=0", "optimizer.lr=0.003", "model=chatglm2-tiny"], config,
              completed([1.7, 1.5], 2.0), {"model": "chatglm2-tiny"})  # fmt: skip
     make_run(tmp_path / "11", ["seed=1", "optimizer.lr=0.003", "model=chatglm2-tiny"], config,
@@ -128,7 +134,9 @@ def test_reports_a_real_multirun(tmp_path, cache_dir):
                "trainer.enable_progress_bar=false", f"data.cache_dir={cache_dir}", "seed=0,1",
                f"hydra.sweep.dir={sweep}"]  # fmt: skip
     subprocess.run(command, check=True, capture_output=True)
-    result = subprocess.run([sys.executable, "-m", "glm_session.report", str(sweep)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "glm_session.report", str(sweep)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     assert "2 runs, 2 completed, in 1 groups" in result.stdout
     (group,) = rows(sweep / "report" / "report.csv")
@@ -136,3 +144,21 @@ def test_reports_a_real_multirun(tmp_path, cache_dir):
     last = [json.loads((sweep / job / "metrics.json").read_text())["val_curve"][-1]["loss"] for job in ("0", "1")]
     assert float(group["val_loss_mean"]) == pytest.approx(sum(last) / 2, abs=1e-12)
     assert (sweep / "report" / "val_curves.png").stat().st_size > 0
+
+
+def test_mean_curve_at_shared_points_and_validation_by_validation():
+    shared = [
+        [{"step": 10, "loss": 2.0}, {"step": 20, "loss": 1.0}],
+        [{"step": 10, "loss": 4.0}, {"step": 20, "loss": 3.0}],
+    ]
+    assert mean_curve(shared) == ([10.0, 20.0], [3.0, 2.0], [math.sqrt(2), math.sqrt(2)])
+    # two seeds whose validations fall at other steps (batches by token count): averaged validation by validation
+    apart = [
+        [{"step": 42, "loss": 2.0}, {"step": 84, "loss": 1.0}],
+        [{"step": 41, "loss": 4.0}, {"step": 83, "loss": 1.0}],
+    ]
+    assert mean_curve(apart) == ([41.5, 83.5], [3.0, 1.0], [math.sqrt(2), 0.0])
+    # a curve cut short: the points every curve has
+    short = [[{"step": 10, "loss": 2.0}, {"step": 20, "loss": 1.0}], [{"step": 10, "loss": 4.0}]]
+    assert mean_curve(short) == ([10.0], [3.0], [math.sqrt(2)])
+    assert mean_curve([]) == ([], [], [])

@@ -408,7 +408,8 @@ def plot_arms(corpus: str, runs: dict, sessions: dict, lr_grid: dict) -> None:
     curves = {arm.removeprefix(prefix): [runs[job]["val_curve"] for job in seeds.values()]
               for arm, seeds in sorted(final_runs(runs, sessions, lr_grid).items()) if arm.startswith(prefix)}  # fmt: skip
     if curves:
-        plot_curves(curves, HERE / f"val_curves_{corpus}.png")
+        plot_curves(curves, HERE / f"val_curves_{corpus}.png",
+                    axes=(("step", "optimizer steps", 1.0), ("train_flops", "training PFLOPs", 1e15)))  # fmt: skip
 
 
 def corpus_arms(corpus: str, runs: dict, sessions: dict, lr_grid: dict, step0_losses: dict) -> dict:
