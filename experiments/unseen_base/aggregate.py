@@ -71,7 +71,7 @@ SECONDARY = [
     ("split_shuffled_3ep+token", "split_shuffled+token"),
     ("session_3ep+token", "split_shuffled+token"),  # 3 session epochs against one split epoch's 3.5-4.5
 ]
-EQUIVALENCE_3EP = ("session_3ep+token", "split_shuffled_3ep+token")
+EQUIVALENCE_3EP = SECONDARY[0]  # the 3-epoch pair, tested for equivalence too
 
 
 # -- the records --------------------------------------------------------------------------------------------------
@@ -503,20 +503,20 @@ def corpus_arms(corpus: str, runs: dict, sessions: dict, lr_grid: dict, step0_lo
     if computed and len(computed) == len(CONTRASTS):
         for key, p in holm(computed).items():
             result["contrasts"][key]["p_holm"] = p
-    a, b = EQUIVALENCE
-    if a in replicates and b in replicates:
-        result["equivalence"] = tost(replicates[a], replicates[b], points[a], points[b], MARGIN_NATS)
+
+    def equivalence(a: str, b: str) -> dict | None:
+        """The two one-sided tests of a - b within ``MARGIN_NATS``; None while an arm lacks its 5 seeds."""
+        if a in replicates and b in replicates:
+            return tost(replicates[a], replicates[b], points[a], points[b], MARGIN_NATS)
+        return None
+
+    result["equivalence"] = equivalence(*EQUIVALENCE)
     result["secondary"] = {
         f"{a} - {b}": paired_difference(replicates[a], replicates[b], points[a], points[b])
         if a in replicates and b in replicates else None
         for a, b in SECONDARY
     }  # fmt: skip
-    a, b = EQUIVALENCE_3EP
-    result["equivalence_3ep"] = (
-        tost(replicates[a], replicates[b], points[a], points[b], MARGIN_NATS)
-        if a in replicates and b in replicates
-        else None
-    )
+    result["equivalence_3ep"] = equivalence(*EQUIVALENCE_3EP)
     check = runs.get(f"check/{corpus}_split_grouped+token_seed0")
     session0 = arms.get("session+token", {}).get(0)
     if check and session0:
@@ -563,6 +563,11 @@ def fixed_answer_flags(arms: dict, refs: dict) -> dict:
 
 def ci(pair: list | tuple | None) -> str:
     return f"[{pair[0]:.4f}, {pair[1]:.4f}]" if pair else "—"
+
+
+def equivalence_line(pair: tuple[str, str], eq: dict) -> str:
+    return (f"Equivalence of {' and '.join(pair)} within ±{MARGIN_NATS}: difference {eq['diff']:+.4f}, 90% interval "
+            f"{ci(eq['ci90'])}, TOST p {eq['p']:.4f}: {'equivalent' if eq['equivalent'] else 'not shown equivalent'}.")  # fmt: skip
 
 
 def tables(results: dict) -> str:
@@ -717,9 +722,7 @@ def arm_tables(generation: str, arms: dict, is_reference: bool) -> list[str]:
         eq = c["equivalence"]
         lines.append("")
         if eq:
-            lines.append(f"Equivalence of {' and '.join(EQUIVALENCE)} within ±{MARGIN_NATS}: difference "
-                         f"{eq['diff']:+.4f}, 90% interval {ci(eq['ci90'])}, TOST p {eq['p']:.4f}: "
-                         f"{'equivalent' if eq['equivalent'] else 'not shown equivalent'}.")  # fmt: skip
+            lines.append(equivalence_line(EQUIVALENCE, eq))
         else:
             lines.append(f"Equivalence of {' and '.join(EQUIVALENCE)}: not run yet (both arms need 5 seeds).")
         if any(c.get("secondary", {}).values()) or (is_reference and "secondary" in c):
@@ -729,11 +732,8 @@ def arm_tables(generation: str, arms: dict, is_reference: bool) -> list[str]:
             for key, d in c["secondary"].items():
                 lines.append(f"| {key} | not run yet | | |" if d is None else
                              f"| {key} | {d['diff']:+.4f} | {ci(d['ci95'])} | {d['p_two_sided']:.4f} |")  # fmt: skip
-            eq3 = c.get("equivalence_3ep")
-            if eq3:
-                lines.append(f"\nEquivalence of {' and '.join(EQUIVALENCE_3EP)} within ±{MARGIN_NATS}: difference "
-                             f"{eq3['diff']:+.4f}, 90% interval {ci(eq3['ci90'])}, TOST p {eq3['p']:.4f}: "
-                             f"{'equivalent' if eq3['equivalent'] else 'not shown equivalent'}.")  # fmt: skip
+            if c.get("equivalence_3ep"):
+                lines += ["", equivalence_line(EQUIVALENCE_3EP, c["equivalence_3ep"])]
         if c["check"]:
             k = c["check"]
             lines.append(f"\nCheck (Invariant 2): split_grouped+token vs session+token, seed 0: validation curves differ "
