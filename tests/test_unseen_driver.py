@@ -254,6 +254,91 @@ def test_only_interior_rates_of_complete_grids_are_chosen(tmp_path):
     assert driver.grids_file(results, [tmp_path / "chatglm2-6b"]) == results
 
 
+def screening_record(tmp_path, curves: dict[str, list[float]], arm: str = "smile_session_3ep+token") -> Path:
+    runs = {f"grid/{arm}_lr{rate}": {"status": "stopped", "val_curve": [{"loss": x} for x in curve]}
+            for rate, curve in curves.items()}  # fmt: skip
+    record = tmp_path / "s14_call8_arms.json"
+    record.write_text(json.dumps({"runs": runs}))
+    return record
+
+
+def test_a_stopped_grid_screens_out_the_rates_that_trail_by_more_than_the_margin_and_fall_further_behind(tmp_path):
+    assert (aggregate.SCREEN_NATS, aggregate.SCREEN_WINDOW) == (0.1, 3)
+    curves = {  # four validations shared (5e-4 reached a fifth, not used), the best 3.00 at the fourth
+        "1e-4": [3.80, 3.60, 3.50, 3.40],  # 0.40 behind, 0.30 at the first: out
+        "2e-4": [3.55, 3.40, 3.30, 3.20],  # 0.20 behind, 0.05 at the first: out
+        "5e-4": [3.50, 3.30, 3.20, 3.09, 3.00],  # 0.09 behind (growing): within the margin, kept
+        "1e-3": [3.50, 3.25, 3.10, 3.00],  # the best
+        "2e-3": [3.60, 3.35, 3.20, 3.05],  # 0.05 behind
+        "5e-3": [4.00, 3.70, 3.45, 3.25],  # 0.25 behind but 0.50 at the first: catching up, kept
+    }
+    result = aggregate.screening("smile_session_3ep+token", screening_record(tmp_path, curves))
+    assert (result["record"], result["validation"]) == ("s14_call8_arms.json", 4)
+    assert {rate: (r["lag"], r["lag_before"], r["screened_out"]) for rate, r in result["rates"].items()} == {
+        "1e-4": (0.4, 0.3, True), "2e-4": (0.2, 0.05, True), "5e-4": (0.09, 0.0, False),
+        "1e-3": (0.0, 0.0, False), "2e-3": (0.05, 0.1, False), "5e-3": (0.25, 0.5, False),
+    }  # fmt: skip
+    assert result["rates"]["5e-4"]["val_curve"] == [3.5, 3.3, 3.2, 3.09]
+    with pytest.raises(SystemExit, match="no grid run of smile_session_3ep\\+token at \\['5e-3'\\]"):
+        aggregate.screening("smile_session_3ep+token",
+                            screening_record(tmp_path, {k: v for k, v in curves.items() if k != "5e-3"}))  # fmt: skip
+    with pytest.raises(SystemExit, match="share 3 validations, too few"):
+        aggregate.screening("smile_session_3ep+token",
+                            screening_record(tmp_path, {k: v[:3] for k, v in curves.items()}))  # fmt: skip
+
+
+def test_a_screened_out_rate_completes_the_grid_and_bounds_the_choice(tmp_path, monkeypatch):
+    arm = "smile_session_3ep+token"
+    curves = {"1e-4": [3.8, 3.6, 3.5, 3.4], "2e-4": [3.55, 3.4, 3.3, 3.2], "5e-4": [3.5, 3.3, 3.2, 3.09],
+              "1e-3": [3.5, 3.25, 3.1, 3.0], "2e-3": [3.6, 3.35, 3.2, 3.05], "5e-3": [4.0, 3.7, 3.45, 3.25]}  # fmt: skip
+    (tmp_path / "raw").mkdir()
+    screening_record(tmp_path / "raw", curves)
+    monkeypatch.setattr(aggregate, "HERE", tmp_path)
+    monkeypatch.setattr(aggregate, "SCREENED", {arm: "s14_call8_arms.json"})
+
+    def completed(rates_and_losses):
+        return {"39afcc51": {"runs": {f"grid/{arm}_lr{rate}": {"status": "completed", "global_steps": 3750,
+                                                                "val_curve": [{"loss": loss}]}
+                                      for rate, loss in rates_and_losses.items()}}}  # fmt: skip
+
+    entry = aggregate.grids({"39afcc51": {"runs": {}}})[arm]  # screened, nothing run again yet
+    assert (entry["chosen"], entry["interior"], entry["complete"]) == (None, False, False)
+    entry = aggregate.grids(completed({"5e-4": 2.80, "1e-3": 2.85, "2e-3": 2.90, "5e-3": 3.0}))[arm]
+    assert (entry["chosen"], entry["interior"], entry["complete"], entry["decades"]) == ("5e-4", True, True, 1.7)
+    entry = aggregate.grids(completed({"5e-4": 2.9, "1e-3": 2.85, "2e-3": 2.83, "5e-3": 2.80}))[arm]
+    assert (entry["chosen"], entry["interior"], entry["complete"]) == ("5e-3", False, True)  # extend the grid
+    entry = aggregate.grids(completed({"5e-4": 2.9, "1e-3": 2.85, "2e-3": 2.83}))[arm]
+    assert (entry["chosen"], entry["interior"], entry["complete"]) == ("2e-3", False, False)  # the highest run
+    # the driver: screened rates are recorded (not run again), complete the grid and bound the choice
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"lr_grid": aggregate.grids(completed({"5e-4": 2.80, "1e-3": 2.85, "2e-3": 2.90,
+                                                                         "5e-3": 3.0}))}))  # fmt: skip
+    assert driver.recorded_rates(results)[arm] == set(driver.GRID_RATES)
+    assert driver.recorded_screened(results)[arm] == {"1e-4", "2e-4"}
+    assert driver.chosen_rates(results) == {arm: "5e-4"}
+    root = tmp_path / "root"
+    for rate, loss in {"5e-4": 2.9, "1e-3": 2.85, "2e-3": 2.83, "5e-3": 2.95}.items():
+        folder = root / f"grid/{arm}_lr{rate}"
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps({"status": "completed", "val_curve": [{"loss": loss}]}))
+    assert arm not in driver.root_rates(root)  # 1e-4 and 2e-4 neither run nor screened out
+    assert driver.root_rates(root, screened={arm: {"1e-4", "2e-4"}})[arm] == "2e-3"
+    jobs = plan(tmp_path, arms=[arm], recorded=driver.recorded_rates(results))
+    assert not [j for j in jobs if j.name.startswith("grid/")]  # four run, two screened out: nothing left
+
+
+def test_session_14s_screening_leaves_four_rates_of_each_smile_3_epoch_grid_to_run(tmp_path):
+    for arm in ("smile_split_shuffled_3ep+token", "smile_session_3ep+token"):
+        result = aggregate.screening(arm, aggregate.HERE / "raw" / aggregate.SCREENED[arm])
+        assert [rate for rate, r in result["rates"].items() if r["screened_out"]] == ["1e-4", "2e-4"]
+    assert driver.recorded_screened(driver.HERE / "results.json")["smile_session_3ep+token"] == {"1e-4", "2e-4"}
+    jobs = plan(tmp_path, arms=["smile_session_3ep+token"],
+                recorded=driver.recorded_rates(driver.HERE / "results.json"))  # fmt: skip
+    assert [j.name for j in jobs if j.name.startswith("grid/")] == [
+        f"grid/smile_session_3ep+token_lr{rate}" for rate in ("5e-4", "1e-3", "2e-3", "5e-3")
+    ]
+
+
 def test_a_grid_runs_only_the_rates_not_recorded(tmp_path, capsys):
     recorded = {"smile_split_shuffled+sample": {"1e-4", "2e-4", "5e-4", "1e-3"}}
     jobs = plan(tmp_path, arms=["smile_split_shuffled+sample", "smile_split_samples+token"], recorded=recorded)

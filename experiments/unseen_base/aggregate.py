@@ -7,6 +7,10 @@ What is declared before the runs (README "Declared before the runs") is applied 
 
 - a rate is chosen per arm + reduction on the **last** validation loss of its grid run (seed 0, base 0); the choice is
   **interior** when the grid holds a lower and a higher rate, both with a higher last validation loss;
+- ``SCREENED`` (session 14, after its grids of SMILE's 3-epoch arms were stopped together and lost): a rate whose
+  stopped run trailed the best by more than ``SCREEN_NATS`` at the last validation every rate reached, and trailed it
+  by no less ``SCREEN_WINDOW`` validations before (falling behind, not catching up), is screened out: it is not run
+  again and counts as a losing rate of the grid (for completeness and interiority);
 - the bases are identified by the sha256 of their weights; the runs of one device session start from the bases that
   session pretrained. A *generation* is a set of bases with the same weights (named by base 0's sha256 prefix); the
   arms' seeds, intervals and contrasts use the runs of one generation only (``REFERENCE_BASES``), since a paired
@@ -72,6 +76,14 @@ SECONDARY = [
     ("session_3ep+token", "split_shuffled+token"),  # 3 session epochs against one split epoch's 3.5-4.5
 ]
 EQUIVALENCE_3EP = SECONDARY[0]  # the 3-epoch pair, tested for equivalence too
+# Declared in session 14 (2026-12-04), from the partial curves of its stopped grids (call 8's record, which holds
+# every rate's validations so far) and before any of them was run again: the rates left behind for good.
+SCREENED = {
+    "smile_split_shuffled_3ep+token": "s14_call8_arms.json",
+    "smile_session_3ep+token": "s14_call8_arms.json",
+}
+SCREEN_NATS = 0.1
+SCREEN_WINDOW = 3
 
 
 # -- the records --------------------------------------------------------------------------------------------------
@@ -313,15 +325,53 @@ def grids(generations: dict) -> dict:
             "steps": run["global_steps"],
             "bases": generation,
         }
+    for arm, record in SCREENED.items():
+        result.setdefault(arm, {"rates": {}})["screening"] = screening(arm, HERE / "raw" / record)
     for entry in result.values():
         rates = sorted(entry["rates"], key=float)
         entry["rates"] = {rate: entry["rates"][rate] for rate in rates}
-        chosen = min(rates, key=lambda r: entry["rates"][r]["val_last"])
+        screened = {rate for rate, s in entry.get("screening", {}).get("rates", {}).items() if s["screened_out"]}
+        evaluated = sorted(set(rates) | screened, key=float)  # a screened rate lost: it bounds the choice
+        chosen = min(rates, key=lambda r: entry["rates"][r]["val_last"]) if rates else None
         entry["chosen"] = chosen
-        entry["interior"] = 0 < rates.index(chosen) < len(rates) - 1
-        entry["decades"] = round(math.log10(float(rates[-1]) / float(rates[0])), 2)
-        entry["complete"] = set(GRID_RATES) <= set(rates)  # the driver runs seeds only at a complete grid's choice
+        entry["interior"] = chosen is not None and 0 < evaluated.index(chosen) < len(evaluated) - 1
+        entry["decades"] = round(math.log10(float(evaluated[-1]) / float(evaluated[0])), 2) if evaluated else None
+        entry["complete"] = set(GRID_RATES) <= set(evaluated)  # the driver runs seeds only at a complete grid's choice
     return dict(sorted(result.items()))
+
+
+def screening(arm: str, record: Path) -> dict:
+    """``SCREENED``'s rule on the stopped grid runs of ``arm`` in ``record``: at the last validation every rate
+    reached, each rate's lag behind the best there and ``SCREEN_WINDOW`` validations before; screened out when the
+    lag exceeds ``SCREEN_NATS`` and has not shrunk."""
+    runs = json.loads(record.read_text())["runs"]
+    curves = {name.rsplit("_lr", 1)[1]: [point["loss"] for point in run["val_curve"]]
+              for name, run in runs.items() if name.startswith(f"grid/{arm}_lr")}  # fmt: skip
+    missing = set(GRID_RATES) - set(curves)
+    if missing:
+        raise SystemExit(f"{record}: no grid run of {arm} at {sorted(missing, key=float)} to screen")
+    at = min(len(curve) for curve in curves.values())
+    if at <= SCREEN_WINDOW:
+        raise SystemExit(f"{record}: {arm}'s runs share {at} validations, too few to screen")
+
+    def lags(k: int) -> dict[str, float]:
+        best = min(curve[k - 1] for curve in curves.values())
+        return {rate: curve[k - 1] - best for rate, curve in curves.items()}
+
+    now, before = lags(at), lags(at - SCREEN_WINDOW)
+    return {
+        "record": record.name,
+        "validation": at,
+        "rates": {
+            rate: {
+                "val_curve": [round(x, 4) for x in curves[rate][:at]],
+                "lag": round(now[rate], 4),
+                "lag_before": round(before[rate], 4),
+                "screened_out": now[rate] > SCREEN_NATS and now[rate] >= before[rate],
+            }
+            for rate in sorted(curves, key=float)
+        },
+    }
 
 
 def gate(step0_losses: dict, lr_grid: dict) -> dict:
@@ -651,14 +701,27 @@ def tables(results: dict) -> str:
               + " | chosen | interior | bases |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for arm, entry in results["lr_grid"].items():
         cells = []
+        screened = entry.get("screening", {}).get("rates", {})
         for rate in GRID_RATES:
             r = entry["rates"].get(rate)
-            cell = f"{r['val_last']:.4f}" if r else "—"
+            cell = f"{r['val_last']:.4f}" if r else "screened out" if screened.get(rate, {}).get("screened_out") else "—"
             cells.append(f"**{cell}**" if rate == entry["chosen"] else cell)
-        bases = ", ".join(sorted({r["bases"] for r in entry["rates"].values()}))
+        bases = ", ".join(sorted({r["bases"] for r in entry["rates"].values()})) or REFERENCE_BASES
+        out = sum(r["screened_out"] for r in screened.values())
         interior = f"{entry['interior']}" + ("" if entry["complete"] else
-                                             f" ({len(entry['rates'])} of {len(GRID_RATES)} rates run)")  # fmt: skip
-        lines.append(f"| {arm} | {' | '.join(cells)} | {entry['chosen']} | {interior} | {bases} |")
+                                             f" ({len(entry['rates'])} of {len(GRID_RATES)} rates run"
+                                             + (f", {out} screened out)" if out else ")"))  # fmt: skip
+        lines.append(f"| {arm} | {' | '.join(cells)} | {entry['chosen'] or '—'} | {interior} | {bases} |")
+    screened = {arm: entry["screening"] for arm, entry in results["lr_grid"].items() if "screening" in entry}
+    if screened:
+        lines += ["", f"## Screened rates (stopped grid runs: a rate more than {SCREEN_NATS} nats behind the best at "
+                  f"the last validation all reached, and no less behind {SCREEN_WINDOW} validations before, is not "
+                  "run again)", "", "| arm + reduction | record | validation | "
+                  + " | ".join(f"lr {r}" for r in GRID_RATES) + " |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for arm, e in screened.items():
+            cells = [f"{r['val_curve'][-1]:.4f} (+{r['lag']:.3f}, +{r['lag_before']:.3f} before)"
+                     + (" **out**" if r["screened_out"] else "") for r in e["rates"].values()]  # fmt: skip
+            lines.append(f"| {arm} | {e['record']} | {e['validation']} | {' | '.join(cells)} |")
     if reference is None:
         lines += ["", "## The arms", "", "No reference bases yet: the next pretraining (with model.compile_deterministic) "
                   "makes them, and REFERENCE_BASES names them."]  # fmt: skip

@@ -19,7 +19,8 @@ calls that continue one another.
    and KdConv, in the chatglm2 template its fine-tuning uses;
 4. ``grid/<arm>+<reduction>_lr<r>``: one run of each ``--arms`` entry (``experiment=unseen/<arm>``, e.g.
    ``smile_session+token``, ``smile_split_shuffled+sample``) from base 0 over ``GRID_RATES``, less the rates
-   ``results.json``'s ``lr_grid`` holds already (from earlier calls); session+token on SMILE is the gate (it must end
+   ``results.json``'s ``lr_grid`` holds already (from earlier calls) or screened out (``aggregate.py``'s
+   ``SCREENED``: rates of a stopped grid left behind for good); session+token on SMILE is the gate (it must end
    0.3 nats below the base's step-0 test loss). The first calls named these jobs ``pilot/...`` (``raw/``);
    ``aggregate.py`` reads both;
 5. ``seeds/<arm>+<reduction>_seed<s>``: each ``--seeds-of`` entry at its chosen rate (a complete grid's interior
@@ -149,14 +150,26 @@ def grids_file(rates: Path | None, base: list[Path] | None) -> Path | None:
 
 def chosen_rates(path: Path | None) -> dict[str, str]:
     """arm + reduction -> its chosen rate, from ``results.json``'s ``lr_grid``: complete grids (every rate of
-    ``GRID_RATES``) with an interior choice only."""
+    ``GRID_RATES`` run or screened out) with an interior choice only."""
     return {arm: entry["chosen"] for arm, entry in recorded_grids(path).items()
-            if entry.get("interior") and set(GRID_RATES) <= set(entry.get("rates", {}))}  # fmt: skip
+            if entry.get("interior") and set(GRID_RATES) <= set(entry.get("rates", {})) | screened_out(entry)}  # fmt: skip
+
+
+def screened_out(entry: dict) -> set[str]:
+    """The rates of a grid entry that ``aggregate.py``'s screening left behind (``SCREENED``): not run again, and
+    losing rates of the grid."""
+    return {rate for rate, s in entry.get("screening", {}).get("rates", {}).items() if s["screened_out"]}
 
 
 def recorded_rates(path: Path | None) -> dict[str, set[str]]:
-    """arm + reduction -> the rates its grid has run (``results.json``): the driver does not run them again."""
-    return {arm: set(entry.get("rates", {})) for arm, entry in recorded_grids(path).items()}
+    """arm + reduction -> the rates its grid has run or screened out (``results.json``): the driver does not run them
+    again."""
+    return {arm: set(entry.get("rates", {})) | screened_out(entry) for arm, entry in recorded_grids(path).items()}
+
+
+def recorded_screened(path: Path | None) -> dict[str, set[str]]:
+    """arm + reduction -> the rates its grid screened out (``results.json``)."""
+    return {arm: screened_out(entry) for arm, entry in recorded_grids(path).items()}
 
 
 def recorded_losses(path: Path | None) -> dict[str, dict[str, float]]:
@@ -165,12 +178,14 @@ def recorded_losses(path: Path | None) -> dict[str, dict[str, float]]:
             for arm, entry in recorded_grids(path).items()}  # fmt: skip
 
 
-def root_rates(root: Path, earlier: dict[str, dict[str, float]] | None = None) -> dict[str, str]:
+def root_rates(
+    root: Path, earlier: dict[str, dict[str, float]] | None = None, screened: dict[str, set[str]] | None = None
+) -> dict[str, str]:
     """arm + reduction -> the rate chosen by this root's own grid runs (a grid run from ``--base``, or the rates a
-    grid lacked, run on the machine this call holds), beside the ``earlier`` ones (``recorded_losses``): every rate
-    of ``GRID_RATES`` completed, the lowest last validation loss, interior only. So the seeds of a grid completed on
-    the held machine get their rate there (``run``'s ``replan`` asks again as each grid run ends), not a session
-    later."""
+    grid lacked, run on the machine this call holds), beside the ``earlier`` ones (``recorded_losses``) and the
+    ``screened`` out (``recorded_screened``, losing rates): every rate of ``GRID_RATES`` completed or screened out,
+    the lowest last validation loss, interior only. So the seeds of a grid completed on the held machine get their
+    rate there (``run``'s ``replan`` asks again as each grid run ends), not a session later."""
     result = {}
     for arm in ARMS:
         last = dict((earlier or {}).get(arm, {}))
@@ -178,9 +193,10 @@ def root_rates(root: Path, earlier: dict[str, dict[str, float]] | None = None) -
             record = read_record(root / f"grid/{arm}_lr{rate}")
             if record.get("status") == "completed" and record.get("val_curve"):
                 last[rate] = record["val_curve"][-1]["loss"]
-        if set(GRID_RATES) <= set(last):
-            rates = sorted(last, key=float)
-            chosen = min(rates, key=last.get)
+        out = (screened or {}).get(arm, set()) - set(last)
+        if last and set(GRID_RATES) <= set(last) | out:
+            rates = sorted(set(last) | out, key=float)
+            chosen = min(last, key=last.get)
             if chosen not in (rates[0], rates[-1]):
                 result[arm] = chosen
     return result
@@ -702,7 +718,7 @@ def main() -> None:
     kept = kept_test_losses(HERE / "raw") if args.base is None else set()
 
     def rates() -> dict[str, str]:
-        return {**chosen_rates(grids), **root_rates(args.root, recorded_losses(grids))}
+        return {**chosen_rates(grids), **root_rates(args.root, recorded_losses(grids), recorded_screened(grids))}
 
     def jobs_now() -> list[Job]:
         return plan(args.root, args.data.resolve(), args.phase, args.bases, args.arms, args.seeds_of, rates(),
