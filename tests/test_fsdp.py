@@ -1,6 +1,7 @@
 """trainer=fsdp (FSDP2 through Lightning) on 2 CPU processes (gloo, fp32): the same training as one process
 accumulating 2 micro-batches, and a run killed after a sharded checkpoint resumes to the same end."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -210,4 +211,25 @@ def test_lora_under_fsdp_saves_the_adapters_only_and_resumes(tmp_path, cache_dir
     result = torchrun(killed, *lora, f"ckpt_path={killed / 'checkpoints/last.ckpt'}", cache=cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     for a, b in zip(metrics(killed)["val_loss_by_epoch"], whole["val_loss_by_epoch"], strict=True):
+        assert abs(a - b) < 1e-5
+
+
+@pytest.mark.slow
+def test_fsdp_on_one_process_trains_as_the_plain_path(tmp_path, cache_dir, initial_weights):
+    """The 1B benchmark's ``fast+bf16_copies`` (``experiments/bench/run_all.py``): FSDP2 on one device, its
+    parameters kept from forward to backward, nothing recomputed; in fp32 on a CPU the plain path's training."""
+    one = [*COMMON, initial_weights, f"data.cache_dir={cache_dir}"]
+    spec = importlib.util.spec_from_file_location("run_all", TESTS.parent / "experiments" / "bench" / "run_all.py")
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    variant = [*run_all.BF16_COPIES, "trainer.accelerator=cpu", "trainer.strategy.param_dtype=float32"]
+    command = [sys.executable, "-m", "glm_session.train", *one, *variant, f"hydra.run.dir={tmp_path / 'fsdp'}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sharded = metrics(tmp_path / "fsdp")
+    plain, _ = train(compose_config("train", [*one, f"output_dir={tmp_path / 'plain'}"]))
+    assert sharded["global_steps"] == plain["global_steps"] == 16
+    assert len(sharded["val_loss_by_epoch"]) == 2
+    for a, b in zip(sharded["val_loss_by_epoch"], plain["val_loss_by_epoch"], strict=True):
         assert abs(a - b) < 1e-5

@@ -57,11 +57,17 @@ ONE_B = [
 ]  # fmt: skip  (an epoch is 20 batches: its last, smaller one is in the warm-up)
 SMALL = ["model=chatglm2-small", "data=smile", "data.max_seq_len=2048", "data.batch_tokens=16384",
          "trainer.max_steps=150", "metrics.warmup_batches=30"]  # fmt: skip
+# FSDP2 on one GPU: its mixed precision casts each layer's fp32 weights to a bf16 copy once a step and keeps it from
+# forward to backward (reshard_after_forward=false), where autocast casts at each call; nothing sharded, nothing
+# recomputed (the fast path's 1B step keeps its activations). Last in a bench process: it starts a process group.
+BF16_COPIES = ["trainer=fsdp", "trainer.devices=1", "trainer.strategy.activation_checkpointing=false",
+               "trainer.strategy.reshard_after_forward=false"]  # fmt: skip
 VARIANTS_1B = {  # name: overrides on top of session+packing ("reference": none)
     "reference": [],
     "fast": FAST,
     "fast-compile": FAST + NO_COMPILE,
     "fast-compile-liger": FAST + NO_COMPILE + NO_LIGER,
+    "fast+bf16_copies": FAST + BF16_COPIES,
 }
 # chatglm2-small's vocabulary of 6,144: its whole logits cost less than the chunked loss's host work; liger left out
 VARIANTS_SMALL = {
