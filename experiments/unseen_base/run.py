@@ -320,7 +320,8 @@ def plan(
         experiment, reduction = arm.split("+")
         for rate in GRID_RATES:
             if rate in (recorded or {}).get(arm, ()) or f"grid/{arm}_lr{rate}" in kept:
-                print(f"grid/{arm}_lr{rate}: recorded (run or screened out: results.json lr_grid; or kept in raw/), not run again", flush=True)
+                print(f"grid/{arm}_lr{rate}: recorded (run or screened out: results.json lr_grid; or kept in raw/), "
+                      "not run again", flush=True)  # fmt: skip
                 continue
             jobs.append(train(f"grid/{arm}_lr{rate}", experiment, reduction, rate, 0, 0))
     for arm in seeds_of:  # then the final runs, what the tables report
