@@ -1,7 +1,8 @@
 """Every speed figure of issue 13 in one GPU call, beside the yardsticks measured in the same call.
 
     python experiments/bench/run_all.py --out OUT --baselines DIR [--parts PART ...] [--variants-1b NAME ...]
-                                        [--variants-small NAME ...] [--deadline SECONDS] [--work DIR]
+                                        [--variants-small NAME ...] [--fsdp-variants NAME ...] [--deadline SECONDS]
+                                        [--work DIR]
 
 Parts (each step a subprocess with its own time limit; results are written as they come):
 
@@ -87,6 +88,10 @@ FSDP_VARIANTS = {  # name: overrides of experiments/scale/run.py's trainer=fsdp 
     "scale_fast": FAST,
     "scale_fast_keep_gathered": FAST + ["trainer.strategy.reshard_after_forward=false"],  # one gather a step
     "scale_fast_prefetch2": FAST + ["trainer.strategy.prefetch=2"],
+    # selective activation checkpointing: every second layer recomputed, the others keep their activations (7N
+    # instead of 8N FLOPs a token, at the memory of 14 layers' activations; an out-of-memory run is tried again with
+    # half the micro-batch by experiments/scale/run.py)
+    "scale_fast_recompute_half": FAST + ["trainer.strategy.checkpoint_every_n_layers=2"],
 }
 PARTS = ["tests", "variants", "profile_reference", "profile_1b_reference", "profile_1b_fast", "profile_small_fast",
          "yardsticks", "fsdp"]  # fmt: skip
@@ -189,9 +194,13 @@ def main() -> None:
     parser.add_argument(
         "--variants-small", nargs="*", default=list(VARIANTS_SMALL), help=f"of {list(VARIANTS_SMALL)}"
     )
+    parser.add_argument("--fsdp-variants", nargs="*", default=list(FSDP_VARIANTS), help=f"of {list(FSDP_VARIANTS)}")
     parser.add_argument("--deadline", type=float, default=560, help="seconds for the whole call")
     parser.add_argument("--work", type=Path, default=Path("/tmp/glm_session_bench"), help="rows, runs and logs")
     args = parser.parse_args()
+    unknown = set(args.fsdp_variants) - set(FSDP_VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown --fsdp-variants {sorted(unknown)}: choose from {list(FSDP_VARIANTS)}")
     out, log = args.work, args.work / "logs"  # results.json, scale.json, steps.json and logs.tgz go to --out
     log.mkdir(parents=True, exist_ok=True)
     run = Steps(log, time.monotonic() + args.deadline)
@@ -217,7 +226,8 @@ def main() -> None:
         all_gpus = ",".join(map(str, range(gpus)))
         run("fsdp_step", [py, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}",
                           str(args.baselines / "fsdp_step.py")], 110, gpus=all_gpus, env={"MB": "4", "STEPS": "10"})  # fmt: skip
-        for name, extra in FSDP_VARIANTS.items():
+        for name in args.fsdp_variants:
+            extra = FSDP_VARIANTS[name]
             run(name, [py, "experiments/scale/run.py", "--out", str(out / f"{name}_project.json"), "--runs",
                        str(out / f"{name}_runs"), "--gpus", str(gpus), "--steps", "16", "--warmup", "4", "--batch-tokens",
                        "16384", "model.loss_chunk_tokens=8192", *extra], 200, gpus=all_gpus)  # fmt: skip
