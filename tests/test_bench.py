@@ -29,3 +29,31 @@ def test_bench_writes_every_configuration_and_the_ratios(tmp_path, cache_dir):
     assert summary["answer_tokens_per_second_vs_split_padding"]["split+padding"] == 1.0
     assert (tmp_path / "table.md").read_text().count("\n") == 6
     assert (tmp_path / "answer_tokens_per_second.png").stat().st_size > 0
+
+
+def test_every_variant_of_the_gpu_benchmark_is_a_valid_config():
+    """A misspelt override would cost a GPU call: each variant of ``experiments/bench/run_all.py`` composes."""
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    from glm_session.config import compose_config
+
+    spec = importlib.util.spec_from_file_location("run_all", ROOT / "experiments" / "bench" / "run_all.py")
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    for variants, common in ((run_all.VARIANTS_1B, run_all.ONE_B), (run_all.VARIANTS_SMALL, run_all.SMALL),
+                             (run_all.FSDP_VARIANTS, ["trainer=fsdp", "model=chatglm2-6b"])):  # fmt: skip
+        for name, overrides in variants.items():
+            cfg = compose_config("train", [*common, *overrides])
+            for key, value in (o.split("=", 1) for o in overrides if "." in o.split("=", 1)[0]):
+                found = OmegaConf.select(cfg, key)
+                assert ("null" if found is None else str(found).lower()) == value.lower(), (name, key)
+    bf16_copies = compose_config("train", [*run_all.ONE_B, *run_all.VARIANTS_1B["fast+bf16_copies"]])
+    assert bf16_copies.trainer.precision == "32-true"  # bf16 from FSDP2's policy, not autocast
+    assert bf16_copies.trainer.strategy.reshard_after_forward is False
+    assert not bf16_copies.trainer.strategy.activation_checkpointing
+    half = compose_config("train", ["trainer=fsdp", *run_all.FSDP_VARIANTS["scale_fast_recompute_half"]])
+    assert half.trainer.strategy.checkpoint_every_n_layers == 2
+    with pytest.raises(Exception, match="trainer.strategy.checkpoint_every_n_layer"):
+        compose_config("train", ["trainer=fsdp", "trainer.strategy.checkpoint_every_n_layer=2"])
