@@ -128,11 +128,16 @@ def _text(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else value or ""
 
 
-def bench_arguments(variants: dict[str, list[str]], chosen: list[str]) -> list[str]:
-    """``bench.py``'s ``--only`` and ``--variant`` arguments for the chosen variants ("reference": the plain run)."""
+def check_variants(variants: dict[str, list[str]], chosen: list[str]) -> None:
+    """Every chosen name is one of ``variants``, or the call stops before it spends GPU time."""
     unknown = set(chosen) - set(variants)
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}: choose from {list(variants)}")
+
+
+def bench_arguments(variants: dict[str, list[str]], chosen: list[str]) -> list[str]:
+    """``bench.py``'s ``--only`` and ``--variant`` arguments for the chosen variants ("reference": the plain run)."""
+    check_variants(variants, chosen)
     only = ["--only", *(["session+packing"] if "reference" in chosen else [])]
     extra = [("--variant", f"session+packing {n}={','.join(variants[n])}") for n in chosen if n != "reference"]
     return only + [a for pair in extra for a in pair]
@@ -198,9 +203,7 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=560, help="seconds for the whole call")
     parser.add_argument("--work", type=Path, default=Path("/tmp/glm_session_bench"), help="rows, runs and logs")
     args = parser.parse_args()
-    unknown = set(args.fsdp_variants) - set(FSDP_VARIANTS)
-    if unknown:
-        raise SystemExit(f"unknown --fsdp-variants {sorted(unknown)}: choose from {list(FSDP_VARIANTS)}")
+    check_variants(FSDP_VARIANTS, args.fsdp_variants)
     out, log = args.work, args.work / "logs"  # results.json, scale.json, steps.json and logs.tgz go to --out
     log.mkdir(parents=True, exist_ok=True)
     run = Steps(log, time.monotonic() + args.deadline)
