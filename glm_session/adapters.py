@@ -3,7 +3,9 @@
 ``peft.inject_adapter_in_model`` puts peft's LoRA layers into the ``GlmForCausalLM`` in place, so the module keeps
 one model (``self.model``) whatever the method: the loss, the chunked loss, the kernels, compiled layers, FSDP and
 generation see the same modules as in full fine-tuning. The base's weights are frozen (and cast to bf16 under bf16
-training: they need no fp32 master copy); the adapters train in fp32. What a run saves is the adapters' state
+training: they need no fp32 master copy); the adapters train in fp32. QLoRA (``model.peft.quantize=nf4``,
+``conf/peft/qlora.yaml``) holds the frozen linear weights of the decoder layers in 4 bits (bitsandbytes'
+``Linear4bit``) under the same adapters. What a run saves is the adapters' state
 (``is_adapter_key``); ``peft_config`` gives the ``LoraConfig`` that ``peft.PeftModel`` needs to load
 or merge them (``export``).
 """
@@ -23,6 +25,11 @@ METHODS = ("none", "lora")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
 TARGETABLE = (*LORA_TARGETS, "lm_head")
 BASE_DTYPES = ("auto", "bf16", "fp32")
+QUANTIZE = ("nf4", "fp4")  # bitsandbytes' 4-bit data types (QLoRA's is nf4)
+QUANTIZE_ON_ONE_DEVICE = (
+    "null with trainer=fsdp: the sharded path does not shard bitsandbytes' 4-bit weights (QLoRA trains on one "
+    "device; under trainer=fsdp LoRA trains on a bf16 base)"
+)
 
 
 @dataclass(frozen=True)
@@ -34,10 +41,16 @@ class LoraSettings:
     dropout: float = 0.0
     target_modules: tuple[str, ...] = LORA_TARGETS
     base_dtype: str = "auto"
+    quantize: str | None = None  # QLoRA: the decoder layers' frozen linear weights in 4 bits (QUANTIZE)
+    double_quant: bool = True  # with quantize: the 4-bit blocks' scales quantized too (QLoRA's double quant)
 
     def describe(self) -> dict[str, Any]:
-        """The record of a run (``RunInfo.peft``)."""
-        return {"method": "lora", **asdict(self), "target_modules": list(self.target_modules)}
+        """The record of a run (``RunInfo.peft``); a plain LoRA run's has no quantization keys (as before QLoRA, so
+        that its older checkpoints still resume)."""
+        record = {"method": "lora", **asdict(self), "target_modules": list(self.target_modules)}
+        if self.quantize is None:
+            del record["quantize"], record["double_quant"]
+        return record
 
 
 def check_peft(peft: Mapping[str, Any] | None, loss_chunk_tokens: int | None = None) -> LoraSettings | None:
@@ -47,7 +60,7 @@ def check_peft(peft: Mapping[str, Any] | None, loss_chunk_tokens: int | None = N
     method = check_choice("model.peft.method", peft.get("method", "none"), METHODS)
     if method == "none":
         return None
-    known = {"method", "rank", "alpha", "dropout", "target_modules", "base_dtype"}
+    known = {"method", "rank", "alpha", "dropout", "target_modules", "base_dtype", "quantize", "double_quant"}
     unknown = sorted(set(peft) - known)
     if unknown:
         raise ConfigError(f"model.peft.{unknown[0]}", peft[unknown[0]], f"one of the LoRA keys {sorted(known)}")
@@ -68,7 +81,29 @@ def check_peft(peft: Mapping[str, Any] | None, loss_chunk_tokens: int | None = N
             "model.loss_chunk_tokens=null"
         )  # fmt: skip
     base_dtype = check_choice("model.peft.base_dtype", peft.get("base_dtype", "auto"), BASE_DTYPES)
-    return LoraSettings(rank, float(alpha), float(dropout), tuple(dict.fromkeys(targets)), base_dtype)
+    quantize = peft.get("quantize")
+    if quantize is not None:
+        check_choice("model.peft.quantize", quantize, QUANTIZE)
+        _check_bitsandbytes(quantize)
+    double_quant = peft.get("double_quant", True)
+    if not isinstance(double_quant, bool):
+        raise ConfigError("model.peft.double_quant", double_quant, "true or false")
+    return LoraSettings(
+        rank, float(alpha), float(dropout), tuple(dict.fromkeys(targets)), base_dtype, quantize, double_quant
+    )
+
+
+def _check_bitsandbytes(quantize: str) -> None:
+    """A ``ConfigError`` unless bitsandbytes (with its 4-bit layers) can be imported."""
+    try:
+        import bitsandbytes
+
+        bitsandbytes.nn.Linear4bit  # noqa: B018 (a bitsandbytes old enough to lack it is as good as none)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(
+            "model.peft.quantize", quantize, "a quantization that bitsandbytes provides: install it "
+            f"(pip install 'glm_session[qlora]'; here: {type(err).__name__}: {err}), or set model.peft.quantize=null"
+        ) from None  # fmt: skip
 
 
 def peft_config(settings: LoraSettings):
@@ -84,13 +119,18 @@ def peft_config(settings: LoraSettings):
     )
 
 
-def add_lora(model: torch.nn.Module, settings: LoraSettings, bf16_base: bool = False) -> torch.nn.Module:
-    """Inject LoRA adapters into ``model`` in place: the base frozen (in bf16 if ``bf16_base``), the adapters
-    trainable in fp32. Returns ``model``."""
+def add_lora(
+    model: torch.nn.Module, settings: LoraSettings, bf16_base: bool = False, device: torch.device | None = None
+) -> torch.nn.Module:
+    """Inject LoRA adapters into ``model`` in place: the base frozen (in bf16 if ``bf16_base``; with
+    ``settings.quantize``, its decoder layers' linear weights quantized on ``device``), the adapters trainable in
+    fp32. Returns ``model``."""
     from peft import inject_adapter_in_model
 
     if bf16_base:
         model.to(torch.bfloat16)  # before the adapters: they are created, and stay, in fp32
+    if settings.quantize:
+        quantize_base(model, settings, torch.bfloat16 if bf16_base else torch.float32, device)
     inject_adapter_in_model(peft_config(settings), model)
     for name, parameter in model.named_parameters():
         is_adapter = "lora_" in name
@@ -98,6 +138,37 @@ def add_lora(model: torch.nn.Module, settings: LoraSettings, bf16_base: bool = F
         if is_adapter and parameter.dtype != torch.float32:
             parameter.data = parameter.data.float()
     return model
+
+
+def quantize_base(
+    model: torch.nn.Module, settings: LoraSettings, compute_dtype: torch.dtype, device: torch.device | None = None
+) -> None:
+    """QLoRA's frozen base: each ``nn.Linear`` of the decoder layers becomes bitsandbytes' ``Linear4bit`` holding
+    its weight in 4 bits (``settings.quantize``, blocks of 64 values with one scale each, the scales quantized too
+    with ``settings.double_quant``), quantized on ``device`` (default: where the weight is) and multiplied in
+    ``compute_dtype``. The embeddings, the norms and the output layer keep their dtype; peft then wraps the 4-bit
+    layers in its own LoRA layers for them."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for name, linear in list(layer.named_modules()):
+            if type(linear) is not torch.nn.Linear:
+                continue
+            quantized = bnb.nn.Linear4bit(
+                linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=compute_dtype,
+                compress_statistics=settings.double_quant, quant_type=settings.quantize, device="meta",
+            )  # fmt: skip
+            quantized.weight = bnb.nn.Params4bit(
+                linear.weight.data, requires_grad=False, compress_statistics=settings.double_quant,
+                quant_type=settings.quantize,
+            )  # fmt: skip
+            if linear.bias is not None:
+                quantized.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+            # bitsandbytes repacks a 4-bit weight for AVX-512 in a CPU eval-mode forward and requantizes it after:
+            # the base would change with each validation on a CPU (the 8-bit scales move by one step)
+            quantized.support_avx512bf16_for_cpu = False
+            layer.set_submodule(name, quantized.to(device or linear.weight.device))  # .to quantizes
+    model.is_loaded_in_4bit = True  # as transformers marks a 4-bit model: peft then wraps its 4-bit LoRA layers
 
 
 def is_adapter_key(key: str) -> bool:

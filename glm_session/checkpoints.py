@@ -191,7 +191,7 @@ def _with_base(
 ):
     """A LoRA run's model: its base (``info.init_from``, checked by fingerprint) with its adapters merged in (or
     kept as peft layers, the base frozen)."""
-    from glm_session.adapters import merged, settings_of, with_adapters
+    from glm_session.adapters import merged, quantize_base, settings_of, with_adapters
 
     if not info.init_from:
         raise CheckpointError(f"{path}: LoRA adapters without a recorded base (model.init_from)")
@@ -205,7 +205,10 @@ def _with_base(
     try:
         if merge:
             return merged(model, settings_of(info.peft), adapters)
-        with_adapters(model, settings_of(info.peft), adapters)
+        settings = settings_of(info.peft)
+        if settings.quantize:  # the 4-bit base the adapters were trained on (merged: into the full-precision base)
+            quantize_base(model, settings, torch.float32)
+        with_adapters(model, settings, adapters)
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(".lora_" in name)
         return model

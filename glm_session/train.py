@@ -24,7 +24,7 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.strategies import ModelParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 
-from glm_session.adapters import check_peft
+from glm_session.adapters import QUANTIZE_ON_ONE_DEVICE, check_peft
 from glm_session.atomic_files import write_text
 from glm_session.checkpoints import check_resumable, weights_fingerprint
 from glm_session.config import CONFIG_DIR, build
@@ -132,6 +132,8 @@ def _train(
             "evaluate.enabled", True, "false with trainer=fsdp: generation needs the whole model on one device; "
             "evaluate the run's checkpoint afterwards (consolidate it, then python -m glm_session.evaluate ckpt_path=...)"
         )  # fmt: skip
+    if sharded and OmegaConf.select(cfg, "model.peft.quantize", default=None):
+        raise ConfigError("model.peft.quantize", cfg.model.peft.quantize, QUANTIZE_ON_ONE_DEVICE)
     generation = build(cfg.generation) if evaluation else None
     check_loggers(cfg.get("logger"))  # a missing extra ends the run before its data is built
     output_dir.mkdir(parents=True, exist_ok=True)

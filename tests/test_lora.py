@@ -6,7 +6,10 @@
 - a run's checkpoint holds the adapters only; resuming it on another base is refused;
 - export: the merged folder loads in plain transformers with the adapted model's logits; the adapter folder loads
   with ``peft.PeftModel.from_pretrained`` to the same logits, and ``model.init_adapter`` starts a run from it;
-- bad settings are one-line config errors.
+- bad settings are one-line config errors;
+- QLoRA (peft=qlora: the base's decoder-layer linear weights in NF4 through bitsandbytes, which runs on a CPU too):
+  the weights are NF4 to within half its widest gap, Invariant 2 holds on the adapters over the 4-bit base, a run
+  saves, resumes, measures and exports as a LoRA run, and what it cannot do is refused in one line.
 """
 
 import dataclasses
@@ -33,9 +36,9 @@ LORA = {"method": "lora", "rank": 4, "alpha": 8}
 IDS = torch.tensor([[1, 5, 7, 300, 42, 9, 11, 2]])
 
 
-def lora_module(tokenizer, reduction="token", **kwargs) -> ChatGLM2Module:
+def lora_module(tokenizer, reduction="token", peft=LORA, **kwargs) -> ChatGLM2Module:
     """chatglm2-tiny (seed 0) with rank-4 adapters whose B is drawn too (seed 1): every adapter has a gradient."""
-    module = ChatGLM2Module.from_preset("chatglm2-tiny", len(tokenizer), reduction=reduction, peft=LORA, **kwargs)
+    module = ChatGLM2Module.from_preset("chatglm2-tiny", len(tokenizer), reduction=reduction, peft=peft, **kwargs)
     torch.manual_seed(0)
     module.configure_model()
     torch.manual_seed(1)
@@ -46,13 +49,17 @@ def lora_module(tokenizer, reduction="token", **kwargs) -> ChatGLM2Module:
     return module
 
 
-def one_step(tokenizer, cache_dir, strategy, reduction, optimizer=None) -> tuple[torch.Tensor, torch.Tensor]:
+def one_step(
+    tokenizer, cache_dir, strategy, reduction, optimizer=None, peft=LORA
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(the adapters' change, the base's change) in one step over every sample of 4 sessions, 2 micro-batches."""
     datamodule = DialogueDataModule(tokenizer, "chatglm2", strategy, train_path=VALIDATION, limit=4, batch_size=1,
                                     max_seq_len=2048, cache_dir=cache_dir)  # fmt: skip
     rows = len(datamodule.pipeline.prepared("train").rows.samples)
     datamodule.pipeline.batching = dataclasses.replace(datamodule.pipeline.batching, batch_size=-(-rows // 2))
-    module = lora_module(tokenizer, reduction, optimizer=optimizer or functools.partial(torch.optim.SGD, lr=1.0))
+    module = lora_module(
+        tokenizer, reduction, peft, optimizer=optimizer or functools.partial(torch.optim.SGD, lr=1.0)
+    )
     adapters = [p for n, p in module.named_parameters() if "lora_" in n]
     base = [p for n, p in module.named_parameters() if "lora_" not in n]
     before = [torch.cat([p.detach().flatten().clone() for p in group]) for group in (adapters, base)]
@@ -65,19 +72,25 @@ def one_step(tokenizer, cache_dir, strategy, reduction, optimizer=None) -> tuple
     return before[0] - after[0], before[1] - after[1]
 
 
+RUNS = [("split", "token"), ("session", "token"), ("split", "sample"), ("session", "turn")]
+
+
 @pytest.fixture(scope="module")
 def steps(tokenizer, cache_dir):
-    runs = [("split", "token"), ("session", "token"), ("split", "sample"), ("session", "turn")]
-    return {run: one_step(tokenizer, cache_dir, *run) for run in runs}
+    return {run: one_step(tokenizer, cache_dir, *run) for run in RUNS}
 
 
-def test_invariant_2_holds_on_the_adapter_gradients(steps):
+def check_invariant_2(steps):
     for split, session in ((("split", "token"), ("session", "token")), (("split", "sample"), ("session", "turn"))):
         a, b = steps[split][0], steps[session][0]
         assert a.abs().max() > 1e-4  # a real gradient on every adapter kind (A and B)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # and the reductions differ: the check can fail
     assert (steps["split", "token"][0] - steps["split", "sample"][0]).abs().max() > 1e-4
+
+
+def test_invariant_2_holds_on_the_adapter_gradients(steps):
+    check_invariant_2(steps)
 
 
 def test_the_base_gets_no_gradient_and_does_not_change(steps, tokenizer, cache_dir):
@@ -137,8 +150,8 @@ def base_folder(tmp_path_factory, tokenizer):
     return folder
 
 
-def lora_run(folder, base, cache_dir, *extra):
-    overrides = ["model=chatglm2-tiny", "peft=lora", "model.peft.rank=4", f"model.init_from={base}", "data.limit=8",
+def lora_run(folder, base, cache_dir, *extra, peft="lora"):
+    overrides = ["model=chatglm2-tiny", f"peft={peft}", "model.peft.rank=4", f"model.init_from={base}", "data.limit=8",
                  "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
                  "trainer.enable_progress_bar=false", "optimizer.lr=1e-2", f"output_dir={folder}",
                  f"data.cache_dir={cache_dir}", *extra]  # fmt: skip
@@ -157,7 +170,7 @@ def test_a_checkpoint_holds_the_adapters_and_the_base_fingerprint(lora_checkpoin
     keys = list(checkpoint["state_dict"])
     assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys) and len(keys) == 2 * 2 * 6
     info = checkpoint["glm_session"]
-    assert info["peft"]["method"] == "lora" and info["peft"]["rank"] == 4
+    assert info["peft"]["method"] == "lora" and info["peft"]["rank"] == 4 and "quantize" not in info["peft"]
     assert info["init_from"] == str(base_folder) and len(info["base_fingerprint"]) == 64
 
 
@@ -219,14 +232,15 @@ def test_export_adapter_of_a_full_run_is_refused(tmp_path, cache_dir):
 
 
 @pytest.mark.slow
-def test_a_killed_lora_run_resumes_to_the_same_adapters(tmp_path, base_folder, cache_dir):
+@pytest.mark.parametrize("peft", ["lora", "qlora"])
+def test_a_killed_lora_run_resumes_to_the_same_adapters(tmp_path, base_folder, cache_dir, peft):
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     tests = Path(__file__).parent
-    common = ["model=chatglm2-tiny", "peft=lora", "model.peft.rank=4", f"model.init_from={base_folder}",
+    common = ["model=chatglm2-tiny", f"peft={peft}", "model.peft.rank=4", f"model.init_from={base_folder}",
               "data.limit=24", "data.max_seq_len=1024", "data.batch_tokens=1024", "trainer.max_epochs=1",
               "trainer.limit_train_batches=1.0", "trainer.precision=32-true", "trainer.enable_progress_bar=false",
               "optimizer.lr=1e-2", "callbacks.last_checkpoint.every_n_train_steps=3", f"data.cache_dir={cache_dir}"]  # fmt: skip
@@ -261,3 +275,118 @@ def test_analysis_measures_the_per_turn_weights_on_the_adapter_gradients(lora_ch
     assert len(results) == 6
     for name, result in results.items():
         assert result["turns"] >= 10 and result["max_abs_error"] < 1e-4, name
+
+
+# -- QLoRA: the same adapters over a 4-bit base ---------------------------------------------------------------------
+
+QLORA = {**LORA, "quantize": "nf4"}
+# NF4's 16 levels are fixed (bitsandbytes' table); the widest gap is between its two lowest, -1 and -0.6962
+NF4_HALF_WIDEST_GAP = (1.0 - 0.6961928009986877) / 2
+
+
+def test_qlora_holds_the_decoder_linears_in_nf4(tokenizer):
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    from glm_session.training.run_metrics import weights
+
+    modules = {}
+    for name, peft in (("full", LORA), ("nf4", {**QLORA, "double_quant": False})):
+        torch.manual_seed(0)
+        modules[name] = ChatGLM2Module.from_preset(
+            "chatglm2-tiny", len(tokenizer), optimizer=torch.optim.SGD, peft=peft
+        )
+        modules[name].configure_model()
+    full, nf4 = (dict(modules[name].model.named_parameters()) for name in ("full", "nf4"))
+    quantized = [n for n, p in nf4.items() if p.dtype == torch.uint8]
+    assert len(quantized) == 2 * 6  # every linear weight of the 2 decoder layers; nothing else
+    assert all(isinstance(nf4[n], bnb.nn.Params4bit) and ".base_layer." in n for n in quantized)
+    assert {n for n, p in nf4.items() if p.requires_grad} == {n for n, p in full.items() if p.requires_grad}
+    assert all(torch.equal(full[n], p) for n, p in nf4.items() if n not in quantized)  # embeddings, norms, lm_head
+    assert sum(weights(p) for p in nf4.values()) == sum(p.numel() for p in full.values())  # the MFU's count
+    for name in quantized:
+        original, blocks = full[name].detach(), dequantize_4bit(nf4[name].data, nf4[name].quant_state)
+        original, blocks = original.flatten().view(-1, 64), blocks.flatten().view(-1, 64)
+        scale = original.abs().amax(dim=1, keepdim=True)  # each block of 64 values is scaled by its largest
+        error = (blocks - original).abs()
+        assert bool((error <= NF4_HALF_WIDEST_GAP * scale + 1e-6).all()) and error.mean() > 1e-4, name
+        assert max(len(torch.unique(block)) for block in blocks) <= 16  # 4 bits: 16 levels a block
+
+
+@pytest.fixture(scope="module")
+def qlora_steps(tokenizer, cache_dir):
+    return {run: one_step(tokenizer, cache_dir, *run, peft=QLORA) for run in RUNS}
+
+
+def test_invariant_2_holds_on_the_adapter_gradients_over_a_4bit_base(qlora_steps, steps):
+    check_invariant_2(qlora_steps)
+    for _, base_change in qlora_steps.values():
+        assert torch.count_nonzero(base_change) == 0
+    # the 4-bit base is not the full one: the same adapters get another gradient
+    assert (qlora_steps["session", "token"][0] - steps["session", "token"][0]).abs().max() > 1e-4
+
+
+@pytest.fixture(scope="module")
+def qlora_checkpoint(tmp_path_factory, base_folder, cache_dir):
+    run = tmp_path_factory.mktemp("qlora_run")
+    _, objects = lora_run(run, base_folder, cache_dir, peft="qlora")
+    with torch.no_grad():
+        trained = objects["module"].model(input_ids=IDS).logits
+    return run / "checkpoints" / "last.ckpt", trained
+
+
+def test_a_qlora_run_keeps_its_adapters_and_measures_them_on_its_4bit_base(qlora_checkpoint, tmp_path, cache_dir):
+    from glm_session.analysis.__main__ import main as analysis_main
+
+    path, trained = qlora_checkpoint
+    checkpoint = read_checkpoint(path)
+    assert all(".lora_A." in k or ".lora_B." in k for k in checkpoint["state_dict"])
+    assert len(checkpoint["state_dict"]) == 2 * 2 * 6
+    assert checkpoint["glm_session"]["peft"]["quantize"] == "nf4"
+    model, _ = load_model(path, merge_adapters=False)  # the base quantized again: the model the run trained
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=IDS).logits, trained, rtol=0, atol=0)
+    code = analysis_main(["measure", "measure.sessions=2", f"measure.ckpt_path={path}",
+                          f"data.cache_dir={cache_dir}", f"out_dir={tmp_path}"])  # fmt: skip
+    assert code == 0
+    for name, result in json.loads((tmp_path / "measured.json").read_text()).items():
+        assert result["turns"] >= 10 and result["max_abs_error"] < 1e-4, name
+
+
+def test_a_qlora_export_merges_the_adapters_into_the_full_precision_base(qlora_checkpoint, base_folder, tmp_path):
+    from glm_session.adapters import merged, settings_of
+    from glm_session.checkpoints import model_state
+
+    path, trained = qlora_checkpoint
+    export_main([str(path), str(tmp_path / "merged")])
+    exported = GlmForCausalLM.from_pretrained(tmp_path / "merged")
+    checkpoint = read_checkpoint(path)
+    by_hand = merged(GlmForCausalLM.from_pretrained(base_folder), settings_of(checkpoint["glm_session"]["peft"]),
+                     model_state(checkpoint, path))  # fmt: skip
+    with torch.no_grad():
+        logits = exported(input_ids=IDS).logits
+        torch.testing.assert_close(logits, by_hand(input_ids=IDS).logits)
+    # the trained model differs from it by the 4-bit rounding of the base alone
+    assert 1e-3 < (logits - trained).abs().max() < 0.3 * trained.abs().max()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer=fsdp"], "model.peft.quantize='nf4': must be null with trainer=fsdp"),
+        (["model.compile_layers=true"], "model.compile_layers=true: must be false with model.peft.quantize"),
+        (["model.peft.quantize=int4"], "model.peft.quantize='int4'"),
+        (["model.peft.double_quant=1"], "model.peft.double_quant=1"),
+    ],
+)
+def test_what_qlora_cannot_do_is_refused(overrides, message, tmp_path, base_folder, cache_dir):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        lora_run(tmp_path, base_folder, cache_dir, *overrides, peft="qlora")
+
+
+def test_qlora_without_bitsandbytes_says_how_to_install_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes: ImportError
+    with pytest.raises(ConfigError, match=r"model.peft.quantize='nf4'.*pip install 'glm_session\[qlora\]'"):
+        check_peft(QLORA)

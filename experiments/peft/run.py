@@ -9,6 +9,10 @@ Parts (each step a subprocess with its own time limit, ``experiments/bench/run_a
   ``VARIANTS`` below; then ``lora_step.py`` (base and flex_liger) on the same session rows. tokens/s and peak memory
   are RunMetrics' (``metrics.json``), MFU counted with 4 FLOPs a token for each frozen weight, 6 for each adapter
   weight, plus causal attention (``glm_session/model/flops.py``), over 989 TFLOP/s;
+- ``qlora``: the same LoRA over a 4-bit base (``peft=qlora``: NF4 through bitsandbytes, which the device image lacks:
+  carry its wheel), in ``QLORA_VARIANTS``; its layers uncompiled (``model.compile_layers=false``: torch.compile
+  fails on bitsandbytes' 4-bit layers, ``glm_session/model/module.py``). Not part of ``ratios`` (another method);
+  ``qlora_runs`` in the results;
 - ``lifecycle``: a LoRA run of the 6B shape from a base folder (written first, bf16) that is killed after its 6th
   step, resumed from its last checkpoint to step 12, evaluated on 8 test sessions, and exported merged and as
   adapters.
@@ -43,10 +47,12 @@ VARIANTS = {  # name: (tokens a micro-batch, micro-batches a step, activation ch
     "fast_2k_x8": (2048, 8, False),  # an eighth: the 24 GB card's setting
 }
 MEMORY_LIMIT_GIB = 30.0  # the target's card: 40 GB
+QLORA_VARIANTS = {"qlora_4k_x4": (4096, 4, False), "qlora_2k_x8": (2048, 8, False)}  # as VARIANTS
+QLORA = ["peft=qlora", "model.compile_layers=false"]
 
 
 def variant_overrides(name: str) -> list[str]:
-    tokens, micro_batches, checkpointing = VARIANTS[name]
+    tokens, micro_batches, checkpointing = {**VARIANTS, **QLORA_VARIANTS}[name]
     return [f"data.batch_tokens={tokens}", f"trainer.accumulate_grad_batches={micro_batches}",
             f"model.activation_checkpointing={str(checkpointing).lower()}",
             f"metrics.warmup_batches={WARMUP_STEPS * micro_batches}"]  # fmt: skip
@@ -55,17 +61,20 @@ def variant_overrides(name: str) -> list[str]:
 CPU = ["model=chatglm2-tiny", "trainer.accelerator=cpu", "trainer.precision=32-true", "model.vocab_size=null"]
 
 
-def bench_steps(work: Path, baselines: Path, cpu: bool) -> list[tuple[str, list[str], float]]:
+def bench_steps(work: Path, baselines: Path, cpu: bool, qlora: bool = False) -> list[tuple[str, list[str], float]]:
+    """The ``bench`` part's steps (with ``qlora``: the ``qlora`` part's, without the yardstick)."""
     py, steps = sys.executable, []
-    for name in VARIANTS:
+    for name in QLORA_VARIANTS if qlora else VARIANTS:
         command = [*BENCH, *variant_overrides(name)]
+        if qlora:
+            command = [o for o in command if o != "peft=lora"] + QLORA
         if cpu:
             command = [o for o in command if o != "speed=fast"]
             command += [*CPU, "trainer.max_steps=3", "metrics.warmup_batches=1", "data.limit=20"]
         steps.append(
             (f"lora_{name}", [py, "-m", "glm_session.train", *command, f"hydra.run.dir={work / name}"], 240)
         )
-    if not cpu:
+    if not cpu and not qlora:
         steps.append(("lora_step", [py, str(baselines / "lora_step.py"), "--rows", str(work / "rows.jsonl"), "--out",
                                     str(work / "lora_step.json"), "--variants", "base,flex_liger"], 240))  # fmt: skip
     return steps
@@ -105,13 +114,14 @@ def read(path: Path) -> dict | None:
 def summarise(work: Path) -> dict:
     keep = ("tokens_per_second", "supervised_tokens_per_second", "mfu", "peak_memory_gib", "peak_reserved_gib",
             "parameters", "trainable_parameters", "global_steps", "train_seconds", "accelerator")  # fmt: skip
-    runs = {}
-    for name in VARIANTS:
-        metrics = read(work / name / "metrics.json")
-        runs[name] = {k: metrics.get(k) for k in keep} if metrics else None
+    runs, qlora_runs = {}, {}
+    for variants, into in ((VARIANTS, runs), (QLORA_VARIANTS, qlora_runs)):
+        for name in variants:
+            metrics = read(work / name / "metrics.json")
+            into[name] = {k: metrics.get(k) for k in keep} if metrics else None
     yardstick = read(work / "lora_step.json")
-    results: dict = {"runs": runs, "variants": {n: variant_overrides(n) for n in VARIANTS}, "yardstick": yardstick,
-                     "ratios": {}}  # fmt: skip
+    results: dict = {"runs": runs, "qlora_runs": qlora_runs, "yardstick": yardstick, "ratios": {},
+                     "variants": {n: variant_overrides(n) for n in {**VARIANTS, **QLORA_VARIANTS}}}  # fmt: skip
     measured = {n: r for n, r in runs.items() if r and r.get("tokens_per_second")
                 and (r.get("peak_memory_gib") or 0) <= MEMORY_LIMIT_GIB}  # fmt: skip
     best_yardstick = max(
@@ -163,6 +173,9 @@ def main() -> None:
         run("rows", [sys.executable, "-m", "glm_session.data", "export", "strategy=session", "data.packing=false",
                      "template=chatglm2", "data.max_seq_len=2048", f"out={work / 'rows.jsonl'}"], 120, gpus="")  # fmt: skip
         for name, command, limit in bench_steps(work, args.baselines, args.cpu):
+            run(name, command, limit, gpus=gpus, env=env)
+    if "qlora" in args.parts:
+        for name, command, limit in bench_steps(work, args.baselines, args.cpu, qlora=True):
             run(name, command, limit, gpus=gpus, env=env)
     if "lifecycle" in args.parts:
         for name, command, limit in lifecycle_steps(work, args.cpu):

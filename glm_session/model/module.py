@@ -19,7 +19,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 from transformers import GlmConfig, GlmForCausalLM
 
-from glm_session.adapters import add_lora, check_peft, is_adapter_key, load_adapter_folder
+from glm_session.adapters import QUANTIZE_ON_ONE_DEVICE, add_lora, check_peft, is_adapter_key, load_adapter_folder
 from glm_session.checkpoints import BUILTIN_ATTENTION, check_init_from, initial_state, load_weights_into
 from glm_session.errors import ConfigError, UserError, check_choice, check_int
 from glm_session.model.compiled_layers import check_compile_dynamic, check_compile_mode, compile_layers
@@ -108,7 +108,8 @@ class ChatGLM2Module(L.LightningModule):
             the trained tokens' share, and the per-token losses are the same.
         peft: ``model.peft`` (``conf/peft/``): ``None`` or ``{method: none}`` trains every weight; ``{method:
             lora, ...}`` injects LoRA adapters (``glm_session/adapters.py``) after the initial weights are loaded, freezes the
-            base, and saves the adapters (and their optimizer state) only in checkpoints.
+            base, and saves the adapters (and their optimizer state) only in checkpoints; with ``quantize: nf4``
+            (QLoRA, one device) the base's decoder-layer linear weights are held in 4 bits.
         init_adapter: with LoRA, an adapter folder (``export --adapter``) to start the adapters from.
         activation_checkpointing: on one device, recompute each decoder layer in the backward pass (transformers'
             non-reentrant checkpointing): activations of one layer at a time instead of all (``trainer=fsdp`` has
@@ -160,6 +161,12 @@ class ChatGLM2Module(L.LightningModule):
         )
         self.kernels = _check_kernels(kernels)
         self.lora = check_peft(peft, self.loss_chunk_tokens)
+        if compile_layers and self.lora is not None and self.lora.quantize:
+            raise ConfigError(
+                "model.compile_layers", True, "false with model.peft.quantize: torch.compile fails on bitsandbytes' "
+                "4-bit layers here (tracing them with their fake kernels; measured on a CPU, torch 2.13, "
+                "bitsandbytes 0.50.2), so QLoRA runs its layers uncompiled (speed=fast model.compile_layers=false)"
+            )  # fmt: skip
         if init_adapter is not None and self.lora is None:
             raise ConfigError("model.init_adapter", init_adapter, "used with peft=lora (adapters need a LoRA run)")
         self.init_adapter = init_adapter
@@ -203,6 +210,8 @@ class ChatGLM2Module(L.LightningModule):
             return
         mesh = getattr(self, "_device_mesh", None)
         if mesh is not None:  # FSDP2: on the meta device, sharded per decoder layer, then materialised
+            if self.lora is not None and self.lora.quantize:
+                raise ConfigError("model.peft.quantize", self.lora.quantize, QUANTIZE_ON_ONE_DEVICE)
             from glm_session.model.sharding import load_full_weights, shard_model
 
             strategy = self.trainer.strategy
@@ -232,7 +241,8 @@ class ChatGLM2Module(L.LightningModule):
         if self.init_from:
             load_weights_into(self.model, initial_state(self.init_from), f"model.init_from={self.init_from}")
         if self.lora is not None:
-            add_lora(self.model, self.lora, bf16_base=self._bf16_base())
+            device = self.trainer.strategy.root_device if self._trainer is not None else None
+            add_lora(self.model, self.lora, bf16_base=self._bf16_base(), device=device)
             if self.init_adapter:
                 load_adapter_folder(self.model, self.init_adapter)
         if self.activation_checkpointing:

@@ -16,6 +16,13 @@ from glm_session.model.flops import H100_BF16_PEAK_FLOPS, training_flops
 from glm_session.run_status import RunStopped
 
 
+def weights(parameter: torch.Tensor) -> int:
+    """How many weights ``parameter`` holds: its numel, or for a 4-bit weight of QLoRA (two to a byte) the
+    numel of the matrix it stands for."""
+    quant_state = getattr(parameter, "quant_state", None)
+    return quant_state.shape.numel() if quant_state is not None else parameter.numel()
+
+
 class RunMetrics(L.Callback):
     """Losses per epoch (overall and by turn, from the module's ``history``), tokens trained and throughput, and on
     a GPU its peak memory and model FLOPs utilisation (``glm_session.model.flops``, over ``peak_flops`` per GPU).
@@ -132,12 +139,12 @@ class RunMetrics(L.Callback):
     @staticmethod
     def _parameters(pl_module: L.LightningModule) -> int:
         """The model's parameter count (whole, also when sharded: a DTensor's numel is its global size)."""
-        return sum(p.numel() for p in pl_module.model.parameters())
+        return sum(weights(p) for p in pl_module.model.parameters())
 
     @staticmethod
     def _frozen(pl_module: L.LightningModule) -> int:
         """The parameters that get no gradient (a LoRA run's base): 4 FLOPs a token each, not 6."""
-        return sum(p.numel() for p in pl_module.model.parameters() if not p.requires_grad)
+        return sum(weights(p) for p in pl_module.model.parameters() if not p.requires_grad)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._since is not None and self._batches_this_fit > self.warmup_batches:
