@@ -148,6 +148,7 @@ def quantize_base(
     with ``settings.double_quant``), quantized on ``device`` (default: where the weight is) and multiplied in
     ``compute_dtype``. The embeddings, the norms and the output layer keep their dtype; peft then wraps the 4-bit
     layers in its own LoRA layers for them."""
+    _check_bitsandbytes(settings.quantize)  # a QLoRA checkpoint read where bitsandbytes is missing
     import bitsandbytes as bnb
 
     for layer in model.model.layers:

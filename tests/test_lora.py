@@ -384,9 +384,14 @@ def test_what_qlora_cannot_do_is_refused(overrides, message, tmp_path, base_fold
         lora_run(tmp_path, base_folder, cache_dir, *overrides, peft="qlora")
 
 
-def test_qlora_without_bitsandbytes_says_how_to_install_it(monkeypatch):
+def test_qlora_without_bitsandbytes_says_how_to_install_it(monkeypatch, qlora_checkpoint):
     import sys
 
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes: ImportError
-    with pytest.raises(ConfigError, match=r"model.peft.quantize='nf4'.*pip install 'glm_session\[qlora\]'"):
+    install = r"model.peft.quantize='nf4'.*pip install 'glm_session\[qlora\]'"
+    with pytest.raises(ConfigError, match=install):
         check_peft(QLORA)
+    path, _ = qlora_checkpoint
+    with pytest.raises(CheckpointError, match=f"{path}: {install}"):  # analysis measure's model
+        load_model(path, merge_adapters=False)
+    load_model(path)  # evaluate's and export's: the adapters merged into the full-precision base, no bitsandbytes
