@@ -79,6 +79,9 @@ def run_info_of(cfg: DictConfig, datamodule: Any) -> RunInfo:
     )
 
 
+HALF_MODELS = ("bf16-true", "16-true")  # Lightning's precisions that cast the module itself
+
+
 def base_record(model: DictConfig) -> dict[str, Any]:
     """``peft``, ``init_from`` and, for a parameter-efficient run, ``base_fingerprint`` of a run's record."""
     peft = OmegaConf.to_container(model.get("peft"), resolve=True) if model.get("peft") else None
@@ -131,6 +134,13 @@ def _train(
         raise ConfigError(
             "evaluate.enabled", True, "false with trainer=fsdp: generation needs the whole model on one device; "
             "evaluate the run's checkpoint afterwards (consolidate it, then python -m glm_session.evaluate ckpt_path=...)"
+        )  # fmt: skip
+    precision = str(OmegaConf.select(cfg, "trainer.precision", default="32-true"))
+    if precision in HALF_MODELS:
+        raise ConfigError(
+            "trainer.precision", precision, "other than a '-true' half precision (bf16-mixed or 32-true): it casts "
+            "the whole module, the fp64 loss sums of the step and the turns included, and leaves AdamW no fp32 weights "
+            "(bf16 weights with fp32 master copies: bf16-mixed, or trainer=fsdp's mixed precision)"
         )  # fmt: skip
     if sharded and OmegaConf.select(cfg, "model.peft.quantize", default=None):
         raise ConfigError("model.peft.quantize", cfg.model.peft.quantize, QUANTIZE_ON_ONE_DEVICE)

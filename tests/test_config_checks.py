@@ -199,3 +199,16 @@ def test_bad_model_kernels_are_refused_before_training(tmp_path, override, messa
     with pytest.raises(ConfigError) as raised:
         train(cfg)
     assert str(raised.value).startswith(message)
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_a_half_precision_model_is_refused_before_training(tmp_path, precision):
+    """Lightning's '-true' half precisions cast the whole module: the fp64 loss sums failed at the first step with
+    a traceback (index_add_ of a double into a bf16 buffer) before this check."""
+    cfg = compose_config("train", [*FAST, f"trainer.precision={precision}", f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError) as raised:
+        train(cfg)
+    assert str(raised.value).startswith(
+        f"trainer.precision='{precision}': must be other than a '-true' half precision"
+    )
+    assert not (tmp_path / "metrics.json").exists()
