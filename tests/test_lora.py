@@ -370,6 +370,17 @@ def test_a_qlora_export_merges_the_adapters_into_the_full_precision_base(qlora_c
     assert 1e-3 < (logits - trained).abs().max() < 0.3 * trained.abs().max()
 
 
+def test_a_qlora_adapter_export_starts_a_qlora_run_where_it_ended(
+    qlora_checkpoint, base_folder, tmp_path, cache_dir
+):
+    path, trained = qlora_checkpoint
+    export_main([str(path), str(tmp_path / "adapter"), "--adapter"])
+    _, objects = lora_run(tmp_path / "continued", base_folder, cache_dir, f"model.init_adapter={tmp_path / 'adapter'}",
+                          "trainer.limit_train_batches=0", "trainer.limit_val_batches=0", peft="qlora")  # fmt: skip
+    with torch.no_grad():  # the same base quantized the same way, the same adapters: the same model
+        torch.testing.assert_close(objects["module"].model(input_ids=IDS).logits, trained, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
