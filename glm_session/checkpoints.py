@@ -202,10 +202,10 @@ def _with_base(
             f"{(info.base_fingerprint or 'none')[:12]} then, {weights_fingerprint(info.init_from)[:12]} now)"
         )
     load_weights_into(model, initial_state(info.init_from), f"model.init_from={info.init_from}")
+    settings = settings_of(info.peft)
     try:
         if merge:
-            return merged(model, settings_of(info.peft), adapters)
-        settings = settings_of(info.peft)
+            return merged(model, settings, adapters)
         if settings.quantize:  # the 4-bit base the adapters were trained on (merged: into the full-precision base)
             quantize_base(model, settings, torch.float32)
         with_adapters(model, settings, adapters)
