@@ -20,11 +20,21 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from glm_session.errors import UserError
+
 SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
 PREFIX_TOKENS = ("[gMASK]", "sop")
 VOCAB_FILE = "tokenizer.model"
 CONFIG_FILE = "tokenizer_config.json"
 BUNDLED_TOKENIZER_DIR = Path(__file__).parent / "resources" / "tokenizer"
+
+
+class TokenizerError(UserError, ValueError):
+    """A ``tokenizer.model`` that cannot be ChatGLM2's: not SentencePiece, or without the ids ChatGLM2 uses."""
+
+
+class TokenizerNotFound(UserError, FileNotFoundError):
+    """No ``tokenizer.model`` at the path given."""
 
 
 class ChatGLM2Tokenizer:
@@ -39,7 +49,12 @@ class ChatGLM2Tokenizer:
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(self.vocab_file))
         except (OSError, RuntimeError) as err:
-            raise ValueError(f"{self.vocab_file}: not a SentencePiece model ({err})") from None
+            raise TokenizerError(f"{self.vocab_file}: not a SentencePiece model ({err})") from None
+        if not 0 <= self.sp.eos_id() < self.sp.vocab_size():  # trained with --eos_id=-1 (unk always exists)
+            raise TokenizerError(
+                f"{self.vocab_file}: the SentencePiece model has no eos piece (id {self.sp.eos_id()}): ChatGLM2 ends "
+                "every answer with eos; train it with an eos id (ChatGLM2's is 2)"
+            )
         self.sp_vocab_size = self.sp.vocab_size()
         self.special_tokens = {tok: self.sp_vocab_size + i for i, tok in enumerate(SPECIAL_TOKENS)}
         self.special_ids = {i: tok for tok, i in self.special_tokens.items()}
@@ -50,7 +65,7 @@ class ChatGLM2Tokenizer:
         path = Path(path) if path is not None else BUNDLED_TOKENIZER_DIR
         vocab_file = path / VOCAB_FILE if path.is_dir() else path
         if not vocab_file.is_file():
-            raise FileNotFoundError(f"{path}: no {VOCAB_FILE} (a ChatGLM2 SentencePiece model) found")
+            raise TokenizerNotFound(f"{path}: no {VOCAB_FILE} (a ChatGLM2 SentencePiece model) found")
         return cls(vocab_file)
 
     def save_pretrained(self, directory: str | os.PathLike) -> list[Path]:

@@ -35,6 +35,7 @@ from glm_session.model.compiled_layers import uncompile_layers
 from glm_session.run_info import RunInfo
 from glm_session.run_status import METRICS_FILE, read_record
 from glm_session.training.checkpoint_io import AtomicCheckpointIO, remove_stale_saves
+from glm_session.training.checks import check_training
 from glm_session.training.loggers import build_loggers, check_loggers, log_config
 from glm_session.training.progress import progress_bar
 from glm_session.training.run_lock import RunFolderBusy, RunFolderLock
@@ -127,6 +128,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> tuple[
 def _train(
     cfg: DictConfig, output_dir: Path, extra_callbacks: Sequence[L.Callback]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
+    check_training(cfg)
     strategy_target = OmegaConf.select(cfg, "trainer.strategy._target_", default=None)
     sharded = strategy_target is not None and issubclass(get_class(strategy_target), ModelParallelStrategy)
     evaluation = OmegaConf.select(cfg, "evaluate.enabled", default=False)

@@ -145,3 +145,32 @@ def test_report_command(tmp_path, cache_dir):
     assert (tmp_path / "weights.png").stat().st_size > 10_000 and "| split+token |" in (
         tmp_path / "weights.md"
     ).read_text()
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["report", "split=foo"], "error: split='foo': must be one of train, validation, test, all"),
+        (["report", "accumulate=0"], "error: accumulate=0: must be an integer >= 1"),  # range() arg 3 must not be zero
+        (["report", "accumulate=-1"], "error: accumulate=-1: must be an integer >= 1"),  # empty per_step, exit 0
+        (["report", "data.validation_path=null", "split=validation"], "error: no validation data"),  # zeros, exit 0
+        (["measure", "measure.model=foo"], "error: measure.model='foo': must be one of chatglm2-6b,"),
+        (["measure", "measure.sessions=0"], "error: measure.sessions=0: must be an integer >= 1"),  # said data.limit
+        (["reprot"], "error: unknown command 'reprot': one of article-toy, exact-toy, report, measure"),
+    ],
+)
+def test_bad_analysis_values_end_with_one_line(tmp_path, cache_dir, capsys, argv, message):
+    extra = [] if argv == ["reprot"] else ["data.limit=5", f"data.cache_dir={cache_dir}", f"out_dir={tmp_path}"]
+    if argv == ["reprot"]:  # refused before any config: returned, not raised
+        assert analysis_main(argv) == 2
+    else:
+        assert _exit_code([*argv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "weights.json").exists()
+
+
+def _exit_code(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as exit_:
+        analysis_main(argv)
+    return exit_.value.code

@@ -212,3 +212,33 @@ def test_a_half_precision_model_is_refused_before_training(tmp_path, precision):
         f"trainer.precision='{precision}': must be other than a '-true' half precision"
     )
     assert not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        # Each was a traceback inside fit (AdamW's or Lightning's own check) before glm_session.training.checks:
+        ("optimizer.lr=abc", "optimizer.lr='abc': must be a number > 0"),
+        ("optimizer.lr=-1", "optimizer.lr=-1: must be a number > 0"),
+        ("optimizer.lr=nan", "optimizer.lr=nan: must be a number > 0"),
+        ("optimizer.weight_decay=-1", "optimizer.weight_decay=-1: must be a number >= 0"),
+        ("optimizer.betas=[2,3]", "optimizer.betas.0=2: must be a number in [0, 1)"),
+        ("optimizer.betas=[0.9]", "optimizer.betas=[0.9]: must be two numbers in [0, 1)"),
+        ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0: must be an integer >= 1"),
+        ("trainer.max_steps=abc", "trainer.max_steps='abc': must be an integer >= 1, or -1 for no limit"),
+        ("seed=abc", "seed='abc': must be an integer"),
+        # ... and each of these trained without a word: nothing, or the wrong way.
+        ("optimizer.lr=0", "optimizer.lr=0: must be a number > 0"),  # not one weight moves
+        ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1: must be a number >= 0"),  # every sign flipped
+        ("trainer.max_steps=0", "trainer.max_steps=0: must be an integer >= 1, or -1 for no limit"),  # "completed"
+        ("trainer.max_epochs=0", "trainer.max_epochs=0: must be an integer >= 1, or -1 for no limit (or null)"),
+        ("scheduler.warmup_ratio=2", "scheduler.warmup_ratio=2: must be a number in [0, 1)"),  # never the peak
+        ("scheduler.min_lr_ratio=-1", "scheduler.min_lr_ratio=-1: must be a number in [0, 1]"),  # 0 for 40%
+    ],
+)
+def test_bad_training_values_are_refused_before_any_work(tmp_path, override, message):
+    cfg = compose_config("train", [*FAST, override, f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError) as raised:
+        train(cfg)
+    assert str(raised.value).startswith(message)
+    assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "metrics.json").exists()

@@ -140,6 +140,28 @@ def test_commands_report_bad_data_without_a_traceback(tmp_path, capsys):
     assert exit_code(["export", "data.limit=1", f"data.cache_dir={tmp_path}"]) == 2  # no out=
 
 
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["stats", "split=foo"], "error: split='foo': must be one of train, validation, test, all"),  # a traceback
+        # A split without samples: a table of zeros (exit 0) before.
+        (["stats", "data.train_path=null"], "error: no train data: give data.train_path (or data.path with data."),
+        (["show", "split=validation", "data.validation_path=null"], "error: no validation data: give data."),
+        # A holdout of the split files did nothing.
+        (["stats", "data.holdout={validation: 0.5}"], "error: data.holdout={'validation': 0.5}: must be null without "
+                                                      "data.path"),
+        (["statz"], "error: unknown command 'statz': one of stats, export, show"),
+    ],
+)
+def test_data_tool_refuses_what_it_used_to_take(tmp_path, capsys, argv, message):
+    if argv == ["statz"]:  # refused before any config: returned, not raised
+        assert data_main(argv) == 2
+    else:
+        assert exit_code([*argv, "data.limit=5", f"data.cache_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 def test_tokenizer_path_and_smile_config(tmp_path, tokenizer):
     """``tokenizer.path=DIR`` loads a saved tokenizer; ``data=smile`` reads client/counselor sessions, drops and
     counts trailing questions, skips and counts records that are not dialogues."""

@@ -55,6 +55,17 @@ def test_missing_or_bad_model_is_a_clear_error(tmp_path):
         ChatGLM2Tokenizer.from_pretrained(tmp_path)
 
 
+def test_a_sentencepiece_model_without_eos_is_refused(tmp_path):
+    """ChatGLM2 ends answers with eos; a model trained without it gave an IndexError deep in the sample building
+    before this check (an unk piece SentencePiece always has: it is the pad)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"第{i}句话，你好世界。hello world {i}" for i in range(300)) + "\n")
+    spm.SentencePieceTrainer.train(f"--input={corpus} --model_prefix={tmp_path / 'sp'} --vocab_size=80 --eos_id=-1 "
+                                   "--character_coverage=1.0 --minloglevel=2")  # fmt: skip
+    with pytest.raises(ValueError, match="sp.model: the SentencePiece model has no eos piece \\(id -1\\)"):
+        ChatGLM2Tokenizer.from_pretrained(tmp_path / "sp.model")
+
+
 class ChatGLM2Reference:
     """ChatGLM2's tokenization_chatglm.py algorithm, restated: SPTokenizer ids, specials after the vocabulary,
     ``build_inputs_with_special_tokens`` = [gMASK] sop + ids."""

@@ -23,8 +23,11 @@ from omegaconf import DictConfig
 from glm_session.analysis.article import ARTICLE_TOY, article_toy
 from glm_session.analysis.toy import exact_toy
 from glm_session.config import build, compose_config
+from glm_session.data.source import SPLITS
 from glm_session.data.strategy import get_strategy
-from glm_session.errors import ConfigError, cli_errors
+from glm_session.errors import ConfigError, check_choice, check_int, cli_errors
+
+COMMANDS = ("article-toy", "exact-toy", "report", "measure")
 
 
 def toy(cfg: DictConfig) -> dict:
@@ -55,21 +58,29 @@ def toy(cfg: DictConfig) -> dict:
 
 
 def data_for(cfg: DictConfig, strategy: str, **data_overrides):
-    """The data of ``cfg`` built with ``strategy`` (and other data settings)."""
+    """The data of ``cfg`` built with ``strategy`` (and other data settings); a split without samples is an error,
+    not a report of zeros."""
+    split = check_choice("split", cfg.split, (*SPLITS, "all"))
     data = build(cfg.data, strategy=get_strategy(strategy), **data_overrides)
-    if cfg.split in ("validation", "test") and data.supervision.name != "all":
+    if split in ("validation", "test") and data.supervision.name != "all":
         raise ConfigError(
-            "split", cfg.split, f"train or all with supervision={data.supervision.describe()}: validation and test "
+            "split", split, f"train or all with supervision={data.supervision.describe()}: validation and test "
             "samples train every answer with weight 1, whatever the policy"
         )  # fmt: skip
+    for name in SPLITS if split == "all" else (split,):
+        if split == "all":
+            data.pipeline.check_supervision(name)
+        else:
+            data.pipeline.require_batches(name)
     return data
 
 
 def report(cfg: DictConfig) -> dict:
     from glm_session.analysis.report import weight_report, write_report
 
+    accumulate = check_int("accumulate", cfg.accumulate, minimum=1)
     datas = {strategy: data_for(cfg, strategy) for strategy in ("split", "session")}
-    result = weight_report(datas, cfg.accumulate, cfg.split)
+    result = weight_report(datas, accumulate, cfg.split)
     title = (
         f"{Path(str(cfg.data.train_path or cfg.data.path)).parent.name} {cfg.split}, template {cfg.template.name}, "
         f"supervision {datas['session'].supervision.describe()}"
@@ -87,13 +98,14 @@ def measure(cfg: DictConfig) -> dict:
     from glm_session.analysis.measured import measured_weights, turn_directions
     from glm_session.analysis.report import dataset_turns
     from glm_session.analysis.weights import exact_coefficients
-    from glm_session.model import chatglm2_config, padded_vocab_size
+    from glm_session.model import PRESETS, chatglm2_config, padded_vocab_size
 
+    sessions = check_int("measure.sessions", cfg.measure.sessions, minimum=1)
+    if not cfg.measure.ckpt_path:
+        check_choice("measure.model", cfg.measure.model, tuple(PRESETS))
     results = {}
     for strategy in ("split", "session"):
-        data = data_for(
-            cfg, strategy, limit=cfg.measure.sessions, packing=False, batch_tokens=None, batch_size=10**6
-        )
+        data = data_for(cfg, strategy, limit=sessions, packing=False, batch_tokens=None, batch_size=10**6)
         if cfg.measure.ckpt_path:
             from glm_session.checkpoints import load_model
 
@@ -132,8 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     if command == "article-toy":
         print(json.dumps(article_toy()))
         return 0
-    if command not in ("exact-toy", "report", "measure"):
+    if command not in COMMANDS:
         print(__doc__, file=sys.stderr)
+        if command:
+            print(f"error: unknown command {command!r}: one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     with cli_errors():
         cfg = compose_config("analysis", argv[1:])

@@ -33,6 +33,7 @@ from pathlib import Path
 from glm_session.config import build, compose_config
 from glm_session.constants import IGNORE_INDEX
 from glm_session.data.collator import ROW_FIELDS, WEIGHT_FIELD
+from glm_session.data.source import SPLITS
 from glm_session.errors import ConfigError, check_choice, cli_errors
 from glm_session.model.loss import REDUCTIONS
 
@@ -161,20 +162,25 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         print(__doc__, file=sys.stderr)
+        if argv:
+            print(f"error: unknown command {argv[0]!r}: one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     command, overrides = argv[0], argv[1:]
     with cli_errors():
         cfg = compose_config("data_tool", overrides)
         reduction = check_choice("reduction", cfg.reduction, REDUCTIONS)
+        split = check_choice("split", cfg.split, (*SPLITS, "all"))
         datamodule = build(cfg.data)
-        if cfg.split in ("train", "all"):
-            datamodule.pipeline.check_supervision(cfg.split)
+        if split == "all":
+            datamodule.pipeline.check_supervision(split)
+        else:  # a split that gives no sample is an error, as for a run, not a table of zeros
+            datamodule.pipeline.require_batches(split)
         if command == "stats":
-            stats(datamodule, cfg.split, cfg.out, reduction)
+            stats(datamodule, split, cfg.out, reduction)
         elif command == "export":
-            export(datamodule, cfg.split, cfg.out)
+            export(datamodule, split, cfg.out)
         else:
-            print(show(datamodule, cfg.split, cfg.index))
+            print(show(datamodule, split, cfg.index))
     return 0
 
 

@@ -59,6 +59,11 @@ class DialogueSource:
     ) -> None:
         self.files = {"train": train_path, "validation": validation_path, "test": test_path}
         self.path, self.holdout = _check_path(path), _check_holdout(holdout)
+        if self.holdout and self.path is None:  # the split files are used as they are: a holdout would do nothing
+            raise ConfigError(
+                "data.holdout", dict(self.holdout), "null without data.path: it splits the sessions of data.path, "
+                "while data.train_path, data.validation_path and data.test_path are used as they are"
+            )  # fmt: skip
         self.holdout_by = check_choice("data.holdout_by", holdout_by, ("id", "opening"))
         self.read_options = {
             "format": check_choice("data.format", format, ("auto", "sharegpt", "openai", "chatglm", "text")),
@@ -81,7 +86,7 @@ class DialogueSource:
             parts = [self.read(s) for s in SPLITS]
             return ReadResult([x for p in parts for x in p.sessions], [x for p in parts for x in p.skipped])
         if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)} or all")
+            raise ConfigError("split", split, f"one of {', '.join(SPLITS)} or all")
         if split not in self._reads:
             if self.path is not None:
                 self._reads.update(self._split_by_holdout(read_sessions(self.path, **self.read_options)))

@@ -1,0 +1,64 @@
+"""The values of a run's seed, trainer, optimizer and schedule, checked before its data or model is built.
+
+Lightning, AdamW and the schedule take some of these as they come: a negative ``gradient_clip_val`` flips every
+gradient's sign, ``optimizer.lr=0`` trains nothing, ``trainer.max_steps=0`` ends a run of no step as completed, a
+``warmup_ratio`` above 1 never reaches the peak rate; others fail deep inside ``fit`` with a traceback
+(``accumulate_grad_batches=0``, ``optimizer.lr=abc``). Each is a one-line ``ConfigError`` here instead. Keys a
+group does not have (another optimizer's) are not checked.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig
+
+from glm_session.errors import ConfigError, check_fraction, check_int, check_number
+
+
+def check_training(cfg: DictConfig) -> None:
+    check_int("seed", cfg.get("seed"))
+    _check_trainer(cfg.trainer)
+    _check_optimizer(cfg.optimizer)
+    if cfg.get("scheduler"):
+        _check_schedule(cfg.scheduler)
+
+
+def _check_trainer(trainer: DictConfig) -> None:
+    check_int("trainer.accumulate_grad_batches", trainer.get("accumulate_grad_batches", 1), minimum=1)
+    _check_limit("trainer.max_steps", trainer.get("max_steps", -1))
+    _check_limit("trainer.max_epochs", trainer.get("max_epochs"), optional=True)
+    if trainer.get("gradient_clip_val") is not None:  # 0 clips nothing, as Lightning reads it
+        check_number("trainer.gradient_clip_val", trainer.gradient_clip_val, 0)
+
+
+def _check_limit(key: str, value: Any, optional: bool = False) -> None:
+    """A number of steps or epochs: -1 (no limit), at least 1, or null where Lightning takes it."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not (value == -1 or value >= 1):
+        raise ConfigError(key, value, "an integer >= 1, or -1 for no limit" + (" (or null)" if optional else ""))
+
+
+def _check_optimizer(optimizer: DictConfig) -> None:
+    if "lr" in optimizer:
+        check_number("optimizer.lr", optimizer.lr, 0, exclusive=True)
+    if "weight_decay" in optimizer:
+        check_number("optimizer.weight_decay", optimizer.weight_decay, 0)
+    if "eps" in optimizer:
+        check_number("optimizer.eps", optimizer.eps, 0)
+    if "betas" in optimizer:
+        betas = optimizer.betas
+        if not isinstance(betas, (list, tuple, ListConfig)) or len(betas) != 2:
+            raise ConfigError("optimizer.betas", betas, "two numbers in [0, 1), e.g. [0.9, 0.95]")
+        for index, beta in enumerate(betas):
+            check_fraction(f"optimizer.betas.{index}", beta)
+
+
+def _check_schedule(scheduler: DictConfig) -> None:
+    if "warmup_ratio" in scheduler:
+        check_fraction("scheduler.warmup_ratio", scheduler.warmup_ratio)
+    if "min_lr_ratio" in scheduler:
+        value = scheduler.min_lr_ratio
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ConfigError("scheduler.min_lr_ratio", value, "a number in [0, 1] (the floor, a fraction of the peak)")
