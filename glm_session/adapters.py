@@ -13,12 +13,12 @@ or merge them (``export``).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 
-from glm_session.errors import ConfigError, check_choice, check_int
+from glm_session.errors import ConfigError, check_choice, check_int, check_number
 
 METHODS = ("none", "lora")
 # transformers' GlmForCausalLM module names (peft has no default target list for this model)
@@ -59,15 +59,17 @@ def check_peft(peft: Mapping[str, Any] | None, loss_chunk_tokens: int | None = N
         return None
     method = check_choice("model.peft.method", peft.get("method", "none"), METHODS)
     if method == "none":
+        extra = sorted(set(peft) - {"method"})
+        if extra:  # e.g. +model.peft.quantize=nf4 on full fine-tuning: it would do nothing
+            raise ConfigError(f"model.peft.{extra[0]}", peft[extra[0]], "left out with peft=none (full fine-tuning); "
+                                                                        "choose peft=lora or peft=qlora")  # fmt: skip
         return None
     known = {"method", "rank", "alpha", "dropout", "target_modules", "base_dtype", "quantize", "double_quant"}
     unknown = sorted(set(peft) - known)
     if unknown:
         raise ConfigError(f"model.peft.{unknown[0]}", peft[unknown[0]], f"one of the LoRA keys {sorted(known)}")
     rank = check_int("model.peft.rank", peft.get("rank", 16), minimum=1)
-    alpha = peft.get("alpha", 2 * rank)
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or alpha <= 0:
-        raise ConfigError("model.peft.alpha", alpha, "a number > 0")
+    alpha = check_number("model.peft.alpha", peft.get("alpha", 2 * rank), 0, exclusive=True)
     dropout = peft.get("dropout", 0.0)
     if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
         raise ConfigError("model.peft.dropout", dropout, "a number in [0, 1)")
@@ -177,10 +179,20 @@ def is_adapter_key(key: str) -> bool:
     return ".lora_" in key
 
 
-def settings_of(record: Mapping[str, Any]) -> LoraSettings:
-    """The ``LoraSettings`` of a run record's ``peft`` entry (``LoraSettings.describe``)."""
-    values = {k: v for k, v in record.items() if k != "method"}
-    return LoraSettings(**{**values, "target_modules": tuple(values.get("target_modules", LORA_TARGETS))})
+def settings_of(record: Any) -> LoraSettings:
+    """The ``LoraSettings`` of a run record's ``peft`` entry (``LoraSettings.describe``), each value checked as
+    ``model.peft`` is (bitsandbytes not required: a merged QLoRA model needs none); ``ValueError`` saying what is
+    wrong with an entry that is not one."""
+    if not isinstance(record, Mapping) or record.get("method") != "lora":
+        raise ValueError(f"its run record's peft entry ({record!r}) is not LoRA settings")
+    quantize = record.get("quantize")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ValueError(f"its run record's peft entry cannot be read (quantize={quantize!r}: not one of {QUANTIZE})")
+    try:
+        settings = check_peft({**record, "quantize": None})
+    except ConfigError as err:
+        raise ValueError(f"its run record's peft entry cannot be read ({err})") from None
+    return replace(settings, quantize=quantize)
 
 
 def with_adapters(base: torch.nn.Module, settings: LoraSettings, adapters: Mapping[str, torch.Tensor]):
@@ -222,9 +234,14 @@ def module_names(adapters: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     return renamed
 
 
-def load_adapter_folder(model: torch.nn.Module, folder: str) -> None:
+def load_adapter_folder(
+    model: torch.nn.Module, folder: str, settings: LoraSettings, base_fingerprint: str | None = None
+) -> None:
     """Load an adapter folder (``export --adapter``, or any peft LoRA folder of this model) into the adapters
-    ``add_lora`` injected; ``ConfigError`` naming the folder and the first tensor that does not fit."""
+    ``add_lora`` injected with ``settings``; a ``ConfigError`` naming the folder when its file is damaged, its
+    tensors do not fit or are not finite, its ``lora_alpha`` (``adapter_config.json``) is not ``settings.alpha``
+    (the adapters would act at another scale than they were trained at), or its record (``glm_session.json``, an
+    export's) names another base than ``base_fingerprint``."""
     from pathlib import Path
 
     from safetensors.torch import load_file
@@ -234,7 +251,29 @@ def load_adapter_folder(model: torch.nn.Module, folder: str) -> None:
         raise ConfigError(
             "model.init_adapter", folder, "a folder with adapter_model.safetensors (export --adapter)"
         )
-    state = module_names(load_file(path))
+    config, record = (_read_json(Path(folder) / name) for name in ("adapter_config.json", "glm_session.json"))
+    alpha = config.get("lora_alpha")
+    if alpha is not None and alpha != settings.alpha:
+        raise ConfigError(
+            "model.peft.alpha", settings.alpha, f"{alpha}, the lora_alpha of model.init_adapter={folder} (its "
+            "adapters were trained at that scale)"
+        )  # fmt: skip
+    trained_on = record.get("base_fingerprint")
+    if trained_on and base_fingerprint and trained_on != base_fingerprint:
+        raise ConfigError(
+            "model.init_adapter", folder, f"adapters of the base model.init_from names: they were trained on "
+            f"{record.get('init_from')} (fingerprint {trained_on[:12]}), this run's base is {base_fingerprint[:12]}"
+        )  # fmt: skip
+    try:
+        state = module_names(load_file(path))
+    except Exception as err:  # safetensors raises its own kinds for a damaged file
+        raise ConfigError(
+            "model.init_adapter", folder, f"a readable adapter folder ({path.name}: {type(err).__name__}: {err})"
+        ) from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ConfigError("model.init_adapter", folder, f"finite adapters ({len(bad)} tensors hold nan or inf, e.g. "
+                                                        f"{bad[0]})")  # fmt: skip
     own = model.state_dict()
     wrong = [k for k in state if k not in own or own[k].shape != state[k].shape]
     missing = [k for k in own if is_adapter_key(k) and k not in state]
@@ -245,3 +284,18 @@ def load_adapter_folder(model: torch.nn.Module, folder: str) -> None:
             f"shape, {len(missing)} missing, e.g. {first})"
         )  # fmt: skip
     model.load_state_dict(state, strict=False)
+
+
+def _read_json(path) -> dict[str, Any]:
+    """A JSON object file of an adapter folder, or ``{}`` where it is missing; ``ConfigError`` where unreadable."""
+    import json
+
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError("model.init_adapter", str(path.parent), f"a folder whose {path.name} is JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ConfigError("model.init_adapter", str(path.parent), f"a folder whose {path.name} is a JSON object")
+    return value

@@ -27,7 +27,7 @@ from glm_session.data.samples import SegmentEncoder, SessionLayout
 from glm_session.data.session import Session, Turn
 from glm_session.data.strategy import prompt_history_start
 from glm_session.data.template import PLAIN, Template, get_template
-from glm_session.errors import UserError
+from glm_session.errors import UserError, check_int
 from glm_session.evaluation.generation import GenerationSettings, generation_attention, generation_options
 from glm_session.export import INFO_FILE
 from glm_session.hydra_jobs import job, run_app
@@ -128,6 +128,7 @@ class TextStream:
 
 def load_chat_model(cfg: DictConfig) -> tuple[torch.nn.Module, ChatGLM2Tokenizer, Template, int]:
     """Model, tokenizer, template and the run's ``max_seq_len`` from ``cfg.ckpt_path`` or ``cfg.model_dir``."""
+    room = check_int("max_seq_len", cfg.max_seq_len, minimum=1, optional=True)  # null: the run's
     if (cfg.ckpt_path is None) == (cfg.model_dir is None):
         raise ChatError(
             "chat: give ckpt_path=<run>/checkpoints/last.ckpt or model_dir=<exported folder> (one of them)"
@@ -150,6 +151,9 @@ def load_chat_model(cfg: DictConfig) -> tuple[torch.nn.Module, ChatGLM2Tokenizer
             info = json.loads((folder / INFO_FILE).read_text())
         except (OSError, ValueError) as err:
             raise ChatError(f"{folder / INFO_FILE}: not readable JSON ({err})") from None
+        if not isinstance(info, dict):
+            raise ChatError(f"{folder / INFO_FILE}: holds a JSON {type(info).__name__}, not the run record that "
+                            "glm_session.export writes")  # fmt: skip
         template_name, max_seq_len = info.get("template"), info.get("max_seq_len")
         if template_name is None:
             raise ChatError(f"{folder / INFO_FILE}: records no template; export the run's checkpoint again with "
@@ -159,13 +163,14 @@ def load_chat_model(cfg: DictConfig) -> tuple[torch.nn.Module, ChatGLM2Tokenizer
         try:
             model = GlmForCausalLM.from_pretrained(folder)
             tokenizer = ChatGLM2Tokenizer.from_pretrained(folder)
-        except (OSError, ValueError) as err:
-            raise ChatError(f"{folder}: does not load ({err})") from None
+        except Exception as err:  # transformers and safetensors raise many kinds for damaged files
+            first_line = (str(err).strip().splitlines() or [""])[0]
+            raise ChatError(f"{folder}: does not load ({type(err).__name__}: {first_line[:300]})") from None
     if template_name == PLAIN.name:
         raise ChatError(
             f"{cfg.ckpt_path or cfg.model_dir}: trained on plain text (template plain): no dialogue to chat"
         )
-    return model.eval(), tokenizer, get_template(template_name), cfg.max_seq_len or max_seq_len or 2048
+    return model.eval(), tokenizer, get_template(template_name), room or max_seq_len or 2048
 
 
 def converse(chat: Chat, lines: Iterable[str], out: TextIO) -> None:

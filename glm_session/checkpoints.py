@@ -202,8 +202,8 @@ def _with_base(
             f"{(info.base_fingerprint or 'none')[:12]} then, {weights_fingerprint(info.init_from)[:12]} now)"
         )
     load_weights_into(model, initial_state(info.init_from), f"model.init_from={info.init_from}")
-    settings = settings_of(info.peft)
     try:
+        settings = settings_of(info.peft)
         if merge:
             return merged(model, settings, adapters)
         if settings.quantize:  # the 4-bit base the adapters were trained on (merged: into the full-precision base)
@@ -266,7 +266,14 @@ def initial_state(init_from: str) -> dict[str, torch.Tensor]:
     if init_from.startswith(HUB_PREFIX):
         hub_id = init_from.removeprefix(HUB_PREFIX)
         # The Hub only when asked for, and then weights only: no remote code, transformers' own attention.
-        return GlmForCausalLM.from_pretrained(hub_id, dtype=torch.float32, attn_implementation="sdpa").state_dict()
+        try:
+            model = GlmForCausalLM.from_pretrained(hub_id, dtype=torch.float32, attn_implementation="sdpa")
+        except OSError as err:  # offline, unknown id, no access: transformers says which in its first line
+            first_line = (str(err).strip().splitlines() or [""])[0]
+            raise CheckpointError(
+                f"model.init_from={init_from}: not loadable from the Hugging Face Hub ({first_line})"
+            ) from None
+        return model.state_dict()
     return read_initial_weights(init_from)
 
 
@@ -282,17 +289,35 @@ def check_init_from(init_from: str | None) -> str | None:
     return str(init_from)
 
 
-def check_resumable(path: str | Path, run: RunInfo, allow_changes: bool = False) -> None:
+def trainable_set(peft: dict[str, Any]) -> tuple:
+    """What decides a run's trainable parameters and their shapes: full fine-tuning (``{}``: every weight) or a
+    method's rank and target modules."""
+    return (peft.get("method"), peft.get("rank"), sorted(peft.get("target_modules") or ()))
+
+
+def check_resumable(path: str | Path, run: RunInfo, allow_changes: bool = False, sharded_run: bool = False) -> None:
     """Check that ``ckpt_path`` resumes this run: a whole glm_session checkpoint of the same model, with finite
     weights, made with the same data, samples, batches, template, tokenizer and reduction (unless
-    ``allow_changes``)."""
+    ``allow_changes``); a sharded checkpoint folder only for a sharded run (``sharded_run``: trainer=fsdp)."""
     path = Path(path)
     sharded = path.is_dir() and (path / SHARDED_METADATA).is_file()
+    if sharded and not sharded_run:
+        raise CheckpointError(
+            f"{path}: a sharded (trainer=fsdp) checkpoint folder: resume it with trainer=fsdp, or make it one file "
+            f"(`python -m lightning.fabric.utilities.consolidate_checkpoint {path}`) and resume from "
+            f"{path}.consolidated"
+        )
     checkpoint = read_checkpoint(path / SHARDED_METADATA if sharded else path, mmap=True)
     saved = run_info_of(checkpoint, path)
     shape = saved.differences(run, ("model_shape",))
     if shape:
         raise CheckpointError(f"{path}: a checkpoint of another model ({'; '.join(shape)})")
+    if trainable_set(saved.peft) != trainable_set(run.peft):  # the optimizer's state is of other parameters
+        raise CheckpointError(
+            f"{path}: it trains other parameters than this run ({'; '.join(saved.differences(run, ('peft',)))}); "
+            "resume with the model.peft settings it was trained with (resume_allow_changes does not change which "
+            "parameters train)"
+        )
     if saved.peft and saved.base_fingerprint and saved.base_fingerprint != run.base_fingerprint:
         raise CheckpointError(
             f"{path}: its adapters were trained on the base {saved.init_from} (fingerprint "

@@ -247,7 +247,13 @@ def export_adapter(checkpoint: Path, dst: Path, tokenizer: ChatGLM2Tokenizer | N
             f"{checkpoint}: trained with tokenizer {info.tokenizer_fingerprint}, not with "
             f"{tokenizer.vocab_file} ({tokenizer.fingerprint}); pass the run's with --tokenizer"
         )
-    config = peft_config(settings_of(info.peft))
+    if not info.init_from:
+        raise ExportError(f"{checkpoint}: LoRA adapters without a recorded base (model.init_from): peft could not "
+                          "load them onto the base they were trained on")  # fmt: skip
+    try:
+        config = peft_config(settings_of(info.peft))
+    except ValueError as err:
+        raise ExportError(f"{checkpoint}: {err}") from None
     config.base_model_name_or_path = info.init_from
     metadata = {key: value for key, value in info.to_dict().items() if key != "model_config"}
     with new_folder(dst, "export") as folder:

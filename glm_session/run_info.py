@@ -124,6 +124,11 @@ class RunInfo:
             mine, theirs = getattr(self, key), getattr(other, key)
             if key == "data_source" and mine is not None and mine != theirs:
                 found.append(self._data_change(other))
+            elif key == "peft" and (not mine or not theirs) and mine != theirs:
+                found.append(f"peft: {mine or 'none (full fine-tuning)'} -> {theirs or 'none (full fine-tuning)'}")
+            elif key == "peft":  # every setting compared, a missing one as None (plain LoRA leaves out quantize)
+                found += [f"peft.{k}: {mine.get(k)!r} -> {theirs.get(k)!r}" for k in sorted(mine.keys() | theirs.keys())
+                          if mine.get(k) != theirs.get(k)]  # fmt: skip
             elif isinstance(mine, dict):
                 changed = {
                     k: (mine[k], theirs.get(k)) for k in mine if mine[k] is not None and mine[k] != theirs.get(k)

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from glm_session.adapters import QUANTIZE_ON_ONE_DEVICE, check_peft
 from glm_session.atomic_files import write_text
-from glm_session.checkpoints import check_resumable, weights_fingerprint
+from glm_session.checkpoints import HUB_PREFIX, check_resumable, weights_fingerprint
 from glm_session.config import CONFIG_DIR, build
 from glm_session.data.source import SPLITS
 from glm_session.errors import ConfigError, check_int, user_message
@@ -88,6 +88,8 @@ def base_record(model: DictConfig) -> dict[str, Any]:
     peft = OmegaConf.to_container(model.get("peft"), resolve=True) if model.get("peft") else None
     lora = check_peft(peft, model.get("loss_chunk_tokens"))
     init_from = model.get("init_from")
+    if init_from and not str(init_from).startswith(HUB_PREFIX):  # a record read from elsewhere finds it
+        init_from = str(Path(init_from).resolve())
     return {
         "peft": lora.describe() if lora else {},
         "init_from": str(init_from) if init_from else None,
@@ -144,6 +146,12 @@ def _train(
             "the whole module, the fp64 loss sums of the step and the turns included, and leaves AdamW no fp32 weights "
             "(bf16 weights with fp32 master copies: bf16-mixed, or trainer=fsdp's mixed precision)"
         )  # fmt: skip
+    if OmegaConf.select(cfg, "model.peft.method", default="none") != "none" and not cfg.model.get("init_from"):
+        log.warning(
+            "model.peft=%s without model.init_from: the adapters train on randomly initialised weights, and no "
+            "tool can rebuild this run's model from its checkpoints (they hold the adapters only)",
+            cfg.model.peft.method,
+        )
     if sharded and OmegaConf.select(cfg, "model.peft.quantize", default=None):
         raise ConfigError("model.peft.quantize", cfg.model.peft.quantize, QUANTIZE_ON_ONE_DEVICE)
     generation = build(cfg.generation) if evaluation else None
@@ -175,7 +183,7 @@ def _train(
     if ckpt_path and not cfg.get("ckpt_path"):
         log.warning("resuming SLURM job %s's preempted run from %s", os.environ["SLURM_JOB_ID"], ckpt_path)
     if ckpt_path:
-        check_resumable(ckpt_path, module.run_info, allow_changes=cfg.resume_allow_changes)
+        check_resumable(ckpt_path, module.run_info, allow_changes=cfg.resume_allow_changes, sharded_run=sharded)
     run_metrics = RunMetrics(
         path=str(output_dir / METRICS_FILE),
         warmup_batches=cfg.metrics.warmup_batches,

@@ -134,6 +134,31 @@ def test_an_export_folder_without_a_template_is_one_line(checkpoint, tmp_path):
         assert result.stderr.strip().splitlines() == [message]
 
 
+def test_a_damaged_export_folder_or_room_is_one_error(checkpoint, tmp_path):
+    """A truncated weights file and a record that is not an object were tracebacks; max_seq_len=0 was replaced by the
+    run's silently, and a negative one blamed generation.max_new_tokens."""
+    from omegaconf import OmegaConf
+
+    from glm_session.chat import ChatError, load_chat_model
+    from glm_session.errors import ConfigError
+    from glm_session.export import INFO_FILE, export
+
+    def load(**values):
+        return load_chat_model(OmegaConf.create({"ckpt_path": None, "model_dir": None, "max_seq_len": None, **values}))
+
+    truncated, listed = export(checkpoint, tmp_path / "truncated"), export(checkpoint, tmp_path / "listed")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (listed / INFO_FILE).write_text("[]")
+    with pytest.raises(ChatError, match=f"{truncated}: does not load \\(SafetensorError: "):
+        load(model_dir=str(truncated))
+    with pytest.raises(ChatError, match=f"{listed / INFO_FILE}: holds a JSON list, not the run record"):
+        load(model_dir=str(listed))
+    for room in (0, -5):
+        with pytest.raises(ConfigError, match=f"max_seq_len={room}: must be an integer >= 1 or null"):
+            load(ckpt_path=str(checkpoint), max_seq_len=room)
+
+
 def test_an_exported_folder_chats_as_its_checkpoint(checkpoint, loaded, tmp_path):
     from glm_session.export import export
 

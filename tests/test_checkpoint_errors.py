@@ -145,6 +145,26 @@ def test_a_missing_init_from_is_an_error_at_once_and_hub_ids_are_explicit(tmp_pa
     assert check_init_from("hf://THUDM/chatglm2-6b") == "hf://THUDM/chatglm2-6b"  # read only when training
 
 
+def test_a_hub_id_that_cannot_be_fetched_is_one_error():
+    """Offline (as every test is), an unknown id, no access: an OSError without a file name was a traceback."""
+    from glm_session.checkpoints import initial_state
+
+    with pytest.raises(CheckpointError, match=r"model.init_from=hf://nobody/nothing: not loadable from the Hugging "):
+        initial_state("hf://nobody/nothing")
+
+
+def test_a_sharded_checkpoint_folder_does_not_resume_a_run_on_one_device(run, tmp_path, cache_dir):
+    """Lightning said only "Is a directory"."""
+    folder = tmp_path / "last.ckpt"
+    folder.mkdir()
+    shutil.copy(run / "checkpoints" / "last.ckpt", folder / "meta.pt")  # what Lightning writes beside the shards
+    cfg = compose_config("train", [*FAST, f"ckpt_path={folder}", f"output_dir={tmp_path / 'r'}",
+                                   f"data.cache_dir={cache_dir}"])  # fmt: skip
+    with pytest.raises(CheckpointError, match=f"{folder}: a sharded \\(trainer=fsdp\\) checkpoint folder: resume it "
+                                              "with trainer=fsdp, or make it one file"):  # fmt: skip
+        train(cfg)
+
+
 def test_training_into_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, cache_dir):
     folder = tmp_path / "run"
     cfg = compose_config("train", [*FAST, "trainer.max_steps=5", "+callbacks.poison._target_=helpers.PoisonAtStep",

@@ -242,3 +242,12 @@ def test_bad_training_values_are_refused_before_any_work(tmp_path, override, mes
         train(cfg)
     assert str(raised.value).startswith(message)
     assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "metrics.json").exists()
+
+
+def test_flex_attention_is_refused_for_training_on_a_cpu(tmp_path):
+    """torch has no FlexAttention backward on a CPU: the run ended with NotImplementedError at its first step."""
+    cfg = compose_config("train", [*FAST, "model.attn_implementation=flex_attention", "trainer.accelerator=cpu",
+                                   f"output_dir={tmp_path}"])  # fmt: skip
+    with pytest.raises(ConfigError, match="model.attn_implementation='flex_attention': must be sdpa or eager when "
+                                          "training on a CPU"):  # fmt: skip
+        train(cfg)

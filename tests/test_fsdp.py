@@ -233,3 +233,20 @@ def test_fsdp_on_one_process_trains_as_the_plain_path(tmp_path, cache_dir, initi
     assert len(sharded["val_loss_by_epoch"]) == 2
     for a, b in zip(sharded["val_loss_by_epoch"], plain["val_loss_by_epoch"], strict=True):
         assert abs(a - b) < 1e-5
+
+
+@pytest.mark.slow
+def test_a_single_file_lora_checkpoint_does_not_resume_under_fsdp(tmp_path, cache_dir, initial_weights):
+    """The sharded LoRA load read <file>/.metadata and ended with an AssertionError traceback."""
+    lora = [*COMMON, initial_weights, "peft=lora", "model.peft.rank=4", f"data.cache_dir={cache_dir}",
+            "trainer.max_epochs=1"]  # fmt: skip
+    train(compose_config("train", [*lora, f"output_dir={tmp_path / 'one'}"]))
+    command = [sys.executable, "-m", "glm_session.train", *lora, "trainer=fsdp", "trainer.accelerator=cpu",
+               "trainer.devices=1", "trainer.strategy.param_dtype=float32", "trainer.max_epochs=2",
+               f"ckpt_path={tmp_path / 'one/checkpoints/last.ckpt'}", f"hydra.run.dir={tmp_path / 'fsdp'}"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "last.ckpt: a single-file checkpoint; a LoRA run under trainer=fsdp resumes from its own sharded" in (
+        result.stderr
+    )

@@ -6,7 +6,8 @@
 - a run's checkpoint holds the adapters only; resuming it on another base is refused;
 - export: the merged folder loads in plain transformers with the adapted model's logits; the adapter folder loads
   with ``peft.PeftModel.from_pretrained`` to the same logits, and ``model.init_adapter`` starts a run from it;
-- bad settings are one-line config errors;
+- bad settings are one-line config errors; so are a resume with other adapter settings, an adapter folder that is
+  damaged or was trained at another scale or on another base, and a damaged run record;
 - QLoRA (peft=qlora: the base's decoder-layer linear weights in NF4 through bitsandbytes, which runs on a CPU too):
   the weights are NF4 to within half its widest gap, Invariant 2 holds on the adapters over the 4-bit base, a run
   saves, resumes, measures and exports as a LoRA run, and what it cannot do is refused in one line.
@@ -124,6 +125,9 @@ def test_adapters_are_fp32_on_a_bf16_base(tokenizer):
         ),
         ({"method": "lora", "ranks": 4}, None, "model.peft.ranks"),
         ({"method": "prefix"}, None, "model.peft.method='prefix'"),
+        ({"method": "lora", "alpha": float("nan")}, None, "model.peft.alpha=nan: must be a number > 0"),  # nan loss
+        ({"method": "lora", "alpha": float("inf")}, None, "model.peft.alpha=inf: must be a number > 0"),
+        ({"method": "none", "quantize": "nf4"}, None, "model.peft.quantize='nf4': must be left out with peft=none"),
     ],
 )
 def test_bad_settings_are_config_errors(peft, chunk, message):
@@ -151,7 +155,8 @@ def base_folder(tmp_path_factory, tokenizer):
 
 
 def lora_run(folder, base, cache_dir, *extra, peft="lora"):
-    overrides = ["model=chatglm2-tiny", f"peft={peft}", "model.peft.rank=4", f"model.init_from={base}", "data.limit=8",
+    rank = [] if peft == "none" else ["model.peft.rank=4"]
+    overrides = ["model=chatglm2-tiny", f"peft={peft}", *rank, f"model.init_from={base}", "data.limit=8",
                  "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
                  "trainer.enable_progress_bar=false", "optimizer.lr=1e-2", f"output_dir={folder}",
                  f"data.cache_dir={cache_dir}", *extra]  # fmt: skip
@@ -231,6 +236,131 @@ def test_export_adapter_of_a_full_run_is_refused(tmp_path, cache_dir):
         export_main([str(run / "checkpoints" / "last.ckpt"), str(tmp_path / "adapter"), "--adapter"])
 
 
+@pytest.mark.parametrize(
+    "peft, overrides, message",
+    [
+        # The optimizer state of other parameters: a traceback inside fit, or (rank) even with resume_allow_changes.
+        ("none", [], r"trains other parameters than this run \(peft: \{'method': 'lora'.* -> none \(full"),
+        ("lora", ["model.peft.rank=8", "resume_allow_changes=true"], r"trains other parameters.*peft.rank: 4 -> 8"),
+        # A plain LoRA record has no quantize key: this resumed on a 4-bit base without a word.
+        ("qlora", [], r"differs from the checkpoint's \(peft.double_quant: None -> True; peft.quantize: None -> 'nf4'"),
+    ],
+)
+def test_resuming_with_other_adapter_settings_is_refused(peft, overrides, message, lora_checkpoint, base_folder,
+                                                         tmp_path, cache_dir):  # fmt: skip
+    with pytest.raises(CheckpointError, match=message):
+        lora_run(tmp_path, base_folder, cache_dir, f"ckpt_path={lora_checkpoint}", *overrides, peft=peft)
+
+
+def test_a_full_checkpoint_does_not_resume_a_lora_run(tmp_path, base_folder, cache_dir):
+    full = tmp_path / "full"
+    train(compose_config("train", ["model=chatglm2-tiny", "data.limit=4", "trainer.limit_train_batches=1",
+                                   "trainer.max_epochs=1", "trainer.limit_val_batches=0",
+                                   "trainer.enable_progress_bar=false", f"model.init_from={base_folder}",
+                                   f"output_dir={full}", f"data.cache_dir={cache_dir}"]))  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"trains other parameters than this run \(peft: none \(full fine-tun"):
+        lora_run(tmp_path / "lora", base_folder, cache_dir, f"ckpt_path={full / 'checkpoints' / 'last.ckpt'}")
+
+
+@pytest.fixture(scope="module")
+def adapter_folder(lora_checkpoint, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("exports") / "adapter"
+    export_main([str(lora_checkpoint), str(folder), "--adapter"])
+    return folder
+
+
+def damaged_copy(folder, tmp_path, damage):
+    import shutil
+
+    copy = tmp_path / "adapter"
+    shutil.copytree(folder, copy)
+    damage(copy)
+    return copy
+
+
+def truncate(copy):
+    weights = copy / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def nan_adapters(copy):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(copy / "adapter_model.safetensors")
+    save_file({k: torch.full_like(v, float("nan")) for k, v in state.items()}, copy / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize(
+    "damage, extra, message",
+    [
+        (truncate, [], r"a readable adapter folder \(adapter_model.safetensors: SafetensorError"),  # a traceback
+        (nan_adapters, [], r"finite adapters \(24 tensors hold nan or inf"),  # "the training loss is nan"
+        (None, ["model.peft.alpha=64"], r"model.peft.alpha=64.0: must be 32.0, the lora_alpha of model.init_adapter"),
+        (None, ["another base"], r"adapters of the base model.init_from names: they were trained on"),
+    ],
+)
+def test_init_adapter_refuses_what_would_not_start_from_the_trained_model(
+    damage, extra, message, adapter_folder, base_folder, tmp_path, cache_dir, tokenizer
+):
+    folder = damaged_copy(adapter_folder, tmp_path, damage) if damage else adapter_folder
+    base = base_folder
+    if extra == ["another base"]:  # same shapes, other weights: the adapters would run on what they never saw
+        base, extra = tmp_path / "other_base", []
+        torch.manual_seed(5)
+        config = chatglm2_config("chatglm2-tiny", vocab_size=padded_vocab_size(len(tokenizer)))
+        GlmForCausalLM(config).save_pretrained(base)
+    with pytest.raises(ConfigError, match=message):
+        lora_run(tmp_path / "run", base, cache_dir, f"model.init_adapter={folder}", "trainer.limit_train_batches=0",
+                 "trainer.limit_val_batches=0", *extra)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ("lora", "its run record's peft entry ('lora') is not LoRA settings"),
+        ({**LORA, "rank": "4"}, "cannot be read (model.peft.rank='4': must be an integer >= 1)"),
+        ({**LORA, "target_modules": None}, "cannot be read (model.peft.target_modules=null: must be a non-empty"),
+        ({**LORA, "use_dora": True}, "cannot be read (model.peft.use_dora=true: must be one of the LoRA keys"),
+        ({**LORA, "quantize": "int4"}, "cannot be read (quantize='int4'"),
+    ],
+)
+def test_a_damaged_peft_record_is_named_not_a_traceback(record, message, lora_checkpoint, tmp_path, capsys):
+    """A checkpoint whose record was edited or written by another version: export said TypeError or AttributeError."""
+    from glm_session.adapters import settings_of
+
+    with pytest.raises(ValueError) as raised:
+        settings_of(record)
+    assert message in str(raised.value)
+    checkpoint = read_checkpoint(lora_checkpoint)
+    checkpoint["glm_session"]["peft"] = record
+    torch.save(checkpoint, tmp_path / "edited.ckpt")
+    with pytest.raises(SystemExit) as exit_:
+        export_main([str(tmp_path / "edited.ckpt"), str(tmp_path / "adapter"), "--adapter"])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_lora_without_a_base_warns_and_its_adapters_are_not_exported_baseless(tmp_path, cache_dir, caplog):
+    overrides = ["model=chatglm2-tiny", "peft=lora", "model.peft.rank=4", "data.limit=4", "trainer.max_epochs=1",
+                 "trainer.limit_train_batches=1", "trainer.limit_val_batches=0", "trainer.enable_progress_bar=false",
+                 f"output_dir={tmp_path / 'run'}", f"data.cache_dir={cache_dir}"]  # fmt: skip
+    train(compose_config("train", overrides))
+    assert "model.peft=lora without model.init_from: the adapters train on randomly initialised weights" in caplog.text
+    with pytest.raises(SystemExit):  # before: an adapter folder whose base_model_name_or_path is null
+        export_main([str(tmp_path / "run" / "checkpoints" / "last.ckpt"), str(tmp_path / "adapter"), "--adapter"])
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_a_relative_base_is_recorded_as_an_absolute_path(tmp_path, base_folder, cache_dir, monkeypatch):
+    """The record is read from other folders (evaluate, export, chat): a relative path would name nothing there."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    lora_run(tmp_path / "run", os.path.relpath(base_folder, tmp_path), cache_dir, "trainer.limit_train_batches=1",
+             "trainer.limit_val_batches=0")  # fmt: skip
+    info = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["glm_session"]
+    assert info["init_from"] == str(base_folder.resolve()) and info["init_from"].startswith("/")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("peft", ["lora", "qlora"])
 def test_a_killed_lora_run_resumes_to_the_same_adapters(tmp_path, base_folder, cache_dir, peft):
@@ -262,7 +392,8 @@ def test_a_killed_lora_run_resumes_to_the_same_adapters(tmp_path, base_folder, c
     assert len(optimizer[0]) == len(ends[0]["state_dict"]) == 2 * 2 * 6
 
 
-def test_analysis_measures_the_per_turn_weights_on_the_adapter_gradients(lora_checkpoint, tmp_path, cache_dir):
+def test_analysis_measures_the_per_turn_weights_on_the_adapter_gradients(lora_checkpoint, tmp_path, cache_dir,
+                                                                         capsys):  # fmt: skip
     from glm_session.analysis.__main__ import main as analysis_main
 
     model, _ = load_model(lora_checkpoint, merge_adapters=False)
@@ -275,6 +406,12 @@ def test_analysis_measures_the_per_turn_weights_on_the_adapter_gradients(lora_ch
     assert len(results) == 6
     for name, result in results.items():
         assert result["turns"] >= 10 and result["max_abs_error"] < 1e-4, name
+    # Another tokenizer than the run's: ids past the model's vocabulary, an IndexError, before this check.
+    with pytest.raises(SystemExit):
+        analysis_main(["measure", "measure.sessions=2", f"measure.ckpt_path={lora_checkpoint}", "tokenizer=zhbase",
+                       f"data.cache_dir={cache_dir}", f"out_dir={tmp_path / 'zh'}"])  # fmt: skip
+    assert f"error: {lora_checkpoint}: trained with tokenizer " in capsys.readouterr().err
+    assert not (tmp_path / "zh" / "measured.json").exists()
 
 
 # -- QLoRA: the same adapters over a 4-bit base ---------------------------------------------------------------------

@@ -107,11 +107,15 @@ def measure(cfg: DictConfig) -> dict:
     for strategy in ("split", "session"):
         data = data_for(cfg, strategy, limit=sessions, packing=False, batch_tokens=None, batch_size=10**6)
         if cfg.measure.ckpt_path:
-            from glm_session.checkpoints import load_model
+            from glm_session.checkpoints import CheckpointError, load_model
 
-            model, _ = load_model(
-                cfg.measure.ckpt_path, merge_adapters=False
-            )  # a LoRA run: its adapters' gradients
+            model, info = load_model(cfg.measure.ckpt_path, merge_adapters=False)  # a LoRA run: its adapters' gradients
+            if info.tokenizer_fingerprint != data.tokenizer.fingerprint:
+                raise CheckpointError(
+                    f"{cfg.measure.ckpt_path}: trained with tokenizer {info.tokenizer_fingerprint} "
+                    f"({info.tokenizer_path or 'the bundled one'}), not with {data.tokenizer.vocab_file} "
+                    f"({data.tokenizer.fingerprint}): give the run's tokenizer (tokenizer=... or tokenizer.path=...)"
+                )  # fmt: skip
         else:
             torch.manual_seed(cfg.seed)
             model = GlmForCausalLM(

@@ -20,7 +20,13 @@ from torch.nn.attention.flex_attention import BlockMask
 from transformers import GlmConfig, GlmForCausalLM
 
 from glm_session.adapters import QUANTIZE_ON_ONE_DEVICE, add_lora, check_peft, is_adapter_key, load_adapter_folder
-from glm_session.checkpoints import BUILTIN_ATTENTION, check_init_from, initial_state, load_weights_into
+from glm_session.checkpoints import (
+    BUILTIN_ATTENTION,
+    check_init_from,
+    initial_state,
+    load_weights_into,
+    weights_fingerprint,
+)
 from glm_session.errors import ConfigError, UserError, check_choice, check_int
 from glm_session.model.compiled_layers import check_compile_dynamic, check_compile_mode, compile_layers
 from glm_session.model.kernels import KERNELS, use_liger_kernels
@@ -244,7 +250,8 @@ class ChatGLM2Module(L.LightningModule):
             device = self.trainer.strategy.root_device if self._trainer is not None else None
             add_lora(self.model, self.lora, bf16_base=self._bf16_base(), device=device)
             if self.init_adapter:
-                load_adapter_folder(self.model, self.init_adapter)
+                base = self.run_info.base_fingerprint if self.run_info else weights_fingerprint(self.init_from)
+                load_adapter_folder(self.model, self.init_adapter, self.lora, base)
         if self.activation_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._fuse(self.model)

@@ -3,14 +3,15 @@
 Lightning, AdamW and the schedule take some of these as they come: a negative ``gradient_clip_val`` flips every
 gradient's sign, ``optimizer.lr=0`` trains nothing, ``trainer.max_steps=0`` ends a run of no step as completed, a
 ``warmup_ratio`` above 1 never reaches the peak rate; others fail deep inside ``fit`` with a traceback
-(``accumulate_grad_batches=0``, ``optimizer.lr=abc``). Each is a one-line ``ConfigError`` here instead. Keys a
-group does not have (another optimizer's) are not checked.
+(``accumulate_grad_batches=0``, ``optimizer.lr=abc``, FlexAttention on a CPU). Each is a one-line ``ConfigError``
+here instead. Keys a group does not have (another optimizer's) are not checked.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, ListConfig
 
 from glm_session.errors import ConfigError, check_fraction, check_int, check_number
@@ -19,6 +20,7 @@ from glm_session.errors import ConfigError, check_fraction, check_int, check_num
 def check_training(cfg: DictConfig) -> None:
     check_int("seed", cfg.get("seed"))
     _check_trainer(cfg.trainer)
+    _check_attention_device(cfg)
     _check_optimizer(cfg.optimizer)
     if cfg.get("scheduler"):
         _check_schedule(cfg.scheduler)
@@ -30,6 +32,18 @@ def _check_trainer(trainer: DictConfig) -> None:
     _check_limit("trainer.max_epochs", trainer.get("max_epochs"), optional=True)
     if trainer.get("gradient_clip_val") is not None:  # 0 clips nothing, as Lightning reads it
         check_number("trainer.gradient_clip_val", trainer.gradient_clip_val, 0)
+
+
+def _check_attention_device(cfg: DictConfig) -> None:
+    """FlexAttention has no backward on a CPU (torch raises at the first step)."""
+    if cfg.model.get("attn_implementation") != "flex_attention":
+        return
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
+        raise ConfigError(
+            "model.attn_implementation", "flex_attention", "sdpa or eager when training on a CPU: FlexAttention "
+            "trains on a CUDA GPU only (torch has no backward for it on a CPU)"
+        )  # fmt: skip
 
 
 def _check_limit(key: str, value: Any, optional: bool = False) -> None:

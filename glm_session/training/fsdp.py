@@ -13,7 +13,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from glm_session.adapters import is_adapter_key
 from glm_session.atomic_files import fsync_folder
-from glm_session.checkpoints import SHARDED_METADATA
+from glm_session.checkpoints import SHARDED_METADATA, CheckpointError
 from glm_session.errors import ConfigError
 from glm_session.training.checkpoint_io import REPLACED, SAVING, remove_stale_saves
 
@@ -93,6 +93,11 @@ class FSDP2Strategy(ModelParallelStrategy):
         )
 
         path = Path(self.broadcast(checkpoint_path))
+        if not path.is_dir():
+            raise CheckpointError(
+                f"{path}: a single-file checkpoint; a LoRA run under trainer=fsdp resumes from its own sharded "
+                "checkpoint folder: resume this one on one device (without trainer=fsdp)"
+            )
         adapters = {k: v for k, v in get_model_state_dict(self.model).items() if is_adapter_key(k)}
         state = {"state_dict": adapters}
         load(state, checkpoint_id=path)
