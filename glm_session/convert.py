@@ -60,6 +60,20 @@ class ConversionError(UserError):
     """A source that cannot be converted; the message names the file and the reason."""
 
 
+FILE_NAMES = {  # GlmConfig's name -> the original config.json's
+    "vocab_size": "padded_vocab_size",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "ffn_hidden_size",
+    "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_attention_heads",
+    "num_key_value_heads": "multi_query_group_num",
+    "head_dim": "kv_channels",
+    "max_position_embeddings": "seq_length",
+    "rms_norm_eps": "layernorm_epsilon",
+    "attention_bias": "add_qkv_bias",
+}
+
+
 def read_config(src: Path) -> GlmConfig:
     """The ``GlmConfig`` of an original ChatGLM2 ``config.json``: ``chatglm2_config`` with the file's sizes."""
     path = src / CONFIG_FILE
@@ -76,27 +90,35 @@ def read_config(src: Path) -> GlmConfig:
             raise ConversionError(f"{path}: {name}={original[name]!r} is not supported (ChatGLM2 has {value!r})")
     try:
         heads = original["num_attention_heads"]
-        kv_heads = original["multi_query_group_num"] if original.get("multi_query_attention") else heads
         sizes = {
             "vocab_size": original["padded_vocab_size"],
             "hidden_size": original["hidden_size"],
             "intermediate_size": original["ffn_hidden_size"],
             "num_hidden_layers": original["num_layers"],
             "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads,
-            "head_dim": original.get("kv_channels", original["hidden_size"] // heads),
+            "num_key_value_heads": original["multi_query_group_num"] if original.get("multi_query_attention") else heads,
             "max_position_embeddings": original["seq_length"],
             "rms_norm_eps": original["layernorm_epsilon"],
             "attention_bias": original.get("add_qkv_bias", True),
         }
     except KeyError as err:
         raise ConversionError(f"{path}: no {err.args[0]!r} (not an original ChatGLM2 config)") from None
-    except TypeError as err:
-        raise ConversionError(f"{path}: a field of the wrong type ({err})") from None
+    if "kv_channels" in original:
+        sizes["head_dim"] = original["kv_channels"]
     for name, value in sizes.items():
         kind = {"rms_norm_eps": (int, float), "attention_bias": bool}.get(name, int)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise ConversionError(f"{path}: {name} from the file is {value!r}, not a number of the right kind")
+            raise ConversionError(f"{path}: {FILE_NAMES[name]}={value!r}, not a number of the right kind")
+        if kind is not bool and not value > 0:  # a size of 0 divides by zero, a negative epsilon is no epsilon
+            raise ConversionError(f"{path}: {FILE_NAMES[name]}={value!r}; it must be above 0")
+    if sizes["num_attention_heads"] % sizes["num_key_value_heads"]:
+        raise ConversionError(
+            f"{path}: {sizes['num_attention_heads']} attention heads do not form groups of "
+            f"multi_query_group_num={sizes['num_key_value_heads']} (each key-value head serves a whole group)"
+        )
+    sizes.setdefault("head_dim", sizes["hidden_size"] // heads)
+    if not sizes["head_dim"] > 0:
+        raise ConversionError(f"{path}: hidden_size {sizes['hidden_size']} over {heads} heads leaves no head dimension")
     for token in ("eos_token_id", "pad_token_id"):
         if original.get(token) is not None:
             sizes[token] = original[token]
@@ -112,8 +134,11 @@ def weight_files(src: Path) -> list[Path]:
         index = src / index_name
         if index.is_file():
             try:
-                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, AttributeError) as err:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                names = sorted(set(weight_map.values()))
+                if not all(isinstance(name, str) for name in names):
+                    raise TypeError("a file name that is not a string")
+            except (OSError, UnicodeDecodeError, ValueError, LookupError, AttributeError, TypeError) as err:
                 raise ConversionError(f"{index}: not a weight index with a 'weight_map' ({err!r})") from None
             missing = [name for name in names if not (src / name).is_file()]
             if missing:
@@ -138,6 +163,12 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         raise ConversionError(f"{path}: cannot be read as weights ({type(err).__name__}: {err})") from None
     if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
         raise ConversionError(f"{path}: not a dictionary of tensors")
+    for name, tensor in tensors.items():  # a model's weights are floating-point numbers, every one finite
+        if not tensor.is_floating_point():
+            raise ConversionError(f"{path}: tensor {name} is {tensor.dtype}, not floating point")
+        if not torch.isfinite(tensor).all():
+            count = int((~torch.isfinite(tensor)).sum())
+            raise ConversionError(f"{path}: tensor {name} holds {count} non-finite values")
     return tensors
 
 
@@ -147,6 +178,8 @@ def _split_qkv(
     """q, k and v of a fused ``query_key_value`` weight (rows) or bias."""
     q_rows = config.num_attention_heads * config.head_dim
     kv_rows = config.num_key_value_heads * config.head_dim
+    if tensor.dim() == 0:
+        raise ValueError(f"{name} is a scalar, not rows of q, k and v")
     if tensor.shape[0] != q_rows + 2 * kv_rows:
         raise ValueError(
             f"{name} has {tensor.shape[0]} rows, the config needs {q_rows} + 2 x {kv_rows} = {q_rows + 2 * kv_rows}"

@@ -259,3 +259,44 @@ def test_corrupt_weights_and_unsupported_config(tmp_path, state, vocab):
     (src / "config.json").write_text(json.dumps(config))
     message = convert_error(src, tmp_path / "converted")
     assert message == f"{src / 'config.json'}: rope_ratio=16 is not supported (ChatGLM2 has 1)"
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        # ZeroDivisionError tracebacks, the first even with kv_channels given
+        ({"num_attention_heads": 0}, "num_attention_heads=0; it must be above 0"),
+        ({"kv_channels": 0}, "kv_channels=0; it must be above 0"),
+        # written without a word, a model that fails at its first forward or has no positions or no epsilon
+        ({"multi_query_group_num": 3},
+         "4 attention heads do not form groups of multi_query_group_num=3 (each key-value head serves a whole group)"),
+        ({"seq_length": 0}, "seq_length=0; it must be above 0"),
+        ({"layernorm_epsilon": -1.0}, "layernorm_epsilon=-1.0; it must be above 0"),
+        ({"num_layers": -1}, "num_layers=-1; it must be above 0"),  # blamed a tensor that did not fit
+    ],
+)
+def test_config_sizes_that_make_no_model_are_named(tmp_path, state, vocab, fields, message):
+    src = write_original(tmp_path / "original", state, vocab)
+    (src / "config.json").write_text(json.dumps({**original_config(vocab), **fields}))
+    assert convert_error(src, tmp_path / "converted") == f"{src / 'config.json'}: {message}"
+
+
+def test_weights_that_are_no_model_are_named(tmp_path, state, vocab):
+    qkv = "transformer.encoder.layers.0.self_attention.query_key_value.weight"
+    for name, value, message in [
+        (qkv, torch.tensor(1.0), f"{qkv} is a scalar, not rows of q, k and v"),  # an IndexError traceback
+        ("transformer.embedding.word_embeddings.weight", state["transformer.embedding.word_embeddings.weight"].long(),
+         "tensor transformer.embedding.word_embeddings.weight is torch.int64, not floating point"),  # a traceback
+        ("transformer.output_layer.weight", state["transformer.output_layer.weight"].clone().index_fill_(1, torch.tensor([3]), float("nan")),
+         f"tensor transformer.output_layer.weight holds {vocab} non-finite values"),  # written, refused at training
+    ]:  # fmt: skip
+        src = write_original(tmp_path / name, {**state, name: value}, vocab)
+        message_ = convert_error(src, tmp_path / f"{name}-converted")
+        assert message_.startswith(str(src)) and message_.endswith(message), message_
+    src = write_original(tmp_path / "index", state, vocab)
+    index = src / "pytorch_model.bin.index.json"
+    for content, reason in [([1, 2], "TypeError('list indices must be integers"),
+                            ({"weight_map": {qkv: 7}}, "TypeError('a file name that is not a string')")]:  # fmt: skip
+        index.write_text(json.dumps(content))
+        assert convert_error(src, tmp_path / "converted").startswith(f"{index}: not a weight index with a 'weight_map' "
+                                                                     f"({reason}")  # fmt: skip
