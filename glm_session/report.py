@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from glm_session.errors import UserError, cli_errors
-from glm_session.run_status import read_record
+from glm_session.run_status import METRICS_FILE, read_record
 
 SEED_KEY = "seed"
 IGNORED_KEYS = ("output_dir",)  # differs between runs by construction
@@ -99,13 +99,37 @@ def _text(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
-def _load_yaml(path: Path) -> Any:
+def _load_yaml(path: Path, kind: type | None = None) -> Any:
+    """The YAML in ``path`` (``None`` where there is no file); a ``UserError`` naming the file when it is not UTF-8
+    YAML or (``kind``) not of that kind."""
     try:
-        return yaml.safe_load(path.read_text())
+        value = yaml.safe_load(path.read_text())
     except OSError:
         return None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not readable YAML ({str(err).splitlines()[0]})") from None
+    if kind is not None and value is not None and not isinstance(value, kind):
+        raise UserError(f"{path}: holds a YAML {type(value).__name__}, not a {kind.__name__}")
+    return value
+
+
+def _checked_record(folder: Path) -> dict[str, Any]:
+    """``metrics.json`` of a run, its validation curve checked: a list of points with a numeric step and loss."""
+    record = read_record(folder)
+    curve = record.get("val_curve")
+    if curve is not None:
+        points = curve if isinstance(curve, list) else [None]
+        for point in points:
+            if not (isinstance(point, Mapping) and all(_is_number(point.get(key)) for key in ("step", "loss"))):
+                raise UserError(f"{folder / METRICS_FILE}: val_curve holds {point!r}, not a point with a numeric "
+                                "step and loss (the record train writes)")  # fmt: skip
+    return record
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _overrides(folder: Path) -> dict[str, str]:
@@ -113,7 +137,7 @@ def _overrides(folder: Path) -> dict[str, str]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
-    lines = [str(line) for line in _load_yaml(folder / ".hydra" / "overrides.yaml") or []]
+    lines = [str(line) for line in _load_yaml(folder / ".hydra" / "overrides.yaml", list) or []]
     try:
         parsed = OverridesParser.create().parse_overrides(lines)
     except OverrideParseException as err:
@@ -128,15 +152,22 @@ def _overrides(folder: Path) -> dict[str, str]:
 
 
 def read_run(folder: Path) -> Run:
-    hydra = _load_yaml(folder / ".hydra" / "hydra.yaml") or {}
-    choices = ((hydra.get("hydra") or {}).get("runtime") or {}).get("choices") or {}
+    hydra = _load_yaml(folder / ".hydra" / "hydra.yaml", dict) or {}
+    choices = _select(hydra, "hydra", "runtime", "choices")
     return Run(
         folder=folder,
         overrides=_overrides(folder),
-        choices={k: v for k, v in choices.items() if not k.startswith("hydra")},
-        config=_load_yaml(folder / RUN_CONFIG) or {},
-        record=read_record(folder),
+        choices={k: v for k, v in choices.items() if not str(k).startswith("hydra")},
+        config=_load_yaml(folder / RUN_CONFIG, dict) or {},
+        record=_checked_record(folder),
     )
+
+
+def _select(mapping: Mapping[str, Any], *keys: str) -> Mapping[str, Any]:
+    """``mapping[k1][k2]...``, or ``{}`` where a level is missing or not a mapping."""
+    for key in keys:
+        mapping = mapping.get(key) if isinstance(mapping, Mapping) else None
+    return mapping if isinstance(mapping, Mapping) else {}
 
 
 def _natural(path: Path) -> list:

@@ -126,6 +126,28 @@ def test_a_folder_without_runs_is_one_line(tmp_path, capsys, make):
     assert err.count("\n") == 1 and err.startswith(f"error: {folder}: ")
 
 
+@pytest.mark.parametrize(
+    "damage, message",
+    [  # each was a traceback (AttributeError, TypeError, KeyError, UnicodeDecodeError)
+        ({".hydra/hydra.yaml": "- a\n- b\n"}, ".hydra/hydra.yaml: holds a YAML list, not a dict"),
+        ({"config.yaml": b"lr: caf\xe9\n"}, "config.yaml: not UTF-8 text (invalid continuation byte at byte 7)"),
+        ({"metrics.json": '{"val_curve": [1.0, 2.0]}'}, "metrics.json: val_curve holds 1.0, not a point with a "),
+        ({"metrics.json": '{"val_curve": [{"loss": 2.0}]}'}, "metrics.json: val_curve holds {'loss': 2.0}, not a point"),
+        ({"metrics.json": '{"val_curve": [{"step": 1, "loss": "high"}]}'}, "val_curve holds {'step': 1, 'loss': 'high'}"),
+    ],
+)
+def test_a_damaged_run_folder_is_named_in_one_line(tmp_path, capsys, damage, message):
+    make_run(tmp_path / "runs" / "0", ["seed=0"], {"seed": 0}, completed([2.0], 3.0))
+    for name, content in damage.items():
+        path = tmp_path / "runs" / "0" / name
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "runs")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {tmp_path / 'runs' / '0'}/") and message in err, err
+
+
 @pytest.mark.slow
 def test_reports_a_real_multirun(tmp_path, cache_dir):
     sweep = tmp_path / "multirun"
