@@ -168,9 +168,9 @@ def _train(
     datamodule.pipeline.require_batches("train")
     if cfg.trainer.get("limit_val_batches") != 0:
         datamodule.pipeline.require_batches("validation")
-    warning = datamodule.pipeline.window_warning("train")
-    if warning:
-        log.warning("%s", warning)
+    for warning in (datamodule.pipeline.length_warning("train"), datamodule.pipeline.window_warning("train")):
+        if warning:
+            log.warning("%s", warning)
 
     module = build(
         cfg.model,

@@ -205,6 +205,31 @@ def test_long_sessions_cut_into_windows_are_reported_with_what_split_would_cost(
     assert whole.statistics("train")["windows"] == 0 and whole.pipeline.window_warning("train") is None
 
 
+def test_turns_skipped_or_cut_by_max_seq_len_are_warned_with_their_counts(tokenizer, tmp_path):
+    """A short data.max_seq_len dropped most turns of a run, said only in data_stats.json."""
+    long_question = "这是一个很长的问题，" * 30
+    sessions = [
+        {"id": "a", "messages": [{"role": "user", "content": long_question}, {"role": "assistant", "content": "好"},
+                                 {"role": "user", "content": "短问题"}, {"role": "assistant", "content": "好的"}]},
+        {"id": "b", "messages": [{"role": "user", "content": "你好"},
+                                 {"role": "assistant", "content": "这是一个很长的回答。" * 30}]},
+    ]  # fmt: skip
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in sessions))
+
+    def data(max_seq_len: int) -> DialogueDataModule:
+        return DialogueDataModule(tokenizer, strategy="split", path=str(path), max_seq_len=max_seq_len, batch_size=4,
+                                  cache_dir=str(tmp_path))  # fmt: skip
+
+    stats = data(64).statistics("train")
+    assert (stats["turns"], stats["skipped_turns"], stats["truncated_turns"]) == (3, 1, 1)
+    assert data(64).pipeline.length_warning("train") == (
+        "train: of 3 turns, 1 skipped (the question alone is longer) and 1 answers cut short at data.max_seq_len=64; "
+        "a larger data.max_seq_len keeps them whole"
+    )
+    assert data(4096).pipeline.length_warning("train") is None
+
+
 def test_show_prints_a_sample_as_the_model_sees_it(tokenizer, tmp_path):
     path = tmp_path / "three.jsonl"
     messages = [{"role": r, "content": c} for q, a in (("你好", "你好！"), ("你知道", "知道呀"), ("谢谢", "不客气"))

@@ -128,6 +128,13 @@ BAD_RECORDS = [
     ),
     ({"text": "q"}, "missing field: expected 'conversations', 'messages' or 'prompt'/'response'"),
     (["q", "a"], "a record must be a JSON object, got list"),
+    # Two dialogues in one record: 'conversations' was read and 'messages' dropped without a word.
+    (
+        {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+         "messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]},
+        "both 'conversations' and 'messages': a record holds one dialogue (or set data.format)",
+    ),  # fmt: skip
+    ({"messages": [], "prompt": "q", "response": "a"}, "both 'messages' and 'prompt' and 'response'"),
 ]
 
 

@@ -82,9 +82,9 @@ def stats(datamodule, split: str, out: str | None, reduction: str = "token") -> 
     print(by_turn_table(result))
     for message in datamodule.pipeline.describe_skips(split):
         print(f"skipped: {message}", file=sys.stderr)
-    warning = datamodule.pipeline.window_warning(split)
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
+    for warning in (datamodule.pipeline.length_warning(split), datamodule.pipeline.window_warning(split)):
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2) + "\n")

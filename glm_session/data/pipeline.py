@@ -223,6 +223,19 @@ class DialoguePipeline:
             "session samples save little on them; a larger data.max_seq_len keeps them whole"
         )
 
+    def length_warning(self, split: str) -> str | None:
+        """A warning when ``data.max_seq_len`` skips turns (a question alone longer) or cuts answers short."""
+        stats = self.statistics(split)
+        skipped, truncated = stats["skipped_turns"], stats["truncated_turns"]
+        if not (skipped or truncated):
+            return None
+        found = [f"{skipped:,} skipped (the question alone is longer)"] if skipped else []
+        found += [f"{truncated:,} answers cut short"] if truncated else []
+        return (
+            f"{split}: of {stats['turns']:,} turns, {' and '.join(found)} at data.max_seq_len="
+            f"{self.samples.max_seq_len}; a larger data.max_seq_len keeps them whole"
+        )
+
     def describe_skips(self, split: str, limit: int = 5) -> list[str]:
         """The first ``limit`` skipped records of ``split``, as messages."""
         return self.source.summary(split, self.cache_dir)["skipped"][:limit]

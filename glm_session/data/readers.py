@@ -175,13 +175,20 @@ def _document(record: dict, session_id: str, path: str, record_number: int | str
     return Session(session_id, (Turn("", text),))
 
 
+SHAPE_KEYS: dict[Format, tuple[str, ...]] = {  # the fields that mark a dialogue shape, for data.format=auto
+    "sharegpt": ("conversations",),
+    "openai": ("messages",),
+    "chatglm": ("prompt", "response"),
+}
+
+
 def _detect(record: dict, path: str, record_number: int | str) -> Format:
-    if "conversations" in record:
-        return "sharegpt"
-    if "messages" in record:
-        return "openai"
-    if "prompt" in record or "response" in record:
-        return "chatglm"
+    shapes = [name for name, keys in SHAPE_KEYS.items() if any(key in record for key in keys)]
+    if len(shapes) > 1:  # which dialogue is the record's? Reading one would drop the other without a word
+        fields = " and ".join(repr(key) for name in shapes for key in SHAPE_KEYS[name] if key in record)
+        raise DataError(path, record_number, f"both {fields}: a record holds one dialogue (or set data.format)")
+    if shapes:
+        return shapes[0]
     raise DataError(
         path,
         record_number,
