@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from glm_session.config import build, compose_config
 from glm_session.data.pipeline import EmptySplitError
@@ -250,4 +251,12 @@ def test_flex_attention_is_refused_for_training_on_a_cpu(tmp_path):
                                    f"output_dir={tmp_path}"])  # fmt: skip
     with pytest.raises(ConfigError, match="model.attn_implementation='flex_attention': must be sdpa or eager when "
                                           "training on a CPU"):  # fmt: skip
+        train(cfg)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is here")
+def test_a_gpu_trainer_on_a_machine_without_one_names_the_key(tmp_path):
+    """Lightning said "No supported gpu backend found!", naming no key."""
+    cfg = compose_config("train", [*FAST, "trainer=fsdp", f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="trainer.accelerator='gpu': must be cpu here: this machine has no CUDA GPU"):
         train(cfg)

@@ -180,7 +180,8 @@ def test_fsdp_options_out_of_range_are_refused(override, message):
 
 
 def test_evaluation_after_sharded_training_is_refused_before_training(tmp_path):
-    cfg = compose_config("train", ["trainer=fsdp", "evaluate.enabled=true", f"output_dir={tmp_path}"])
+    cfg = compose_config("train", ["trainer=fsdp", "trainer.accelerator=cpu", "evaluate.enabled=true",
+                                   f"output_dir={tmp_path}"])  # fmt: skip
     with pytest.raises(ValueError, match="evaluate.enabled=true: must be false with trainer=fsdp"):
         train(cfg)
     assert not (tmp_path / "config.yaml").exists()

@@ -521,7 +521,7 @@ def test_a_qlora_adapter_export_starts_a_qlora_run_where_it_ended(
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["trainer=fsdp"], "model.peft.quantize='nf4': must be null with trainer=fsdp"),
+        (["trainer=fsdp", "trainer.accelerator=cpu"], "model.peft.quantize='nf4': must be null with trainer=fsdp"),
         (["model.compile_layers=true"], "model.compile_layers=true: must be false with model.peft.quantize"),
         (["model.peft.quantize=int4"], "model.peft.quantize='int4'"),
         (["model.peft.double_quant=1"], "model.peft.double_quant=1"),

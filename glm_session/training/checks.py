@@ -35,10 +35,16 @@ def _check_trainer(trainer: DictConfig) -> None:
 
 
 def _check_attention_device(cfg: DictConfig) -> None:
-    """FlexAttention has no backward on a CPU (torch raises at the first step)."""
+    """A GPU asked for where there is none (Lightning: "No supported gpu backend found!"); FlexAttention, which has
+    no backward on a CPU (torch raises at the first step)."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            "trainer.accelerator", accelerator, "cpu here: this machine has no CUDA GPU (trainer=fsdp asks for GPUs; "
+            "on CPUs it runs with trainer.accelerator=cpu, over gloo)"
+        )  # fmt: skip
     if cfg.model.get("attn_implementation") != "flex_attention":
         return
-    accelerator = str(cfg.trainer.get("accelerator", "auto"))
     if accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()):
         raise ConfigError(
             "model.attn_implementation", "flex_attention", "sdpa or eager when training on a CPU: FlexAttention "
