@@ -11,6 +11,7 @@ checkpoint, weights of another model, non-finite weights, or a run made otherwis
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import re
@@ -67,7 +68,12 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
             reason = f"it holds Python objects ({refused[1]}) that a weights-only load refuses: not a checkpoint of ours"
         elif "Weights only load failed" in first_line:
             reason = "not a readable checkpoint (not a file that torch.save wrote)"
-        elif "zip archive" in first_line or "mmap can only be used" in first_line or isinstance(err, EOFError):
+        elif (
+            "zip archive" in first_line
+            or "mmap can only be used" in first_line
+            or isinstance(err, EOFError)
+            or (isinstance(err, OSError) and err.errno == errno.EINVAL)  # a record past the end of a cut file
+        ):
             reason = "not a complete checkpoint (truncated or corrupt)"
         else:
             reason = f"not a readable checkpoint ({type(err).__name__}: {first_line[:200]})"

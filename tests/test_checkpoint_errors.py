@@ -145,6 +145,20 @@ def test_a_missing_init_from_is_an_error_at_once_and_hub_ids_are_explicit(tmp_pa
     assert check_init_from("hf://THUDM/chatglm2-6b") == "hf://THUDM/chatglm2-6b"  # read only when training
 
 
+@pytest.mark.parametrize("mmap", [False, True])
+def test_a_checkpoint_cut_anywhere_says_it_is_incomplete(run, tmp_path, mmap):
+    """Some cuts failed inside the zip reader with OSError EINVAL: "not a readable checkpoint (OSError: [Errno 22]
+    Invalid argument)" did not say what was wrong."""
+    from glm_session.checkpoints import read_checkpoint
+
+    data = (run / "checkpoints" / "last.ckpt").read_bytes()
+    for cut in [*range(100, 40_000, 997), *range(40_000, len(data), len(data) // 20)]:  # EINVAL: 5,085 to 40,000
+        path = tmp_path / f"cut{cut}.ckpt"
+        path.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match=r"not a complete checkpoint \(truncated or corrupt\)"):
+            read_checkpoint(path, mmap=mmap)
+
+
 def test_a_hub_id_that_cannot_be_fetched_is_one_error():
     """Offline (as every test is), an unknown id, no access: an OSError without a file name was a traceback."""
     from glm_session.checkpoints import initial_state
