@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Each issue-11, issue-19 and issue-20 item's command and the last lines it prints (stderr and stdout):
+# Each issue-11, issue-19 and issue-20 item's command, and session 16's audit, and the last lines each prints:
 # bash run.sh [WORK_DIR] > report.txt
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 WORK=${1:-/tmp/glm_session_bad_input}
@@ -83,3 +83,26 @@ item 20-7c "python -m glm_session.data stats data.path=nfd.jsonl $C; python -m g
 item 20-8a "python -m glm_session.train $T data.limit=abc" "." 3
 item 20-8b "python -m glm_session.evaluate ckpt_path=no.ckpt" "." 3
 item 20-8c "python -m glm_session.train -m $T data.limit=4 trainer.max_steps=1 trainer.limit_train_batches=1.0 data.max_seq_len=1024,0 hydra.sweep.dir=FAILSWEEP" "error|Error executing|Traceback" 3
+# Session 16's audit (2026-12-05): what two reviewers found still taken silently or ending in a traceback.
+item a1 "python -m glm_session.train $T optimizer.lr=0" "error"
+item a2 "python -m glm_session.train $T trainer.gradient_clip_val=-1" "error"
+item a3 "python -m glm_session.train $T trainer.accumulate_grad_batches=0" "error"
+item a4 "python -m glm_session.train $T scheduler.warmup_ratio=2" "error"
+item a5 "python -m glm_session.data stats split=foo" "error"
+item a6 "python -m glm_session.data stats 'data.holdout={validation: 0.5}'" "error"
+printf '%s\n' '{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}], "messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]}' > both.jsonl
+item a7 "python -m glm_session.data stats data.path=both.jsonl $C" "error"
+item a8 "python -m glm_session.train $T model.attn_implementation=flex_attention trainer.accelerator=cpu" "error"
+item a9 "python -m glm_session.train $T data.limit=20 data.max_seq_len=24 strategy=split trainer.max_steps=1 trainer.limit_train_batches=1.0 hydra.run.dir=SHORT" "WARNING.*turns"
+python -m glm_session.export R/checkpoints/last.ckpt BASE > /dev/null 2>&1
+L="python -m glm_session.train $T peft=lora model.peft.rank=4 model.init_from=BASE data.limit=20 trainer.limit_train_batches=1.0"
+item a10 "$L trainer.max_steps=2 hydra.run.dir=LORA && python -m glm_session.export LORA/checkpoints/last.ckpt ADAPTER --adapter" "wrote|error"
+item a11 "$L trainer.max_steps=3 ckpt_path=R/checkpoints/last.ckpt hydra.run.dir=LORA2" "error"
+item a12 "$L trainer.max_steps=3 model.peft.rank=8 resume_allow_changes=true ckpt_path=LORA/checkpoints/last.ckpt hydra.run.dir=LORA3" "error"
+item a13 "$L trainer.max_steps=3 model.peft.alpha=64 model.init_adapter=ADAPTER hydra.run.dir=LORA4" "error"
+cp -r ADAPTER ADAPTER_CUT && head -c 2000 ADAPTER/adapter_model.safetensors > ADAPTER_CUT/adapter_model.safetensors
+item a14 "$L trainer.max_steps=3 model.init_adapter=ADAPTER_CUT hydra.run.dir=LORA5" "error"
+item a15 "python -m glm_session.analysis measure measure.sessions=2 measure.ckpt_path=LORA/checkpoints/last.ckpt tokenizer=zhbase $C out_dir=AN" "error"
+item a16 "echo 你好 | python -m glm_session.chat ckpt_path=R/checkpoints/last.ckpt max_seq_len=0" "error"
+mkdir -p REP && cp -r R REP/run && python -c "import json; p='REP/run/metrics.json'; m=json.load(open(p)); m['val_curve']=[1.0]; json.dump(m, open(p, 'w'))"
+item a17 "python -m glm_session.report REP" "error"
