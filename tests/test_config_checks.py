@@ -235,10 +235,17 @@ def test_a_half_precision_model_is_refused_before_training(tmp_path, precision):
         ("trainer.max_epochs=0", "trainer.max_epochs=0: must be an integer >= 1, or -1 for no limit (or null)"),
         ("scheduler.warmup_ratio=2", "scheduler.warmup_ratio=2: must be a number in [0, 1)"),  # never the peak
         ("scheduler.min_lr_ratio=-1", "scheduler.min_lr_ratio=-1: must be a number in [0, 1]"),  # 0 for 40%
+        ("metrics.warmup_batches=-1", "metrics.warmup_batches=-1: must be an integer >= 0"),
+        # tracebacks (a modulo by zero) ...
+        ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0: must be an integer >= 1"),
+        ("trainer.val_check_interval=0", "trainer.val_check_interval=0: must be a fraction of an epoch in (0, 1]"),
+        # ... and errors that came after the whole training
+        ("evaluate.enabled=true evaluate.split=foo", "evaluate.split='foo': must be one of train, validation, test"),
+        ("evaluate.enabled=true evaluate.limit=0", "evaluate.limit=0: must be an integer >= 1 or null"),
     ],
 )
 def test_bad_training_values_are_refused_before_any_work(tmp_path, override, message):
-    cfg = compose_config("train", [*FAST, override, f"output_dir={tmp_path}"])
+    cfg = compose_config("train", [*FAST, *override.split(), f"output_dir={tmp_path}"])
     with pytest.raises(ConfigError) as raised:
         train(cfg)
     assert str(raised.value).startswith(message)

@@ -12,13 +12,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from glm_session.errors import ConfigError, check_fraction, check_int, check_number
+from glm_session.data.source import SPLITS
+from glm_session.errors import ConfigError, check_choice, check_fraction, check_int, check_number
 
 
 def check_training(cfg: DictConfig) -> None:
     check_int("seed", cfg.get("seed"))
+    check_int("metrics.warmup_batches", OmegaConf.select(cfg, "metrics.warmup_batches", default=0), minimum=0)
+    if OmegaConf.select(cfg, "evaluate.enabled", default=False):  # checked before training, not after it
+        check_choice("evaluate.split", cfg.evaluate.get("split"), SPLITS)
+        check_int("evaluate.limit", cfg.evaluate.get("limit"), minimum=1, optional=True)
     _check_trainer(cfg.trainer)
     _check_attention_device(cfg)
     _check_optimizer(cfg.optimizer)
@@ -32,6 +37,15 @@ def _check_trainer(trainer: DictConfig) -> None:
     _check_limit("trainer.max_epochs", trainer.get("max_epochs"), optional=True)
     if trainer.get("gradient_clip_val") is not None:  # 0 clips nothing, as Lightning reads it
         check_number("trainer.gradient_clip_val", trainer.gradient_clip_val, 0)
+    check_int("trainer.log_every_n_steps", trainer.get("log_every_n_steps", 50), minimum=1)  # 0: a modulo by zero
+    interval = trainer.get("val_check_interval")
+    if interval is not None and not (
+        (isinstance(interval, int) and not isinstance(interval, bool) and interval >= 1)
+        or (isinstance(interval, float) and 0 < interval <= 1)
+    ):
+        raise ConfigError(
+            "trainer.val_check_interval", interval, "a fraction of an epoch in (0, 1] or a number of batches >= 1"
+        )
 
 
 def _check_attention_device(cfg: DictConfig) -> None:
