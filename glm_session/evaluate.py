@@ -16,8 +16,10 @@ from omegaconf import DictConfig
 
 from glm_session.checkpoints import load_model, run_tokenizer
 from glm_session.config import CONFIG_DIR, build, device_of
+from glm_session.data.source import SPLITS
 from glm_session.data.strategy import SessionStrategy
 from glm_session.data.template import PLAIN, get_template
+from glm_session.errors import check_choice, check_int
 from glm_session.evaluation.evaluator import evaluate_model
 from glm_session.hydra_jobs import job, run_app
 
@@ -26,6 +28,8 @@ log = logging.getLogger(__name__)
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate ``cfg.ckpt_path`` on ``cfg.split``, with the template and tokenizer the run was trained with."""
+    split = check_choice("split", cfg.split, SPLITS)
+    limit = check_int("limit", cfg.limit, minimum=1, optional=True)  # a negative limit evaluated something
     generation = build(cfg.generation)
     model, info = load_model(cfg.ckpt_path)
     # The run's template and (unless tokenizer.path is given) tokenizer; session samples for the loss.
@@ -35,8 +39,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     template = get_template(info.template) if info.template != PLAIN.name else build(cfg.template)
     data = build(cfg.data, tokenizer=tokenizer, template=template, strategy=SessionStrategy())
     model.to(device_of(cfg.device))
-    log.info("evaluating %s (template %s) on %s", cfg.ckpt_path, template.name, cfg.split)
-    return evaluate_model(model, data, cfg.split, cfg.output_dir, generation, cfg.limit)
+    log.info("evaluating %s (template %s) on %s", cfg.ckpt_path, template.name, split)
+    return evaluate_model(model, data, split, cfg.output_dir, generation, limit)
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="evaluate", version_base="1.3")

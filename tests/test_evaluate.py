@@ -2,6 +2,7 @@
 and a training checkpoint evaluates end to end."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from glm_session.config import RESOURCES_DIR, compose_config
 from glm_session.data import CHATGLM2, Session, Turn
 from glm_session.data.readers import read_sessions
 from glm_session.data.samples import SegmentEncoder
+from glm_session.errors import ConfigError
 from glm_session.evaluate import evaluate
 from glm_session.evaluation.evaluator import sample_sessions
 from glm_session.evaluation.generation import build_prompts, generate_answers
@@ -164,6 +166,13 @@ def test_the_issue_repro_evaluates(tmp_path, cache_dir):
         len(s.turns) for s in read_sessions(KDCONV_TEST, limit=2).sessions
     )
     assert written["prompt_tokens_max"] == 40
+    # limit=-2 evaluated sessions, split=foo failed with a ValueError deep in the data source: refused first.
+    for override, message in [("limit=-2", "limit=-2: must be an integer >= 1 or null"),
+                              ("limit=0", "limit=0: must be an integer >= 1 or null"),
+                              ("split=foo", "split='foo': must be one of train, validation, test")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            evaluate(compose_config("evaluate", [f"ckpt_path={run}/checkpoints/last.ckpt", override,
+                                                 f"output_dir={out}", f"data.cache_dir={cache_dir}"]))  # fmt: skip
 
 
 def test_official_metric_counts_distinct_ngrams_and_survives_empty_predictions():
