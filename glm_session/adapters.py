@@ -12,8 +12,10 @@ or merge them (``export``).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -242,8 +244,6 @@ def load_adapter_folder(
     tensors do not fit or are not finite, its ``lora_alpha`` (``adapter_config.json``) is not ``settings.alpha``
     (the adapters would act at another scale than they were trained at), or its record (``glm_session.json``, an
     export's) names another base than ``base_fingerprint``."""
-    from pathlib import Path
-
     from safetensors.torch import load_file
 
     path = Path(folder) / "adapter_model.safetensors"
@@ -286,10 +286,8 @@ def load_adapter_folder(
     model.load_state_dict(state, strict=False)
 
 
-def _read_json(path) -> dict[str, Any]:
+def _read_json(path: Path) -> dict[str, Any]:
     """A JSON object file of an adapter folder, or ``{}`` where it is missing; ``ConfigError`` where unreadable."""
-    import json
-
     if not path.is_file():
         return {}
     try:

@@ -92,7 +92,7 @@ def base_record(model: DictConfig) -> dict[str, Any]:
         init_from = str(Path(init_from).resolve())
     return {
         "peft": lora.describe() if lora else {},
-        "init_from": str(init_from) if init_from else None,
+        "init_from": init_from or None,
         "base_fingerprint": weights_fingerprint(init_from) if lora else None,
     }
 
