@@ -67,11 +67,10 @@ def data_for(cfg: DictConfig, strategy: str, **data_overrides):
             "split", split, f"train or all with supervision={data.supervision.describe()}: validation and test "
             "samples train every answer with weight 1, whatever the policy"
         )  # fmt: skip
-    for name in SPLITS if split == "all" else (split,):
-        if split == "all":
-            data.pipeline.check_supervision(name)
-        else:
-            data.pipeline.require_batches(name)
+    if split == "all":  # as the data tool checks it
+        data.pipeline.check_supervision(split)
+    else:
+        data.pipeline.require_batches(split)
     return data
 
 
