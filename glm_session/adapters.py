@@ -92,6 +92,9 @@ def check_peft(peft: Mapping[str, Any] | None, loss_chunk_tokens: int | None = N
     double_quant = peft.get("double_quant", True)
     if not isinstance(double_quant, bool):
         raise ConfigError("model.peft.double_quant", double_quant, "true or false")
+    if quantize is None and not double_quant:  # it would change nothing: only 4-bit blocks have scales to quantize
+        raise ConfigError("model.peft.double_quant", double_quant, "left at true without model.peft.quantize "
+                                                                   "(it applies to QLoRA only: peft=qlora)")  # fmt: skip
     return LoraSettings(
         rank, float(alpha), float(dropout), tuple(dict.fromkeys(targets)), base_dtype, quantize, double_quant
     )

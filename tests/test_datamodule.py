@@ -151,15 +151,19 @@ def test_commands_report_bad_data_without_a_traceback(tmp_path, capsys):
         (["stats", "data.holdout={validation: 0.5}"], "error: data.holdout={'validation': 0.5}: must be null without "
                                                       "data.path"),
         (["statz"], "error: unknown command 'statz': one of stats, export, show"),
+        # A folder as out=: stats printed its whole table, then failed to write.
+        (["stats", "out={tmp}"], "error: out='{tmp}': must be a file, not a folder: stats writes one JSON file"),
     ],
 )
 def test_data_tool_refuses_what_it_used_to_take(tmp_path, capsys, argv, message):
+    argv, message = [a.replace("{tmp}", str(tmp_path)) for a in argv], message.replace("{tmp}", str(tmp_path))
     if argv == ["statz"]:  # refused before any config: returned, not raised
         assert data_main(argv) == 2
     else:
         assert exit_code([*argv, "data.limit=5", f"data.cache_dir={tmp_path}"]) == 2
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert message in err and "Traceback" not in err
+    assert out == ""  # refused before any table
 
 
 def test_tokenizer_path_and_smile_config(tmp_path, tokenizer):

@@ -128,6 +128,7 @@ def test_adapters_are_fp32_on_a_bf16_base(tokenizer):
         ({"method": "lora", "alpha": float("nan")}, None, "model.peft.alpha=nan: must be a number > 0"),  # nan loss
         ({"method": "lora", "alpha": float("inf")}, None, "model.peft.alpha=inf: must be a number > 0"),
         ({"method": "none", "quantize": "nf4"}, None, "model.peft.quantize='nf4': must be left out with peft=none"),
+        ({"method": "lora", "double_quant": False}, None, "model.peft.double_quant=false: must be left at true"),
     ],
 )
 def test_bad_settings_are_config_errors(peft, chunk, message):

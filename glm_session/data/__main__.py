@@ -92,11 +92,16 @@ def stats(datamodule, split: str, out: str | None, reduction: str = "token") -> 
     return result
 
 
-def export(datamodule, split: str, out: str | None) -> int:
-    if not out:
+def check_out(command: str, out: str | None) -> None:
+    """``out=``, where a command writes: export needs a file; stats may write one; neither writes into a folder."""
+    if command == "export" and not out:
         raise ConfigError("out", out, "a file to write the rows to: export needs out=FILE.jsonl")
-    if Path(out).is_dir():
-        raise ConfigError("out", out, "a file, not a folder: export writes one JSON Lines file")
+    if out and Path(out).is_dir():
+        kind = "one JSON Lines file" if command == "export" else "one JSON file"
+        raise ConfigError("out", out, f"a file, not a folder: {command} writes {kind}")
+
+
+def export(datamodule, split: str, out: str) -> int:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     rows = 0
     fields = ROW_FIELDS + ((WEIGHT_FIELD,) if datamodule.pipeline.spec_of(split).supervision.weighted else ())
@@ -170,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = compose_config("data_tool", overrides)
         reduction = check_choice("reduction", cfg.reduction, REDUCTIONS)
         split = check_choice("split", cfg.split, (*SPLITS, "all"))
+        check_out(command, cfg.out)  # before the data is built: a bad out= is not found after the table
         datamodule = build(cfg.data)
         if split == "all":
             datamodule.pipeline.check_supervision(split)
