@@ -331,12 +331,28 @@ def test_session_14s_screening_leaves_four_rates_of_each_smile_3_epoch_grid_to_r
     for arm in ("smile_split_shuffled_3ep+token", "smile_session_3ep+token"):
         result = aggregate.screening(arm, aggregate.HERE / "raw" / aggregate.SCREENED[arm])
         assert [rate for rate, r in result["rates"].items() if r["screened_out"]] == ["1e-4", "2e-4"]
-    assert driver.recorded_screened(driver.HERE / "results.json")["smile_session_3ep+token"] == {"1e-4", "2e-4"}
-    jobs = plan(tmp_path, arms=["smile_session_3ep+token"],
-                recorded=driver.recorded_rates(driver.HERE / "results.json"))  # fmt: skip
+    screened = driver.recorded_screened(driver.HERE / "results.json")["smile_session_3ep+token"]
+    assert screened == {"1e-4", "2e-4"}
+    # As session 17 found the grid: only the screened rates recorded (it ran the other four; results.json has them now)
+    jobs = plan(tmp_path, arms=["smile_session_3ep+token"], recorded={"smile_session_3ep+token": screened})
     assert [j.name for j in jobs if j.name.startswith("grid/")] == [
         f"grid/smile_session_3ep+token_lr{rate}" for rate in ("5e-4", "1e-3", "2e-3", "5e-3")
     ]
+    # and as it left it: every rate recorded, nothing to run again
+    jobs = plan(tmp_path, arms=["smile_session_3ep+token"],
+                recorded=driver.recorded_rates(driver.HERE / "results.json"))  # fmt: skip
+    assert [j.name for j in jobs if j.name.startswith("grid/")] == []
+
+
+def test_the_next_session_runs_seeds_1_to_4_of_smiles_3_epoch_arms_at_2e_3(tmp_path):
+    # From the repository's own records after session 17: the chosen rates (results.json) and the kept runs (raw/)
+    rates = driver.chosen_rates(driver.HERE / "results.json")
+    arms = ["smile_split_shuffled_3ep+token", "smile_session_3ep+token"]
+    assert [rates[arm] for arm in arms] == ["2e-3", "2e-3"]
+    jobs = plan(tmp_path, seeds_of=arms, rates=rates, kept=driver.kept_test_losses(driver.HERE / "raw"))
+    runs = [j for j in jobs if not j.name.startswith("data/")]
+    assert [j.name for j in runs] == [f"seeds/{arm}_seed{s}" for arm in arms for s in (1, 2, 3, 4)]
+    assert {overrides(j)["optimizer.lr"] for j in runs} == {"2e-3"}
 
 
 def test_a_grid_runs_only_the_rates_not_recorded(tmp_path, capsys):
