@@ -184,7 +184,7 @@ def test_a_grid_runs_six_rates_from_base_0(tmp_path):
     assert [overrides(j)["optimizer.lr"] for j in jobs] == ["1e-4", "2e-4", "5e-4", "1e-3", "2e-3", "5e-3"]
     assert {overrides(j)["model.reduction"] for j in jobs} == {"sample"}
     assert {overrides(j)["seed"] for j in jobs} == {"0"}
-    assert {j.memory_gib for j in jobs} == {22.0}  # a SMILE split arm
+    assert {j.memory_gib for j in jobs} == {12.5}  # a SMILE split arm
 
 
 def test_a_given_base_replaces_pretraining(tmp_path):
@@ -355,6 +355,16 @@ def test_the_next_session_runs_seeds_1_to_4_of_smiles_3_epoch_arms_at_2e_3(tmp_p
     runs = [j for j in jobs if not j.name.startswith("data/")]
     assert [j.name for j in runs] == [f"seeds/{arm}_seed{s}" for arm in arms for s in (1, 2, 3, 4)]
     assert {overrides(j)["optimizer.lr"] for j in runs} == {"2e-3"}
+    # all eight at once on an H100 (81,559 MiB) too, the default --memory: 4 x 12.5 + 4 x 6 = 74 <= 77.6
+    h100 = driver.card_memory_gib([sys.executable, "-c", "print(81559)"])
+    assert sum(j.memory_gib for j in runs) == 74.0 <= h100 == 77.6
+
+
+def test_the_jobs_may_hold_the_first_cards_memory_less_2_gib_and_120_without_nvidia_smi():
+    two_h200s = [sys.executable, "-c", "print(143771); print(143771)"]
+    assert driver.card_memory_gib(two_h200s) == 138.4
+    for query in (["no-such-nvidia-smi"], [sys.executable, "-c", "print('[N/A]')"], [sys.executable, "-c", ""]):
+        assert driver.card_memory_gib(query) == driver.MEMORY_WITHOUT_GPU_GIB == 120.0
 
 
 def test_a_grid_runs_only_the_rates_not_recorded(tmp_path, capsys):

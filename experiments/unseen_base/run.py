@@ -130,9 +130,28 @@ def zhbase_files(data: Path) -> list[str]:
 
 
 def memory_gib(experiment: str) -> float:
-    """Peak GPU memory of a run, reserved included (H200, speed=fast, 2026-12-02: a SMILE split step of ~38,000
-    tokens under 20 GiB; the bases at 65,536 tokens a step and generation of 256 prompts about 25)."""
-    return 22.0 if experiment.startswith("smile_split") else 10.0
+    """Peak GPU memory of a fine-tuning run: its peak reserved memory, measured, plus 0.6 GiB for its CUDA context
+    (H200, speed=fast, eight runs at once, session 17: 10.7-11.7 GiB a SMILE split run, 4.9-5.2 a SMILE session
+    run; other corpora's runs were not measured and keep session 2's 10). The bases (65,536 tokens a step) and the
+    generation of 256 prompts are given 20-25 where they are planned."""
+    if experiment.startswith("smile_split"):
+        return 12.5
+    return 6.0 if experiment.startswith("smile_session") else 10.0
+
+
+MEMORY_QUERY = ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"]
+MEMORY_KEPT_GIB = 2.0  # of the card, never planned for: the driver's own and the allocator's slack
+MEMORY_WITHOUT_GPU_GIB = 120.0  # where nvidia-smi cannot say (a CPU machine: the plan is not run there)
+
+
+def card_memory_gib(query: list[str] = MEMORY_QUERY) -> float:
+    """GiB the jobs may hold together by default: the first GPU's memory less ``MEMORY_KEPT_GIB`` (an H200:
+    138.4, an H100: 77.6), so that one command fits either card."""
+    try:
+        output = subprocess.run(query, capture_output=True, text=True, timeout=10, check=True).stdout
+        return round(int(output.splitlines()[0]) / 1024 - MEMORY_KEPT_GIB, 1)
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+        return MEMORY_WITHOUT_GPU_GIB
 
 
 def recorded_grids(path: Path | None) -> dict[str, dict]:
@@ -710,7 +729,8 @@ def main() -> None:
     parser.add_argument("--fit", action="store_true",
                         help="start a job only if it should end before the deadline (the longest a job of its kind "
                              "took in raw/'s calls, times 1.25): for a session's last call")  # fmt: skip
-    parser.add_argument("--memory", type=float, default=120.0, help="GiB of the GPU the jobs may hold together")
+    parser.add_argument("--memory", type=float, default=None,
+                        help="GiB of the GPU the jobs may hold together (default: the card's less 2)")  # fmt: skip
     parser.add_argument("--extra", nargs="*", default=["speed=fast"], help="overrides for every training job")
     parser.add_argument("--eval-extra", nargs="*", default=[], help="overrides for the data and evaluation jobs")
     args = parser.parse_args()
@@ -732,8 +752,10 @@ def main() -> None:
     jobs = jobs_now()
     last_start = args.deadline if args.last_start is None else args.last_start
     durations = Durations.recorded(sorted((HERE / "raw").glob("*.json"))) if args.fit else None
-    load = run(jobs, args.root, args.deadline, last_start, args.grace, args.jobs, args.memory, durations, replan)
-    result = {"seconds": round(time.monotonic() - begin), "rates": rates(), "machine_load": load,
+    memory = card_memory_gib() if args.memory is None else args.memory
+    print(f"the jobs may hold {memory} GiB of the GPU together", flush=True)
+    load = run(jobs, args.root, args.deadline, last_start, args.grace, args.jobs, memory, durations, replan)
+    result = {"seconds": round(time.monotonic() - begin), "rates": rates(), "memory_gib": memory, "machine_load": load,
               "software": software(), **summary(jobs, args.root)}  # fmt: skip
     out = args.out or args.root
     out.mkdir(parents=True, exist_ok=True)
