@@ -34,6 +34,20 @@ def run(tmp_path_factory) -> Path:
     return folder
 
 
+def first_tensor_bytes(path: Path) -> tuple[str, int]:
+    """The first tensor record (``<archive>/data/0``) of a ``torch.save`` file and the offset of its first byte."""
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith("/data/0"))
+    with path.open("rb") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)  # a zip local file header: its name and extra field lengths at bytes 26-29
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    return info.filename, info.header_offset + 30 + name_length + extra_length
+
+
 def bad_checkpoints(run: Path, folder: Path) -> dict[str, tuple[Path, str]]:
     """name -> (file, the reason its error gives)."""
     good = run / "checkpoints" / "last.ckpt"
@@ -46,6 +60,10 @@ def bad_checkpoints(run: Path, folder: Path) -> dict[str, tuple[Path, str]]:
         files[name] = (folder / name, reason)
 
     write("truncated.ckpt", data[: len(data) // 2], "not a complete checkpoint (truncated or corrupt)")
+    record, offset = first_tensor_bytes(good)
+    flipped = bytearray(data)
+    flipped[offset] ^= 1  # the lowest bit of a weight's mantissa: still finite, and torch.load took it unnoticed
+    write("damaged.ckpt", bytes(flipped), f"a damaged checkpoint: the bytes of its record {record} do not match")
     write("empty.ckpt", b"", "an empty file, not a checkpoint")
     write("text.ckpt", b"epoch: 3\n", "not a readable checkpoint (not a file that torch.save wrote)")
     write("random.ckpt", os.urandom(4096), "not a ")
@@ -266,3 +284,18 @@ def test_a_sharded_save_killed_between_its_renames_is_put_right(tmp_path):
     assert remove_stale_saves(folder) == [".replaced-t1-last.ckpt", ".saving-t0-best.ckpt"]
     assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt"]
     assert (folder / "last.ckpt" / "meta.pt").read_bytes() == b"new"
+
+
+def test_a_flipped_bit_in_a_weight_is_refused_where_torch_load_takes_it(run, tmp_path):
+    from glm_session.checkpoints import read_checkpoint
+
+    path, reason = bad_checkpoints(run, tmp_path / "bad")["damaged.ckpt"]
+    good = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    taken = torch.load(path, weights_only=True)["state_dict"]  # no error: one weight silently other
+    assert sum(int((good[k] != taken[k]).sum()) for k in good) == 1
+    for mmap in (False, True):
+        with pytest.raises(CheckpointError, match=reason):
+            read_checkpoint(path, mmap=mmap)
+    cfg = compose_config("train", [*FAST, f"model.init_from={path}", f"output_dir={tmp_path / 'i'}"])
+    with pytest.raises(CheckpointError, match=reason):
+        train(cfg)
