@@ -44,7 +44,7 @@ from glm_session.report import plot_curves, seed_summary
 
 HERE = Path(__file__).parent
 # The bases the arms' seeds and contrasts come from: base 0's sha256 prefix, set from the first pretraining with
-# model.compile_deterministic (README "Two generations of bases"); None until then (every seed runs afresh).
+# model.compile_deterministic (JOURNAL.md "Two generations of bases"); None until then (every seed runs afresh).
 REFERENCE_BASES: str | None = "39afcc51"
 GATE_NATS = 0.3
 MARGIN_NATS = 0.02
