@@ -166,6 +166,52 @@ def test_data_tool_refuses_what_it_used_to_take(tmp_path, capsys, argv, message)
     assert out == ""  # refused before any table
 
 
+def test_data_tool_refuses_what_session_18s_audit_found_taken(tmp_path, capsys):
+    mine = tmp_path / "mine.jsonl"
+    mine.write_bytes(open(KDCONV["test"], "rb").read())
+    (tmp_path / "a_file").write_text("x")
+    cases = [
+        # out= one of the files it reads: the dialogues were replaced by rows (export) or by the table (stats)
+        (["export", f"data.path={mine}", f"out={mine}"],
+         f"error: out='{mine}': must be another file than those it reads ({mine}): export would overwrite it"),
+        (["stats", f"data.path={mine}", f"out={tmp_path}/../{tmp_path.name}/mine.jsonl"], "stats would overwrite it"),
+        (["export", f"out={tmp_path}/a_file/rows.jsonl"],
+         f"error: out='{tmp_path}/a_file/rows.jsonl': must be a path in a folder: {tmp_path}/a_file is a file"),
+        (["stats", f"data.cache_dir={tmp_path}/a_file"],  # "a_file: File exists", naming no key
+         f"error: data.cache_dir='{tmp_path}/a_file': must be a folder for the sample cache: {tmp_path}/a_file is a"),
+        (["stats", f"data.path=[{mine},{tmp_path}/./mine.jsonl]"],  # its sessions twice (without ids: no error)
+         f"must be a list of distinct files ({mine} and {tmp_path}/./mine.jsonl are one)"),
+        (["stats", "data.path=''"], "error: data.path='': must be a file or a non-empty list of files"),  # was "."
+        (["stats", "data.train_path=''"], "error: data.train_path='': must be a file, or null"),
+        (["stats", "data.role_map={1: user}"],  # a traceback: 'int' object has no attribute 'lower'
+         "error: data.role_map={1: 'user'}: must be a mapping from role names (strings) to system, user or"),
+        (["stats", f"data.path={mine}", "data.holdout={validation: 0.99}"],  # "0 sessions read": 90 were
+         f"error: {mine}: no train sample: data.holdout={{'validation': 0.99}} puts none of the 90 sessions read in it"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        assert exit_code([*argv, f"data.cache_dir={tmp_path / 'cache'}"] if "cache_dir" not in argv[-1] else argv) == 2
+        out, err = capsys.readouterr()
+        assert message in err and "Traceback" not in err and out == "", (argv, err)
+    assert mine.read_bytes() == open(KDCONV["test"], "rb").read()
+
+
+def test_the_sample_cache_knows_a_files_name_and_a_damaged_cache_is_built_again(tmp_path, capsys, caplog):
+    lines = open(KDCONV["test"], "rb").read()
+    (tmp_path / "data.jsonl").write_bytes(lines)
+    (tmp_path / "data.json").write_bytes(lines)  # JSON Lines in a file named .json: not one JSON value
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    assert data_main(["stats", f"data.path={tmp_path / 'data.jsonl'}", cache]) == 0
+    # The same bytes under another name were read from the first file's cache, unchecked, and trained (exit 0)
+    assert exit_code(["stats", f"data.path={tmp_path / 'data.json'}", cache]) == 2
+    assert f"error: {tmp_path / 'data.json'}: invalid JSON: Extra data at line 2" in capsys.readouterr().err
+    for damaged in [*(tmp_path / "cache").glob("samples-*.arrow"), *(tmp_path / "cache").glob("read-*.json")]:
+        damaged.write_bytes(damaged.read_bytes()[:100])  # tracebacks before (ArrowInvalid, JSONDecodeError)
+    capsys.readouterr()
+    assert data_main(["stats", f"data.path={tmp_path / 'data.jsonl'}", cache]) == 0
+    assert "sessions" in capsys.readouterr().out
+    assert "a damaged sample cache" in caplog.text and "a damaged summary of a read" in caplog.text
+
+
 def test_tokenizer_path_and_smile_config(tmp_path, tokenizer):
     """``tokenizer.path=DIR`` loads a saved tokenizer; ``data=smile`` reads client/counselor sessions, drops and
     counts trailing questions, skips and counts records that are not dialogues."""

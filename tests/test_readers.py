@@ -135,6 +135,15 @@ BAD_RECORDS = [
         "both 'conversations' and 'messages': a record holds one dialogue (or set data.format)",
     ),  # fmt: skip
     ({"messages": [], "prompt": "q", "response": "a"}, "both 'messages' and 'prompt' and 'response'"),
+    # Session 18's audit: taken before, and trained.
+    ({"id": "", **msgs(("user", "q"), ("assistant", "a"))}, "'id': empty (give a session id, or leave 'id' out)"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad", "weight": 0}]},
+     "message 2: 'weight': 0: OpenAI's per-message weight is not read"),  # the answer was trained all the same
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": "1"}]},
+     "message 2: 'weight': \"1\": OpenAI's per-message weight is not read"),
+    (msgs(("user", "a\u0000b"), ("assistant", "c")), "message 1: a control character U+0000 at character 2"),
+    (msgs(("user", "q"), ("assistant", "\u001b[31mred")), "message 2: a control character U+001B at character 1"),
+    (msgs(("user", "q"), ("assistant", "ding\u0007")), "message 2: a control character U+0007 at character 5"),
 ]
 
 
@@ -265,3 +274,83 @@ def test_duplicate_session_ids_name_both_records(tmp_path):
 def test_a_folder_is_not_a_missing_file(tmp_path):
     with pytest.raises(DataError, match=rf"{tmp_path}: a folder, not a file"):
         read_sessions(tmp_path)
+
+
+def test_openai_weight_1_is_what_every_answer_gets_and_is_taken(tmp_path):
+    path = tmp_path / "weights.jsonl"
+    record = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 1}]}
+    write(path, [record], "jsonl")
+    assert read_sessions(path).sessions == [Session("weights.jsonl:line 1", (Turn("q", "a"),))]
+
+
+def test_tab_newline_and_carriage_return_are_text(tmp_path):
+    path = tmp_path / "text.jsonl"
+    write(path, [msgs(("user", "第一行\n第二行\t列"), ("assistant", "好\r\n"))], "jsonl")
+    assert read_sessions(path).sessions[0].turns == (Turn("第一行\n第二行\t列", "好\r\n"),)
+
+
+def test_a_key_twice_in_an_object_is_an_error_not_the_last_one_kept(tmp_path):
+    first = '{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}'
+    second = '{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}'
+    good = json.dumps(msgs(("user", "q"), ("assistant", "a")))
+    path = tmp_path / "dupkey.jsonl"
+    path.write_text(good + "\n" + f'{{"messages": [{first}], "messages": [{second}]}}' + "\n")
+    with pytest.raises(DataError) as err:
+        read_sessions(path)
+    assert str(err.value) == (
+        f"{path}, line 2: invalid JSON: the key 'messages' twice in one object (JSON readers keep only the last)"
+    )
+    assert len(read_sessions(path, on_error="skip").sessions) == 1
+    inner = tmp_path / "inner.json"  # in a message, in a .json array: the file cannot be read
+    inner.write_text('[{"messages": [{"role": "user", "content": "q", "content": "q2"}]}]')
+    with pytest.raises(DataError, match=r"inner.json: invalid JSON: the key 'content' twice in one object"):
+        read_sessions(inner)
+
+
+def test_a_utf8_byte_order_mark_is_an_encoding_mark_not_a_record(tmp_path):
+    records = [msgs(("user", "q"), ("assistant", "a"))]
+    for kind in ("jsonl", "json"):
+        path = tmp_path / f"bom.{kind}"
+        write(path, records, kind)
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+        assert [s.turns for s in read_sessions(path).sessions] == [(Turn("q", "a"),)]
+
+
+def test_every_xz_stream_is_read_and_bytes_after_them_are_an_error(tmp_path):
+    import lzma
+
+    one, two = (json.dumps(msgs(("user", q), ("assistant", "a"))).encode() + b"\n" for q in ("q1", "q2"))
+    path = tmp_path / "streams.jsonl.xz"
+    path.write_bytes(lzma.compress(one) + b"\0" * 8 + lzma.compress(two) + b"\0" * 4)  # padding allowed by xz
+    assert [s.turns[0].question for s in read_sessions(path).sessions] == ["q1", "q2"]
+    damaged = bytearray(lzma.compress(two))
+    damaged[0] ^= 0xFF
+    for tail, where in ((bytes(damaged), "from byte"), (b"garbage!", "from byte")):
+        path.write_bytes(lzma.compress(one) + tail)  # lzma.decompress read q1 and dropped the rest without a word
+        with pytest.raises(DataError, match=rf"streams.jsonl.xz: the bytes after xz stream 1 \({where} "):
+            read_sessions(path)
+    path.write_bytes(lzma.compress(one)[:-10])
+    with pytest.raises(DataError, match=r"streams.jsonl.xz: not a complete xz file"):
+        read_sessions(path)
+
+
+def test_an_empty_compressed_file_is_read_as_an_empty_file(tmp_path):
+    for name in ("empty.jsonl", "empty.jsonl.gz", "empty.jsonl.xz"):
+        (tmp_path / name).write_bytes(b"")
+        assert read_sessions(tmp_path / name).sessions == []
+
+
+def test_a_pipe_a_device_and_a_link_to_nothing_are_named_for_what_they_are(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "fifo.jsonl")
+    with pytest.raises(DataError, match=r"fifo.jsonl: not a regular file \(a pipe, socket or device\)"):
+        read_sessions(tmp_path / "fifo.jsonl")
+    with pytest.raises(DataError, match=r"/dev/null: not a regular file"):
+        read_sessions("/dev/null")
+    (tmp_path / "a.jsonl").symlink_to(tmp_path / "b.jsonl")
+    (tmp_path / "b.jsonl").symlink_to(tmp_path / "a.jsonl")
+    (tmp_path / "gone.jsonl").symlink_to(tmp_path / "missing.jsonl")
+    for name in ("a.jsonl", "gone.jsonl"):
+        with pytest.raises(DataError, match=rf"{name}: a symbolic link to nothing"):
+            read_sessions(tmp_path / name)

@@ -92,13 +92,33 @@ def stats(datamodule, split: str, out: str | None, reduction: str = "token") -> 
     return result
 
 
-def check_out(command: str, out: str | None) -> None:
-    """``out=``, where a command writes: export needs a file; stats may write one; neither writes into a folder."""
+def check_out(command: str, out: str | None, inputs: list[str] = ()) -> None:
+    """``out=``, where a command writes: export needs a file; stats may write one; neither writes into a folder, a
+    path under a file, or over one of the files it reads (``inputs``)."""
     if command == "export" and not out:
         raise ConfigError("out", out, "a file to write the rows to: export needs out=FILE.jsonl")
-    if out and Path(out).is_dir():
-        kind = "one JSON Lines file" if command == "export" else "one JSON file"
+    if not out:
+        return
+    kind = "one JSON Lines file" if command == "export" else "one JSON file"
+    if Path(out).is_dir():
         raise ConfigError("out", out, f"a file, not a folder: {command} writes {kind}")
+    above = next((folder for folder in Path(out).parents if folder.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ConfigError("out", out, f"a path in a folder: {above} is a file")
+    if Path(out).exists():
+        read = next((file for file in inputs if Path(file).exists() and Path(file).samefile(out)), None)
+        if read is not None:
+            raise ConfigError("out", out, f"another file than those it reads ({read}): {command} would overwrite it")
+
+
+def data_files(data) -> list[str]:
+    """The files a data config reads: its split files or ``path`` (one or a list), and the tokenizer."""
+    files = [data.get(f"{split}_path") for split in SPLITS]
+    path = data.get("path")
+    files += [path] if isinstance(path, str) else list(path or [])
+    tokenizer = data.get("tokenizer")
+    files.append(tokenizer.get("path") if tokenizer is not None and hasattr(tokenizer, "get") else None)
+    return [str(f) for f in files if isinstance(f, str) and f]
 
 
 def export(datamodule, split: str, out: str) -> int:
@@ -175,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = compose_config("data_tool", overrides)
         reduction = check_choice("reduction", cfg.reduction, REDUCTIONS)
         split = check_choice("split", cfg.split, (*SPLITS, "all"))
-        check_out(command, cfg.out)  # before the data is built: a bad out= is not found after the table
+        check_out(command, cfg.out, data_files(cfg.data))  # before the data is built, not after the table
         datamodule = build(cfg.data)
         if split == "all":
             datamodule.pipeline.check_supervision(split)

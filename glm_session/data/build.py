@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import datasets
+import pyarrow
 
 from glm_session.constants import IGNORE_INDEX
 from glm_session.data.samples import Sample, SegmentEncoder, SessionLayout, build_sample
@@ -25,6 +27,7 @@ from glm_session.data.template import Template
 from glm_session.supervision import ALL_ANSWERS, Supervision
 from glm_session.tokenizer import ChatGLM2Tokenizer
 
+log = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "glm_session"
 COUNTERS = (
     "trained_turns",
@@ -109,6 +112,28 @@ def cache_file(fingerprint: str, cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir or DEFAULT_CACHE_DIR) / f"samples-{fingerprint}.arrow"
 
 
+def cached_samples(fingerprint: str, cache_dir: str | Path | None = None) -> datasets.Dataset | None:
+    """The samples cached under ``fingerprint``; ``None`` when there are none, or when the file cannot be read as
+    them (cut by a full disk, damaged): it is removed, with a warning, and the samples are built again."""
+    path = cache_file(fingerprint, cache_dir)
+    if not path.exists():
+        return None
+    try:
+        samples = datasets.Dataset.from_file(str(path))
+        if samples.features == FEATURES:
+            return samples
+        reason = "other columns than a sample's"
+    except (OSError, ValueError, pyarrow.ArrowException) as err:
+        reason = _one_line(err)
+    log.warning("%s: a damaged sample cache (%s): removed, the samples are built again", path, reason)
+    path.unlink(missing_ok=True)
+    return None
+
+
+def _one_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
 def build_samples(
     sessions: list[Session],
     spec: SampleSpec,
@@ -121,14 +146,15 @@ def build_samples(
     ``fingerprint``: the cache key, when the caller knows one (``spec.fingerprint`` of the files the sessions come
     from); by default it is computed from the sessions' content.
     """
-    if not sessions and not (fingerprint and cache_file(fingerprint, cache_dir).exists()):
-        return datasets.Dataset.from_dict({name: [] for name in FEATURES}, features=FEATURES)
-    if fingerprint is None:
+    if fingerprint is None and sessions:
         fingerprint = spec.fingerprint(sessions_fingerprint(sessions))
+    cached = cached_samples(fingerprint, cache_dir) if fingerprint else None
+    if cached is not None:  # what map would load, without building its input first
+        return cached
+    if not sessions:
+        return datasets.Dataset.from_dict({name: [] for name in FEATURES}, features=FEATURES)
     path = cache_file(fingerprint, cache_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():  # what map would load, without building its input first
-        return datasets.Dataset.from_file(str(path))
     columns: dict[str, list] = {name: [] for name in SESSION_FEATURES}
     for session in sessions:
         for name, value in session.to_record().items():

@@ -90,8 +90,9 @@ class DialogueDataModule(L.LightningDataModule):
         evaluation = SampleSpec(tokenizer, template, evaluation_strategy, max_seq_len)  # every answer, weight 1
         if (format == "text") != (template.name == "plain") or format == "text" and strategy.name != "lm":
             raise ConfigError(
-                "data.format", format, "text together with template=plain and strategy=lm (plain-text documents are "
-                "language-modelled, dialogues are written by a dialogue template)"
+                "data.format", format, f"text exactly when template=plain and strategy=lm, here template="
+                f"{template.name} and strategy={strategy.name} (plain-text documents are language-modelled, "
+                "dialogues are written by a dialogue template)"
             )  # fmt: skip
         source = DialogueSource(train_path, validation_path, test_path, path, holdout, holdout_by, format, role_map,
                                 on_error, drop_trailing_question, limit, normalize)  # fmt: skip

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 
 from glm_session.data.batching import Batching, RowBatchSampler
-from glm_session.data.build import COUNTERS, DEFAULT_CACHE_DIR, SampleSpec, build_samples, cache_file
+from glm_session.data.build import COUNTERS, DEFAULT_CACHE_DIR, SampleSpec, build_samples, cached_samples
 from glm_session.data.collator import Collator, RowDataset
 from glm_session.data.loader import ResumableDataLoader
 from glm_session.data.packing import Rows, make_rows
 from glm_session.data.source import SPLITS, DialogueSource
-from glm_session.errors import UserError
+from glm_session.errors import ConfigError, UserError
 from glm_session.supervision import SupervisedTurns, supervised_turns
 
 WINDOW_WARNING_SHARE = 0.5  # warn when cut sessions' windows take this share of their split samples' tokens
@@ -76,6 +76,9 @@ class DialoguePipeline:
         self.source, self.samples, self.evaluation_samples = source, samples, evaluation_samples
         self.batching, self.num_workers, self.pin_memory = batching, num_workers, pin_memory
         self.cache_dir, self.num_proc = Path(cache_dir or DEFAULT_CACHE_DIR), num_proc
+        above = next((f for f in (self.cache_dir, *self.cache_dir.parents) if f.exists()), None)
+        if above is not None and not above.is_dir():
+            raise ConfigError("data.cache_dir", str(self.cache_dir), f"a folder for the sample cache: {above} is a file")
         self._splits: dict[str, PreparedSplit] = {}
         self._supervised: dict[str, SupervisedTurns] = {}
 
@@ -88,9 +91,10 @@ class DialoguePipeline:
         if split not in self._splits:
             spec = self.spec_of(split)
             fingerprint = spec.fingerprint(f"{self.source.key()}-{split}")
-            cached = cache_file(fingerprint, self.cache_dir).exists()
-            sessions = [] if cached else self.source.read(split).sessions
-            samples = build_samples(sessions, spec, self.cache_dir, self.num_proc, fingerprint)
+            samples = cached_samples(fingerprint, self.cache_dir)
+            if samples is None:
+                sessions = self.source.read(split).sessions
+                samples = build_samples(sessions, spec, self.cache_dir, self.num_proc, fingerprint)
             table = samples.data
             rows = make_rows(table.column("length").to_pylist(), table.column("supervised_tokens").to_pylist(),
                              spec.max_seq_len, self.batching.packing)  # fmt: skip
@@ -203,6 +207,9 @@ class DialoguePipeline:
         if self.source.path is None and self.source.files[split] is None:
             raise EmptySplitError(f"no {split} data: give data.{split}_path (or data.path with data.holdout)")
         found = [f"{stats['sessions']} sessions read"]
+        if self.source.holdout and stats["sessions"] == 0:  # the files were read: the holdout left none here
+            read = sum(self.source.summary(s, self.cache_dir)["sessions"] for s in SPLITS)
+            found = [f"data.holdout={self.source.holdout} puts none of the {read:,} sessions read in it"]
         if stats["skipped_records"]:
             found.append(f"{stats['skipped_records']} records skipped (first: {self.describe_skips(split, 1)[0]})")
         if stats["skipped_turns"]:

@@ -26,6 +26,7 @@ from glm_session.data.session import (
     Message,
     Session,
     Turn,
+    check_control,
     check_unicode,
     session_from_messages,
     visible,
@@ -145,6 +146,8 @@ def parse_record(
     raw_id = record.get("id")
     if raw_id is None:
         session_id = f"{Path(path).name}:{record_number}"
+    elif isinstance(raw_id, str) and not raw_id.strip():
+        raise DataError(path, record_number, "'id': empty (give a session id, or leave 'id' out)")
     elif isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool):
         session_id = str(raw_id)
         check_unicode(session_id, path, record_number, "'id'")
@@ -172,6 +175,7 @@ def _document(record: dict, session_id: str, path: str, record_number: int | str
     check_unicode(text, path, record_number, "'text'")
     if not visible(text):
         raise DataError(path, record_number, "'text': empty, or no visible character")
+    check_control(text, path, record_number, "'text'")
     return Session(session_id, (Turn("", text),))
 
 
@@ -235,11 +239,20 @@ def _sharegpt(record: dict, path: str, record_number: int | str) -> list[Message
 def _openai(record: dict, path: str, record_number: int | str) -> list[Message]:
     try:  # fast path; the checks below say what is wrong
         messages = [Message(m["role"], m["content"], f"message {n}") for n, m in enumerate(record["messages"], 1)]
-        if all(type(m.role) is str and type(m.text) is str for m in messages):
+        if all(type(m.role) is str and type(m.text) is str for m in messages) and not any(
+            "weight" in m for m in record["messages"]
+        ):
             return messages
     except (KeyError, TypeError):
         pass
     items = _message_list(record, "messages", path, record_number)
+    for n, m in enumerate(items, start=1):
+        if "weight" in m and (type(m["weight"]) is not int or m["weight"] != 1):
+            raise DataError(
+                path, record_number, f"message {n}: 'weight': {json.dumps(m['weight'])}: OpenAI's per-message "
+                "weight is not read (every answer trains as the supervision policy says, conf/supervision/): "
+                "leave it out, or 1; to train only some answers, drop the others' turns or choose a policy"
+            )  # fmt: skip
     return [
         Message(
             _field(m, "role", str, path, record_number, f"message {n}: "),
@@ -282,6 +295,10 @@ def _records(path: Path) -> Iterator[tuple[int | str, Any]]:
     if path.is_dir():
         raise DataError(str(path), None, "a folder, not a file (give one .json, .jsonl or .jsonl.gz file)")
     if not path.is_file():
+        if path.exists():  # a FIFO, a socket, a device such as /dev/null
+            raise DataError(str(path), None, "not a regular file (a pipe, socket or device): give a .json or .jsonl file")
+        if path.is_symlink():
+            raise DataError(str(path), None, "a symbolic link to nothing (its target is missing, or the links loop)")
         raise DataError(str(path), None, "no such file")
     name = path.name.lower()
     compressed = next((suffix for suffix in (".gz", ".xz") if name.endswith(suffix)), None)
@@ -302,19 +319,64 @@ def _read_bytes(path: Path, compressed: str | None) -> bytes:
         raw = path.read_bytes()
     except OSError as err:
         raise DataError(str(path), None, f"cannot be read ({err.strerror or err})") from None
-    if compressed is None:
+    if compressed is None or not raw:  # an empty file holds no record, compressed or not
         return raw
     try:
-        return gzip.decompress(raw) if compressed == ".gz" else lzma.decompress(raw)
+        return gzip.decompress(raw) if compressed == ".gz" else _xz_streams(raw, path)
     except (EOFError, OSError, zlib.error, lzma.LZMAError) as err:
         kind = "gzip" if compressed == ".gz" else "xz"
         raise DataError(str(path), None, f"not a complete {kind} file ({err})") from None
 
 
+def _xz_streams(raw: bytes, path: Path) -> bytes:
+    """Every stream of an .xz file end to end. ``lzma.decompress`` drops without a word whatever follows the first
+    stream that is not one: a damaged second stream (and the records in it) or appended bytes."""
+    parts: list[bytes] = []
+    start = 0
+    while start < len(raw):
+        decompressor = lzma.LZMADecompressor(lzma.FORMAT_XZ)
+        try:
+            part = decompressor.decompress(raw[start:])
+            if not decompressor.eof:
+                raise EOFError("the file ends inside an xz stream")
+        except (lzma.LZMAError, EOFError) as err:
+            if not parts:
+                raise
+            raise DataError(
+                str(path), None, f"the bytes after xz stream {len(parts)} (from byte {start:,}) are not a whole xz "
+                f"stream ({err}): a damaged or appended file"
+            ) from None  # fmt: skip
+        parts.append(part)
+        rest = decompressor.unused_data
+        start = len(raw) - len(rest.lstrip(b"\0"))  # xz allows null padding between and after streams
+    return b"".join(parts)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused when a key comes twice: ``json.loads`` keeps the last and drops the first silently
+    (two ``messages`` lists: one dialogue lost)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        raise _DuplicateKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return obj
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_object)
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, which some editors write first: an encoding mark, not text
+
+
 def _parse_json(text: str) -> tuple[Any, str | None]:
     """(parsed value, None), or (None, why the text is not JSON that can be read)."""
     try:
-        return json.loads(text), None
+        return _DECODER.decode(text), None
+    except _DuplicateKey as err:
+        return None, f"invalid JSON: the key {err.key!r} twice in one object (JSON readers keep only the last)"
     except json.JSONDecodeError as err:
         return None, f"invalid JSON: {err.msg} at line {err.lineno} column {err.colno}"
     except RecursionError:
@@ -324,7 +386,7 @@ def _parse_json(text: str) -> tuple[Any, str | None]:
 
 
 def _jsonl_records(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
-    for line_number, line in enumerate(data.split(b"\n"), start=1):
+    for line_number, line in enumerate(data.removeprefix(BOM).split(b"\n"), start=1):
         if not line.strip():
             continue
         where = f"line {line_number}"
@@ -343,7 +405,7 @@ def _jsonl_records(path: Path, data: bytes) -> Iterator[tuple[str, Any]]:
 
 def _json_records(path: Path, data: bytes) -> Iterator[tuple[int, Any]]:
     try:
-        text = data.decode("utf-8")
+        text = data.removeprefix(BOM).decode("utf-8")
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
         raise DataError(

@@ -4,12 +4,14 @@ A session is an optional system text and turns (q_k, a_k), k = 1..T. ``session_f
 of messages into one, and raises ``DataError`` (file, record, reason) for every input that is not such a session:
 a role that is not system/user/assistant, two user or two assistant messages in a row, an answer without a
 question, an empty text or one with nothing visible (only whitespace, zero-width or control characters, NUL
-included), a text that is not valid Unicode (a lone surrogate such as ``"\\ud800"``), a session that ends with a user
+included), a text that is not valid Unicode (a lone surrogate such as ``"\\ud800"``), a control character
+in a text (NUL, a terminal's ESC; tab and newline are text), a session that ends with a user
 message, a misplaced system message. Nothing is fixed silently.
 """
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -107,6 +109,7 @@ def session_from_messages(
             system = text
         else:
             raise DataError(path, record, f"{where}: {_problem(role, text)}")
+        check_control(text, path, record, where)
     if question is not None and not drop_trailing_question:
         raise DataError(path, record, f"{where}: the session ends with a user message (no answer)")
     if not turns:
@@ -133,6 +136,20 @@ def check_unicode(text: str, path: str, record: str | int, where: str) -> None:
             record,
             f"{where}: a lone surrogate \\u{code:04x} at character {err.start + 1} (not valid Unicode)",
         ) from None
+
+
+CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # C0 and C1 controls, DEL; not tab, newline, CR
+
+
+def check_control(text: str, path: str, record: str | int, where: str) -> None:
+    """Raise ``DataError`` if a text that shows something also holds a control character (NUL, ESC of a terminal
+    colour, a bell): not text, and the tokenizer's byte fallback would teach the model to write it."""
+    found = CONTROL.search(text)
+    if found:
+        raise DataError(
+            path, record, f"{where}: a control character U+{ord(found.group()):04X} at character {found.start() + 1} "
+            "(not text: the model would learn to write it)"
+        )  # fmt: skip
 
 
 def _problem(role: str, text: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import uuid
 from collections.abc import Mapping, Sequence
@@ -19,6 +20,7 @@ from glm_session.data.readers import ReadResult, read_sessions
 from glm_session.data.session import ROLES
 from glm_session.errors import ConfigError, check_bool, check_choice, check_fraction, check_int
 
+log = logging.getLogger(__name__)
 SPLITS = ("train", "validation", "test")
 SKIPS_KEPT = 20  # skipped records whose messages the summary keeps
 
@@ -38,8 +40,10 @@ class DialogueSource:
             (``readers.read_sessions``).
         limit: the first ``limit`` sessions of each file.
 
-    ``key`` hashes the files' content, not their paths: the same data at another path (another clone, another
-    environment's copy of the bundled KdConv) is the same data, for the sample cache and for resuming a run.
+    ``key`` hashes the files' names and content, not their folders: the same data at another path (another clone,
+    another environment's copy of the bundled KdConv) is the same data, for the sample cache and for resuming a run.
+    (The name is part of it: it decides how the file is read, and it names the sessions of a file without ids, which
+    ``holdout`` hashes.)
     """
 
     def __init__(
@@ -58,6 +62,9 @@ class DialogueSource:
         normalize: str | None = None,
     ) -> None:
         self.files = {"train": train_path, "validation": validation_path, "test": test_path}
+        for split, file in self.files.items():
+            if file is not None and not (isinstance(file, str | os.PathLike) and str(file).strip()):
+                raise ConfigError(f"data.{split}_path", file, "a file, or null")
         self.path, self.holdout = _check_path(path), _check_holdout(holdout)
         if self.holdout and self.path is None:  # the split files are used as they are: a holdout would do nothing
             raise ConfigError(
@@ -120,8 +127,9 @@ class DialogueSource:
             digest.update(role.encode())
             if path is None:
                 digest.update(b"none")
-            else:
+            else:  # the name too: it says how the file is read (.json, .jsonl, .gz, .xz) and names records without ids
                 file = Path(path)
+                digest.update(file.name.encode())
                 digest.update(hashlib.sha256(file.read_bytes()).digest() if file.is_file() else b"missing")
         settings = {"one file": self.path is not None, "holdout": self.holdout, "read": self.read_options}
         if self.holdout_by != "id":  # (the key of earlier runs stays what it was)
@@ -140,8 +148,12 @@ class DialogueSource:
         """What reading ``split`` found (from the cache when the same files were read before)."""
         path = cache_dir / f"read-{self.key()}-{split}.json"
         if path.exists():
-            summary = json.loads(path.read_text())
-            if "openings" in summary:  # else written by an earlier version: read again
+            try:
+                summary = json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:  # damaged: read the files again
+                log.warning("%s: a damaged summary of a read (%s): it is made again", path, err)
+                summary = {}
+            if isinstance(summary, dict) and "openings" in summary:  # else an earlier version's: read again
                 return summary
         read = self.read(split)
         summary = {
@@ -167,8 +179,13 @@ def _check_path(path: str | Sequence[str] | None) -> list[str] | None:
     if path is None:
         return None
     paths = [path] if isinstance(path, str | os.PathLike) else list(path) if isinstance(path, Sequence) else None
-    if not paths or not all(isinstance(p, str | os.PathLike) for p in paths):
+    if not paths or not all(isinstance(p, str | os.PathLike) and str(p).strip() for p in paths):
         raise ConfigError("data.path", path, "a file or a non-empty list of files")
+    seen: dict[Path, str] = {}
+    for p in map(str, paths):
+        if Path(p).resolve() in seen:  # its sessions twice: each one trained twice an epoch, or in two splits
+            raise ConfigError("data.path", path, f"a list of distinct files ({seen[Path(p).resolve()]} and {p} are one)")
+        seen[Path(p).resolve()] = p
     return [str(p) for p in paths]
 
 
@@ -196,5 +213,7 @@ def _check_role_map(role_map: Mapping[str, str] | None) -> dict[str, str]:
         raise ConfigError("data.role_map", role_map, "null or a mapping like {client: user, counselor: assistant}")
     role_map = dict(role_map or {})
     for name, role in role_map.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError("data.role_map", role_map, "a mapping from role names (strings) to system, user or assistant")
         check_choice(f"data.role_map.{name}", role, ROLES)
     return role_map
