@@ -105,7 +105,8 @@ class RunInfo:
             if mine and theirs and mine != theirs:
                 changes.append(f"{split} {mine['sessions']:,} sessions, {mine['turns']:,} turns -> "
                                f"{theirs['sessions']:,} sessions, {theirs['turns']:,} turns")  # fmt: skip
-        what = "; ".join(changes) or "the same number of sessions and turns, other content or reading settings"
+        same = "the same number of sessions and turns, other content, file names or reading settings"
+        what = "; ".join(changes) or same
         return f"data: {what} (content {self.data_source[:8]} -> {(other.data_source or '?')[:8]})"
 
     def moved_data(self, other: RunInfo) -> list[str]:
