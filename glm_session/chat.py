@@ -26,7 +26,7 @@ from glm_session.config import CONFIG_DIR, build, device_of
 from glm_session.data.samples import SegmentEncoder, SessionLayout
 from glm_session.data.session import Session, Turn
 from glm_session.data.strategy import prompt_history_start
-from glm_session.data.template import PLAIN, Template, get_template
+from glm_session.data.template import PLAIN, TEMPLATES, Template, get_template
 from glm_session.errors import UserError, check_int
 from glm_session.evaluation.generation import GenerationSettings, generation_attention, generation_options
 from glm_session.export import INFO_FILE
@@ -50,7 +50,7 @@ class Chat:
         max_seq_len: int,
         system: str | None = None,
     ) -> None:
-        generation.check_room(max_seq_len, tokenizer, template)
+        generation.check_room(max_seq_len, tokenizer, template, room_key="max_seq_len")
         self.model, self.tokenizer, self.template, self.generation = model, tokenizer, template, generation
         self.budget, self.system = generation.prompt_budget(max_seq_len), system
         self.encode = SegmentEncoder(tokenizer)
@@ -158,6 +158,12 @@ def load_chat_model(cfg: DictConfig) -> tuple[torch.nn.Module, ChatGLM2Tokenizer
         if template_name is None:
             raise ChatError(f"{folder / INFO_FILE}: records no template; export the run's checkpoint again with "
                             "python -m glm_session.export")  # fmt: skip
+        if template_name not in TEMPLATES:
+            raise ChatError(f"{folder / INFO_FILE}: an unknown template {template_name!r} (one of "
+                            f"{', '.join(TEMPLATES)}); export the run's checkpoint again")  # fmt: skip
+        if max_seq_len is not None and (type(max_seq_len) is not int or max_seq_len < 1):
+            raise ChatError(f"{folder / INFO_FILE}: max_seq_len {max_seq_len!r} is not a number of tokens; "
+                            "export the run's checkpoint again, or give max_seq_len=N")  # fmt: skip
         from transformers import GlmForCausalLM
 
         try:
@@ -171,6 +177,15 @@ def load_chat_model(cfg: DictConfig) -> tuple[torch.nn.Module, ChatGLM2Tokenizer
             f"{cfg.ckpt_path or cfg.model_dir}: trained on plain text (template plain): no dialogue to chat"
         )
     return model.eval(), tokenizer, get_template(template_name), room or max_seq_len or 2048
+
+
+def is_text(line: str) -> bool:
+    """Whether ``line`` is Unicode text: bytes that are not UTF-8 reach it from stdin as lone surrogates."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def converse(chat: Chat, lines: Iterable[str], out: TextIO) -> None:
@@ -189,6 +204,8 @@ def converse(chat: Chat, lines: Iterable[str], out: TextIO) -> None:
             for k, turn in enumerate(chat.turns, 1):
                 out.write(f"[{k}] 问：{turn.question}\n[{k}] 答：{turn.answer}\n")
             out.write(f"({len(chat.turns)} turn(s))\n")
+        elif not is_text(question):
+            out.write("(not sent: the line is not valid UTF-8 text)\n")
         else:
             out.write("答：")
             chat.reply(question, out)

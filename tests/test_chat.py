@@ -3,6 +3,7 @@ included), the streamed answer equal to evaluation's generation, and bad input i
 
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -157,6 +158,24 @@ def test_a_damaged_export_folder_or_room_is_one_error(checkpoint, tmp_path):
     for room in (0, -5):
         with pytest.raises(ConfigError, match=f"max_seq_len={room}: must be an integer >= 1 or null"):
             load(ckpt_path=str(checkpoint), max_seq_len=room)
+    # Session 18's audit: tracebacks (ValueError, TypeError) that named no file
+    info = json.loads((listed.parent / "truncated" / INFO_FILE).read_text())
+    for key, value, reason in (("template", "foo", "an unknown template 'foo' (one of chatglm2, chatglm2_article, "
+                                                   "plain)"),
+                               ("max_seq_len", "abc", "max_seq_len 'abc' is not a number of tokens")):  # fmt: skip
+        (listed / INFO_FILE).write_text(json.dumps({**info, key: value}))
+        with pytest.raises(ChatError, match=re.escape(f"{listed / INFO_FILE}: {reason}")):
+            load(model_dir=str(listed))
+    # the room is chat's max_seq_len, not data.max_seq_len (a key chat does not have)
+    with pytest.raises(ConfigError, match=r"generation.max_new_tokens=30: must be at most \d+: max_seq_len=40 less"):
+        Chat(*load(ckpt_path=str(checkpoint), max_seq_len=40)[:3], GenerationSettings(max_new_tokens=30), 40)
+
+
+def test_a_line_that_is_not_utf8_is_not_sent(loaded):
+    model, tokenizer, template, max_seq_len = loaded
+    chat, out = Chat(model, tokenizer, template, GREEDY, max_seq_len), io.StringIO()
+    converse(chat, [b"\xff\xfe\x80bad\n".decode("utf-8", "surrogateescape")], out)  # how stdin hands it over
+    assert out.getvalue().splitlines()[1:] == ["(not sent: the line is not valid UTF-8 text)"] and chat.turns == []
 
 
 def test_an_exported_folder_chats_as_its_checkpoint(checkpoint, loaded, tmp_path):

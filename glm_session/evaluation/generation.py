@@ -48,14 +48,16 @@ class GenerationSettings:
         """The most tokens a prompt may take: what ``max_new_tokens`` leaves of ``max_seq_len``."""
         return max_seq_len - self.max_new_tokens
 
-    def check_room(self, max_seq_len: int, tokenizer: ChatGLM2Tokenizer, template: Template) -> None:
-        """Refuse a budget that leaves no room for any question."""
+    def check_room(
+        self, max_seq_len: int, tokenizer: ChatGLM2Tokenizer, template: Template, room_key: str = "data.max_seq_len"
+    ) -> None:
+        """Refuse a budget that leaves no room for any question (``room_key``: the key that set ``max_seq_len``)."""
         shortest = shortest_prompt(tokenizer, template)
         if self.prompt_budget(max_seq_len) < shortest:
             raise ConfigError(
                 "generation.max_new_tokens",
                 self.max_new_tokens,
-                f"at most {max_seq_len - shortest}: data.max_seq_len={max_seq_len} less the shortest prompt "
+                f"at most {max_seq_len - shortest}: {room_key}={max_seq_len} less the shortest prompt "
                 f"({shortest} tokens), so that a question fits",
             )
 
