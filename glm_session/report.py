@@ -46,12 +46,14 @@ def _best_val(record: Mapping[str, Any]) -> float | None:
     return min(point["loss"] for point in curve) if curve else None
 
 
-def _path(*keys: str) -> Callable[[Mapping[str, Any]], float | None]:
-    def get(record: Mapping[str, Any]) -> float | None:
+def _path(*keys: str) -> Callable[[Mapping[str, Any]], Any]:
+    """The value at ``keys`` in a record (``None`` where a level is missing); ``_checked_record`` checks its type."""
+
+    def get(record: Mapping[str, Any]) -> Any:
         value: Any = record
         for key in keys:
             value = value.get(key) if isinstance(value, Mapping) else None
-        return value if isinstance(value, int | float) else None
+        return value
 
     return get
 
@@ -116,8 +118,24 @@ def _load_yaml(path: Path, kind: type | None = None) -> Any:
 
 
 def _checked_record(folder: Path) -> dict[str, Any]:
-    """``metrics.json`` of a run, its validation curve checked: a list of points with a numeric step and loss."""
+    """``metrics.json`` of a run (``{}``: none), checked: JSON of an object, a text ``status``, each metric of the
+    table a number (finite in a completed run, whose numbers are averaged), the validation curve a list of points
+    with a numeric step and loss."""
+    path = folder / METRICS_FILE
+    if not path.exists():
+        return {}
     record = read_record(folder)
+    if not record:
+        raise UserError(f"{path}: not a run record (not JSON of an object: damaged, or not written by train)")
+    status = record.get("status")
+    if status is not None and not isinstance(status, str):
+        raise UserError(f"{path}: status holds {status!r}, not a run's status (completed, stopped, failed)")
+    for name, get in METRICS.items():
+        if name in ("val_loss", "best_val_loss"):
+            continue  # read from the curve, checked below
+        value = get(record)
+        if value is not None and (not _is_number(value) or status == "completed" and not math.isfinite(value)):
+            raise UserError(f"{path}: {name} holds {value!r}, not a finite number (the record train writes)")
     curve = record.get("val_curve")
     if curve is not None:
         points = curve if isinstance(curve, list) else [None]
@@ -125,6 +143,8 @@ def _checked_record(folder: Path) -> dict[str, Any]:
             if not (isinstance(point, Mapping) and all(_is_number(point.get(key)) for key in ("step", "loss"))):
                 raise UserError(f"{folder / METRICS_FILE}: val_curve holds {point!r}, not a point with a numeric "
                                 "step and loss (the record train writes)")  # fmt: skip
+            if status == "completed" and not math.isfinite(point["loss"]):
+                raise UserError(f"{path}: val_curve holds {point!r}: a completed run's losses are finite numbers")
     return record
 
 

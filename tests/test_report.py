@@ -134,8 +134,17 @@ def test_a_folder_without_runs_is_one_line(tmp_path, capsys, make):
         ({"metrics.json": '{"val_curve": [1.0, 2.0]}'}, "metrics.json: val_curve holds 1.0, not a point with a "),
         ({"metrics.json": '{"val_curve": [{"loss": 2.0}]}'}, "metrics.json: val_curve holds {'loss': 2.0}, not a point"),
         ({"metrics.json": '{"val_curve": [{"step": 1, "loss": "high"}]}'}, "val_curve holds {'step': 1, 'loss': 'high'}"),
+        # session 18's audit: listed as "no record", averaged (NaN, true as 1.0), dropped ("8.7"), printed (a list)
+        ({"metrics.json": '{"status": "completed", "val_cu'}, "metrics.json: not a run record (not JSON of an object"),
+        ({"metrics.json": '{"status": "completed", "train_loss": NaN, "val_curve": []}'},
+         "metrics.json: train_loss holds nan, not a finite number"),
+        ({"metrics.json": '{"status": "completed", "val_curve": [{"step": 1, "loss": NaN}]}'},
+         "metrics.json: val_curve holds {'step': 1, 'loss': nan}: a completed run's losses are finite numbers"),
+        ({"metrics.json": '{"status": "completed", "tokens_per_second": true}'}, "tokens_per_second holds True, not"),
+        ({"metrics.json": '{"status": "completed", "train_loss": "8.7"}'}, "train_loss holds '8.7', not a finite"),
+        ({"metrics.json": '{"status": ["completed"]}'}, "metrics.json: status holds ['completed'], not a run's status"),
     ],
-)
+)  # fmt: skip
 def test_a_damaged_run_folder_is_named_in_one_line(tmp_path, capsys, damage, message):
     make_run(tmp_path / "runs" / "0", ["seed=0"], {"seed": 0}, completed([2.0], 3.0))
     for name, content in damage.items():
