@@ -219,6 +219,12 @@ def _with_base(
 
     if not info.init_from:
         raise CheckpointError(f"{path}: LoRA adapters without a recorded base (model.init_from)")
+    if not info.init_from.startswith(HUB_PREFIX) and not Path(info.init_from).exists():
+        raise CheckpointError(
+            f"{path}: the base of these LoRA adapters, {info.init_from} (the run's model.init_from), is not there: "
+            "put it back at that path, or export the adapters alone (python -m glm_session.export --adapter) and "
+            "load them onto the base where it is now (model.init_from=<base> model.init_adapter=<adapters>)"
+        )
     check_init_from(info.init_from)
     if weights_fingerprint(info.init_from) != info.base_fingerprint:
         raise CheckpointError(

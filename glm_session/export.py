@@ -200,20 +200,10 @@ def export(
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise ExportError(f"{dst}: exists and is not an empty folder")
     if adapter:
-        return export_adapter(checkpoint, dst, tokenizer)
+        return export_adapter(checkpoint, dst, tokenizer, dtype, chat_template)
     model, info = load_model(checkpoint)
     tokenizer = tokenizer or run_tokenizer(checkpoint, info)
-    if tokenizer.fingerprint != info.tokenizer_fingerprint:
-        raise ExportError(
-            f"{checkpoint}: trained with tokenizer {info.tokenizer_fingerprint}, not with "
-            f"{tokenizer.vocab_file} ({tokenizer.fingerprint}); pass the run's with --tokenizer"
-        )
-    fast = fast_tokenizer(tokenizer)
-    check_tokenizer(fast, tokenizer, PROBE_TEXTS)
-    if chat_template and info.template != PLAIN.name:  # plain text has no dialogue, so no chat template
-        add_chat_template(fast, get_template(info.template), "".join(PREFIX_TOKENS), fast.eos_token)
-        check_chat_template(fast, tokenizer, get_template(info.template), PROBE_CONVERSATIONS)
-
+    fast = checked_fast_tokenizer(checkpoint, info, tokenizer, chat_template)
     if dtype is not None:
         model.to(dtype)
     model.generation_config = GenerationConfig(  # the vocabulary's padding ids decode to nothing: never generated
@@ -230,9 +220,35 @@ def export(
     return dst
 
 
-def export_adapter(checkpoint: Path, dst: Path, tokenizer: ChatGLM2Tokenizer | None = None) -> Path:
+def checked_fast_tokenizer(
+    checkpoint: Path, info: RunInfo, tokenizer: ChatGLM2Tokenizer, chat_template: bool
+) -> PreTrainedTokenizerFast:
+    """The run's tokenizer as a fast tokenizer that encodes as it does (checked on ``PROBE_TEXTS``), with the run's
+    template as its chat template (checked on ``PROBE_CONVERSATIONS``) unless ``chat_template`` is false."""
+    if tokenizer.fingerprint != info.tokenizer_fingerprint:
+        raise ExportError(
+            f"{checkpoint}: trained with tokenizer {info.tokenizer_fingerprint}, not with "
+            f"{tokenizer.vocab_file} ({tokenizer.fingerprint}); pass the run's with --tokenizer"
+        )
+    fast = fast_tokenizer(tokenizer)
+    check_tokenizer(fast, tokenizer, PROBE_TEXTS)
+    if chat_template and info.template != PLAIN.name:  # plain text has no dialogue, so no chat template
+        add_chat_template(fast, get_template(info.template), "".join(PREFIX_TOKENS), fast.eos_token)
+        check_chat_template(fast, tokenizer, get_template(info.template), PROBE_CONVERSATIONS)
+    return fast
+
+
+def export_adapter(
+    checkpoint: Path,
+    dst: Path,
+    tokenizer: ChatGLM2Tokenizer | None = None,
+    dtype: torch.dtype | None = None,
+    chat_template: bool = True,
+) -> Path:
     """Write a LoRA run's adapters as peft writes them (``adapter_config.json``, ``adapter_model.safetensors``:
-    ``PeftModel.from_pretrained(base, dst)`` loads them), with the run's tokenizer and record."""
+    ``PeftModel.from_pretrained(base, dst)`` loads them; ``dtype``: of the adapter weights, default the
+    checkpoint's), with the run's tokenizer as the merged export writes it (``AutoTokenizer`` loads it) and its
+    record."""
     from safetensors.torch import save_file
 
     from glm_session.adapters import peft_config, peft_names, settings_of
@@ -242,11 +258,7 @@ def export_adapter(checkpoint: Path, dst: Path, tokenizer: ChatGLM2Tokenizer | N
     if not info.peft:
         raise ExportError(f"{checkpoint}: a full fine-tuning run has no adapters to export; leave out --adapter")
     tokenizer = tokenizer or run_tokenizer(checkpoint, info)
-    if tokenizer.fingerprint != info.tokenizer_fingerprint:
-        raise ExportError(
-            f"{checkpoint}: trained with tokenizer {info.tokenizer_fingerprint}, not with "
-            f"{tokenizer.vocab_file} ({tokenizer.fingerprint}); pass the run's with --tokenizer"
-        )
+    fast = checked_fast_tokenizer(checkpoint, info, tokenizer, chat_template)
     if not info.init_from:
         raise ExportError(f"{checkpoint}: LoRA adapters without a recorded base (model.init_from): peft could not "
                           "load them onto the base they were trained on")  # fmt: skip
@@ -258,8 +270,9 @@ def export_adapter(checkpoint: Path, dst: Path, tokenizer: ChatGLM2Tokenizer | N
     metadata = {key: value for key, value in info.to_dict().items() if key != "model_config"}
     with new_folder(dst, "export") as folder:
         config.save_pretrained(folder)
-        weights = {k: v.contiguous() for k, v in peft_names(model_state(state, checkpoint)).items()}
+        weights = {k: v.to(dtype or v.dtype).contiguous() for k, v in peft_names(model_state(state, checkpoint)).items()}
         save_file(weights, folder / "adapter_model.safetensors")
+        fast.save_pretrained(folder)
         (folder / VOCAB_FILE).write_bytes(tokenizer.sp.serialized_model_proto())
         (folder / INFO_FILE).write_text(json.dumps({**metadata, "checkpoint": str(checkpoint)}, indent=2) + "\n")
     return dst

@@ -16,6 +16,7 @@
 import dataclasses
 import functools
 import json
+import re
 
 import lightning as L
 import pytest
@@ -190,6 +191,20 @@ def test_resuming_on_another_base_is_refused(lora_checkpoint, tmp_path, tokenize
         lora_run(tmp_path / "resumed", other, cache_dir, f"ckpt_path={lora_checkpoint}")
 
 
+def test_a_moved_base_is_named_as_the_checkpoints_and_the_adapters_still_export(lora_checkpoint, tmp_path):
+    content = torch.load(lora_checkpoint, weights_only=True)
+    content["glm_session"]["init_from"] = str(tmp_path / "moved_base")  # as if the base folder had been moved
+    torch.save(content, tmp_path / "moved.ckpt")
+    # before: "model.init_from=...: no such folder or checkpoint file (for a Hub model, write hf://<id>)", a key that
+    # evaluate, chat, export and analysis do not have
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'moved.ckpt'}: the base of these LoRA adapters, "
+                                                        f"{tmp_path / 'moved_base'} (the run's model.init_from), is "
+                                                        "not there: put it back")):  # fmt: skip
+        load_model(tmp_path / "moved.ckpt")
+    export_main([str(tmp_path / "moved.ckpt"), str(tmp_path / "adapter"), "--adapter"])  # the way the error names
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def adapted_logits(checkpoint) -> torch.Tensor:
     model, _ = load_model(checkpoint)  # the base with the adapters merged in
     with torch.no_grad():
@@ -226,6 +241,21 @@ def test_the_adapter_export_loads_in_peft_and_starts_a_run(lora_checkpoint, base
     module = objects["module"]
     with torch.no_grad():
         torch.testing.assert_close(module.model(input_ids=IDS).logits, adapted_logits(lora_checkpoint))
+
+
+def test_the_adapter_export_has_the_merged_exports_tokenizer_and_takes_a_dtype(lora_checkpoint, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    export_main([str(lora_checkpoint), str(tmp_path / "merged")])
+    export_main([str(lora_checkpoint), str(tmp_path / "adapter"), "--adapter", "--dtype", "bfloat16"])
+    merged, adapter = (AutoTokenizer.from_pretrained(tmp_path / name) for name in ("merged", "adapter"))
+    # before: AutoTokenizer read the bare tokenizer.model: '你好' -> [416], 6,000 pieces against the merged 6,005
+    assert adapter("你好").input_ids == merged("你好").input_ids and len(adapter) == len(merged)
+    messages = [{"role": "user", "content": "你好"}]
+    assert adapter.apply_chat_template(messages) == merged.apply_chat_template(messages)
+    # --dtype was taken and not applied: the adapters stayed float32
+    assert {t.dtype for t in load_file(tmp_path / "adapter" / "adapter_model.safetensors").values()} == {torch.bfloat16}
 
 
 def test_export_adapter_of_a_full_run_is_refused(tmp_path, cache_dir):
