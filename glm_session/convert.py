@@ -120,8 +120,13 @@ def read_config(src: Path) -> GlmConfig:
     if not sizes["head_dim"] > 0:
         raise ConversionError(f"{path}: hidden_size {sizes['hidden_size']} over {heads} heads leaves no head dimension")
     for token in ("eos_token_id", "pad_token_id"):
-        if original.get(token) is not None:
-            sizes[token] = original[token]
+        value = original.get(token)
+        if value is None:
+            continue
+        if type(value) is not int or not 0 <= value < sizes["vocab_size"]:  # a traceback, or a model that never stops
+            raise ConversionError(f"{path}: {token}={value!r}; it must be a token id, 0 to padded_vocab_size - 1 "
+                                  f"({sizes['vocab_size'] - 1})")  # fmt: skip
+        sizes[token] = value
     return chatglm2_config("chatglm2-6b", **sizes)
 
 
@@ -138,6 +143,9 @@ def weight_files(src: Path) -> list[Path]:
                 names = sorted(set(weight_map.values()))
                 if not all(isinstance(name, str) for name in names):
                     raise TypeError("a file name that is not a string")
+                outside = [name for name in names if Path(name).is_absolute() or ".." in Path(name).parts]
+                if outside:
+                    raise ValueError(f"{outside[0]} is not a file of the folder: an index names its own shards")
             except (OSError, UnicodeDecodeError, ValueError, LookupError, AttributeError, TypeError) as err:
                 raise ConversionError(f"{index}: not a weight index with a 'weight_map' ({err!r})") from None
             missing = [name for name in names if not (src / name).is_file()]

@@ -273,12 +273,20 @@ def test_corrupt_weights_and_unsupported_config(tmp_path, state, vocab):
         ({"seq_length": 0}, "seq_length=0; it must be above 0"),
         ({"layernorm_epsilon": -1.0}, "layernorm_epsilon=-1.0; it must be above 0"),
         ({"num_layers": -1}, "num_layers=-1; it must be above 0"),  # blamed a tensor that did not fit
+        # session 18's audit: tracebacks (a strict dataclass, an assertion on the padding index), or written taken
+        ({"eos_token_id": "x"}, "eos_token_id='x'; it must be a token id, 0 to padded_vocab_size - 1"),
+        ({"eos_token_id": True}, "eos_token_id=True; it must be a token id, 0 to padded_vocab_size - 1"),
+        ({"pad_token_id": 99999}, "pad_token_id=99999; it must be a token id, 0 to padded_vocab_size - 1"),
+        ({"eos_token_id": -1}, "eos_token_id=-1; it must be a token id, 0 to padded_vocab_size - 1"),
     ],
 )
 def test_config_sizes_that_make_no_model_are_named(tmp_path, state, vocab, fields, message):
     src = write_original(tmp_path / "original", state, vocab)
     (src / "config.json").write_text(json.dumps({**original_config(vocab), **fields}))
-    assert convert_error(src, tmp_path / "converted") == f"{src / 'config.json'}: {message}"
+    error = convert_error(src, tmp_path / "converted")
+    assert error == f"{src / 'config.json'}: {message}" or message.endswith("- 1") and error == (
+        f"{src / 'config.json'}: {message} ({vocab - 1})"
+    ), error
 
 
 def test_weights_that_are_no_model_are_named(tmp_path, state, vocab):
@@ -296,7 +304,10 @@ def test_weights_that_are_no_model_are_named(tmp_path, state, vocab):
     src = write_original(tmp_path / "index", state, vocab)
     index = src / "pytorch_model.bin.index.json"
     for content, reason in [([1, 2], "TypeError('list indices must be integers"),
-                            ({"weight_map": {qkv: 7}}, "TypeError('a file name that is not a string')")]:  # fmt: skip
+                            ({"weight_map": {qkv: 7}}, "TypeError('a file name that is not a string')"),
+                            ({"weight_map": {qkv: str(tmp_path / "outside.bin")}}, f"ValueError('{tmp_path}/outside.bin "
+                             "is not a file of the folder"),  # read before, from wherever it pointed
+                            ({"weight_map": {qkv: "../outside.bin"}}, "ValueError('../outside.bin is not a file of the")]:  # fmt: skip
         index.write_text(json.dumps(content))
         assert convert_error(src, tmp_path / "converted").startswith(f"{index}: not a weight index with a 'weight_map' "
                                                                      f"({reason}")  # fmt: skip
