@@ -15,7 +15,6 @@ filled, with its exact shape; anything else is a ``ConversionError`` naming the 
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import GlmConfig, GlmForCausalLM
 
-from glm_session.errors import UserError, cli_errors
+from glm_session.errors import CommandLineParser, UserError, cli_errors
 from glm_session.model.presets import chatglm2_config
 from glm_session.tokenizer import VOCAB_FILE, ChatGLM2Tokenizer
 
@@ -317,7 +316,7 @@ def convert(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandLineParser(prog="glm_session.convert", description=__doc__.splitlines()[0])
     parser.add_argument("src", type=Path, help="original ChatGLM2 folder (config.json, weights, tokenizer.model)")
     parser.add_argument("dst", type=Path, help="new folder for GlmForCausalLM.from_pretrained")
     parser.add_argument("--dtype", choices=DTYPES, help="dtype of the written weights (default: the source's)")

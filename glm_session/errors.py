@@ -8,12 +8,13 @@ and exit code 2. Any other exception is a bug in glm_session and keeps its trace
 
 from __future__ import annotations
 
+import argparse
 import errno
 import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 EXIT_BAD_INPUT = 2
 PLUGIN_EXTRAS = {  # the Hydra plugins whose configs the project names -> the extra that installs each
@@ -146,3 +147,12 @@ def cli_errors() -> Iterator[None]:
             raise
         print(f"error: {message}", file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """``argparse``, whose errors are the project's one line (``error: ...``, exit code 2), not its usage lines and
+    the script's name before the message."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (python -m {self.prog} --help says what it takes)", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)

@@ -32,7 +32,6 @@ The fast tokenizer is built from the SentencePiece model's own settings (transfo
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ from glm_session.data.chat_template import add_chat_template, chat_messages
 from glm_session.data.samples import SegmentEncoder
 from glm_session.data.session import Turn
 from glm_session.data.template import PLAIN, TEMPLATES, Template, get_template, prompt_text
-from glm_session.errors import UserError, cli_errors
+from glm_session.errors import CommandLineParser, UserError, cli_errors
 from glm_session.evaluation.generation import vocabulary_padding
 from glm_session.run_info import RunInfo
 from glm_session.tokenizer import PREFIX_TOKENS, SPECIAL_TOKENS, VOCAB_FILE, ChatGLM2Tokenizer
@@ -279,7 +278,7 @@ def export_adapter(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandLineParser(prog="glm_session.export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path, help="a run's checkpoint file, e.g. <run>/checkpoints/last.ckpt")
     parser.add_argument("dst", type=Path, help="new folder for transformers' from_pretrained")
     parser.add_argument("--tokenizer", type=Path, help="the run's tokenizer.model or folder (default: the run's)")

@@ -15,7 +15,6 @@ its seeds, with a band of one std). ``<out>`` defaults to ``<folder>/report``.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import functools
 import io
@@ -28,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from glm_session.errors import UserError, cli_errors
+from glm_session.errors import CommandLineParser, UserError, cli_errors
 from glm_session.run_status import METRICS_FILE, read_record
 
 SEED_KEY = "seed"
@@ -421,7 +420,7 @@ def write_report(folder: str | Path, out: str | Path | None = None) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m glm_session.report", description=__doc__.split("\n\n")[0])
+    parser = CommandLineParser(prog="glm_session.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", help="a multirun folder (outputs/multiruns/<stamp>) or any folder of runs")
     parser.add_argument("--out", help="where the report goes (default: <folder>/report)")
     args = parser.parse_args(argv)

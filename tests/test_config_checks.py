@@ -267,3 +267,23 @@ def test_a_gpu_trainer_on_a_machine_without_one_names_the_key(tmp_path):
     cfg = compose_config("train", [*FAST, "trainer=fsdp", f"output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="trainer.accelerator='gpu': must be cpu here: this machine has no CUDA GPU"):
         train(cfg)
+
+
+@pytest.mark.parametrize(
+    "tool, argv, message",
+    [
+        ("export", ["a.ckpt", "out", "--dtype", "fp16"], "error: argument --dtype: invalid choice: 'fp16' (choose from"),
+        ("export", [], "error: the following arguments are required: checkpoint, dst"),
+        ("convert", ["src"], "error: the following arguments are required: dst"),
+        ("report", ["runs", "--outt", "x"], "error: unrecognized arguments: --outt x"),
+    ],
+)
+def test_the_argparse_tools_say_a_bad_argument_in_one_line(tool, argv, message, capsys):
+    """argparse printed its usage lines, then ``export.py: error: ...``: two lines and the script's name."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"glm_session.{tool}").main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(message) and err.endswith(f"(python -m glm_session.{tool} --help says what it takes)\n")
