@@ -157,11 +157,22 @@ def test_report_command(tmp_path, cache_dir):
         (["measure", "measure.model=foo"], "error: measure.model='foo': must be one of chatglm2-6b,"),
         (["measure", "measure.sessions=0"], "error: measure.sessions=0: must be an integer >= 1"),  # said data.limit
         (["reprot"], "error: unknown command 'reprot': one of article-toy, exact-toy, report, measure"),
+        # session 18's audit: the docstring alone; exit 0 for the next two
+        ([], "error: no command: one of article-toy, exact-toy, report, measure"),
+        (["article-toy", "extra=1"], "error: article-toy takes no overrides, got extra=1"),
+        (["exact-toy", "supervision=positions", "supervision.weights=[0,0,0]"],
+         "error: supervision='positions weights=[0,0,0] rest=1': must be a policy that trains some answer of the toy"),
+        (["report", "out_dir={tmp}/a_file"], "error: out_dir='{tmp}/a_file': must be a folder to write into: "
+                                             "{tmp}/a_file is a file"),  # "a_file: File exists"
     ],
-)
+)  # fmt: skip
 def test_bad_analysis_values_end_with_one_line(tmp_path, cache_dir, capsys, argv, message):
-    extra = [] if argv == ["reprot"] else ["data.limit=5", f"data.cache_dir={cache_dir}", f"out_dir={tmp_path}"]
-    if argv == ["reprot"]:  # refused before any config: returned, not raised
+    (tmp_path / "a_file").write_text("x")
+    argv, message = [a.replace("{tmp}", str(tmp_path)) for a in argv], message.replace("{tmp}", str(tmp_path))
+    before_config = argv in (["reprot"], [], ["article-toy", "extra=1"])
+    extra = [] if before_config or argv[0] == "exact-toy" else ["data.limit=5", f"data.cache_dir={cache_dir}"]
+    extra += [] if before_config or any(a.startswith("out_dir=") for a in argv) else [f"out_dir={tmp_path}"]
+    if before_config:  # refused before any config: returned, not raised
         assert analysis_main(argv) == 2
     else:
         assert _exit_code([*argv, *extra]) == 2

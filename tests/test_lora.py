@@ -443,6 +443,12 @@ def test_analysis_measures_the_per_turn_weights_on_the_adapter_gradients(lora_ch
                        f"data.cache_dir={cache_dir}", f"out_dir={tmp_path / 'zh'}"])  # fmt: skip
     assert f"error: {lora_checkpoint}: trained with tokenizer " in capsys.readouterr().err
     assert not (tmp_path / "zh" / "measured.json").exists()
+    # Another template than the run's: measured in a format it never saw, exit 0, before session 18
+    with pytest.raises(SystemExit):
+        analysis_main(["measure", "measure.sessions=2", f"measure.ckpt_path={lora_checkpoint}",
+                       "template=chatglm2_article", f"data.cache_dir={cache_dir}", f"out_dir={tmp_path / 'tpl'}"])  # fmt: skip
+    assert capsys.readouterr().err.splitlines()[-1] == (f"error: {lora_checkpoint}: trained with template=chatglm2, "
+                                                        "not with template=chatglm2_article: give template=chatglm2")  # fmt: skip
 
 
 # -- QLoRA: the same adapters over a 4-bit base ---------------------------------------------------------------------

@@ -193,3 +193,11 @@ def test_mean_curve_at_shared_points_and_validation_by_validation():
     short = [[{"step": 10, "loss": 2.0}, {"step": 20, "loss": 1.0}], [{"step": 10, "loss": 4.0}]]
     assert mean_curve(short) == ([10.0], [3.0], [math.sqrt(2)])
     assert mean_curve([]) == ([], [], [])
+
+
+def test_out_that_is_a_file_is_named(sweep, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit):
+        main([str(sweep), "--out", str(tmp_path / "a_file")])
+    assert capsys.readouterr().err == f"error: --out {tmp_path / 'a_file'}: a folder to write the report into; " \
+                                      f"{tmp_path / 'a_file'} is a file\n"  # fmt: skip

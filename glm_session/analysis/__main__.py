@@ -37,6 +37,9 @@ def toy(cfg: DictConfig) -> dict:
     from glm_session.analysis.weights import exact_coefficients
 
     supervision = build(cfg.supervision)
+    if not any(w for s in ARTICLE_TOY for w in supervision.session_weights(len(s))):
+        raise ConfigError("supervision", supervision.describe(), "a policy that trains some answer of the toy batch "
+                          "(every turn weight is 0: nothing to share)")  # fmt: skip
     shares = exact_toy(supervision=supervision)
     scale = {
         name: sum(
@@ -74,9 +77,17 @@ def data_for(cfg: DictConfig, strategy: str, **data_overrides):
     return data
 
 
+def check_out_dir(out_dir: str) -> None:
+    """``out_dir``: a folder, or a path where one can be made (a file there was "File exists")."""
+    above = next((f for f in (Path(out_dir), *Path(out_dir).parents) if f.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ConfigError("out_dir", out_dir, f"a folder to write into: {above} is a file")
+
+
 def report(cfg: DictConfig) -> dict:
     from glm_session.analysis.report import weight_report, write_report
 
+    check_out_dir(cfg.out_dir)
     accumulate = check_int("accumulate", cfg.accumulate, minimum=1)
     datas = {strategy: data_for(cfg, strategy) for strategy in ("split", "session")}
     result = weight_report(datas, accumulate, cfg.split)
@@ -99,6 +110,7 @@ def measure(cfg: DictConfig) -> dict:
     from glm_session.analysis.weights import exact_coefficients
     from glm_session.model import PRESETS, chatglm2_config, padded_vocab_size
 
+    check_out_dir(cfg.out_dir)
     sessions = check_int("measure.sessions", cfg.measure.sessions, minimum=1)
     if not cfg.measure.ckpt_path:
         check_choice("measure.model", cfg.measure.model, tuple(PRESETS))
@@ -115,6 +127,9 @@ def measure(cfg: DictConfig) -> dict:
                     f"({info.tokenizer_path or 'the bundled one'}), not with {data.tokenizer.vocab_file} "
                     f"({data.tokenizer.fingerprint}): give the run's tokenizer (tokenizer=... or tokenizer.path=...)"
                 )  # fmt: skip
+            if info.template != data.template.name:  # its samples would be measured in a format it never saw
+                raise CheckpointError(f"{cfg.measure.ckpt_path}: trained with template={info.template}, not with "
+                                      f"template={data.template.name}: give template={info.template}")  # fmt: skip
         else:
             torch.manual_seed(cfg.seed)
             model = GlmForCausalLM(
@@ -144,14 +159,17 @@ def measure(cfg: DictConfig) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv else ""
-    if command == "article-toy":
-        print(json.dumps(article_toy()))
-        return 0
     if command not in COMMANDS:
         print(__doc__, file=sys.stderr)
-        if command:
-            print(f"error: unknown command {command!r}: one of {', '.join(COMMANDS)}", file=sys.stderr)
+        what = f"unknown command {command!r}" if command else "no command"
+        print(f"error: {what}: one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    if command == "article-toy":
+        if argv[1:]:  # the article's own batch and attribution: nothing to set
+            print(f"error: article-toy takes no overrides, got {' '.join(argv[1:])}", file=sys.stderr)
+            return 2
+        print(json.dumps(article_toy()))
+        return 0
     with cli_errors():
         cfg = compose_config("analysis", argv[1:])
         {"exact-toy": toy, "report": report, "measure": measure}[command](cfg)

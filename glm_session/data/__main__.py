@@ -187,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         print(__doc__, file=sys.stderr)
-        if argv:
-            print(f"error: unknown command {argv[0]!r}: one of {', '.join(COMMANDS)}", file=sys.stderr)
+        what = f"unknown command {argv[0]!r}" if argv else "no command"
+        print(f"error: {what}: one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     command, overrides = argv[0], argv[1:]
     with cli_errors():
