@@ -69,6 +69,9 @@ def test_bad_data_values_name_the_key_and_the_range(override, message):
         ("generation.temperature=0", "generation.temperature=0: must be a number > 0.0"),
         ("generation.top_p=1.5", "generation.top_p=1.5: must be a number in (0, 1]"),
         ("generation.do_sample=yes", "generation.do_sample='yes': must be true or false"),
+        # greedy decoding ignored them, and metrics.json recorded them as used
+        ("generation.temperature=5.0", "generation.temperature=5.0: must be left at 1.0 without generation.do_sample"),
+        ("generation.top_p=0.01", "generation.top_p=0.01: must be left at 1.0 without generation.do_sample=true"),
         # Room for the answer but none for a question: refused, never a prompt of [gMASK] sop alone.
         (
             "generation.max_new_tokens=64",

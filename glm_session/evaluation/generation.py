@@ -43,6 +43,10 @@ class GenerationSettings:
         if check_number("generation.top_p", self.top_p, 0.0, exclusive=True) > 1:
             raise ConfigError("generation.top_p", self.top_p, "a number in (0, 1]")
         check_number("generation.repetition_penalty", self.repetition_penalty, 0.0, exclusive=True)
+        for key, value in (("temperature", self.temperature), ("top_p", self.top_p)):
+            if not self.do_sample and value != 1.0:  # greedy decoding ignores it, and metrics.json would record it
+                raise ConfigError(f"generation.{key}", value, "left at 1.0 without generation.do_sample=true (greedy "
+                                  "decoding does not sample)")  # fmt: skip
 
     def prompt_budget(self, max_seq_len: int) -> int:
         """The most tokens a prompt may take: what ``max_new_tokens`` leaves of ``max_seq_len``."""
