@@ -141,6 +141,9 @@ def load_chat_model(cfg: DictConfig) -> tuple[torch.nn.Module, ChatGLM2Tokenizer
         folder = Path(cfg.model_dir)
         if not folder.is_dir():
             raise ChatError(f"{folder}: no such folder (model_dir= takes a folder written by glm_session.export)")
+        if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+            raise ChatError(f"{folder}: LoRA adapters alone (export --adapter); model_dir= takes a whole model: "
+                            "export the run without --adapter, or give its checkpoint as ckpt_path=")  # fmt: skip
         if not (folder / "config.json").is_file():
             raise ChatError(f"{folder}: not a model folder (no config.json); model_dir= takes a folder written by "
                             "glm_session.export")  # fmt: skip

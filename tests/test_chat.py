@@ -166,6 +166,11 @@ def test_a_damaged_export_folder_or_room_is_one_error(checkpoint, tmp_path):
         (listed / INFO_FILE).write_text(json.dumps({**info, key: value}))
         with pytest.raises(ChatError, match=re.escape(f"{listed / INFO_FILE}: {reason}")):
             load(model_dir=str(listed))
+    (tmp_path / "adapters").mkdir()  # what export --adapter writes: "takes a folder written by glm_session.export"
+    (tmp_path / "adapters" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ChatError, match=re.escape(f"{tmp_path / 'adapters'}: LoRA adapters alone (export --adapter); "
+                                                  "model_dir= takes a whole model")):  # fmt: skip
+        load(model_dir=str(tmp_path / "adapters"))
     # the room is chat's max_seq_len, not data.max_seq_len (a key chat does not have)
     with pytest.raises(ConfigError, match=r"generation.max_new_tokens=30: must be at most \d+: max_seq_len=40 less"):
         Chat(*load(ckpt_path=str(checkpoint), max_seq_len=40)[:3], GenerationSettings(max_new_tokens=30), 40)
