@@ -14,8 +14,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import math
 import re
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -325,10 +327,46 @@ def trainable_set(peft: dict[str, Any]) -> tuple:
     return (peft.get("method"), peft.get("rank"), sorted(peft.get("target_modules") or ()))
 
 
-def check_resumable(path: str | Path, run: RunInfo, allow_changes: bool = False, sharded_run: bool = False) -> None:
+def check_optimizer(path: Path, checkpoint: dict[str, Any], optimizer: Mapping[str, Any]) -> None:
+    """Refuse optimizer settings (``optimizer.lr``, ``betas``, ``eps``, ``weight_decay``) other than those of the
+    optimizer state in ``checkpoint``: resuming restores that state, hyperparameters included, so new values would
+    be dropped without a word. (A sharded checkpoint keeps its state in the shards: not compared.)"""
+    groups = [g for state in checkpoint.get("optimizer_states") or [] for g in state.get("param_groups", [])]
+    if not groups:
+        return
+    saved = {
+        "lr": groups[0].get("initial_lr", groups[0].get("lr")),  # initial_lr: the rate the schedule scales
+        "betas": list(groups[0].get("betas", ())) or None,
+        "eps": groups[0].get("eps"),
+        "weight_decay": max(g.get("weight_decay", 0.0) for g in groups),  # biases and norms: 0 in their group
+    }
+    changed = []
+    for key, value in saved.items():
+        new = optimizer.get(key)
+        if value is None or new is None:
+            continue
+        pairs = zip(value, new, strict=False) if key == "betas" else [(value, new)]
+        if (key == "betas" and len(value) != len(new)) or not all(math.isclose(a, b, rel_tol=1e-6) for a, b in pairs):
+            changed.append(f"optimizer.{key}: {value!r} -> {new!r}")
+    if changed:
+        raise CheckpointError(
+            f"{path}: its optimizer state holds other settings ({'; '.join(changed)}), and resuming restores them: "
+            "the new values would not be used. Resume with the settings it was trained with, or start a new run "
+            f"from its weights (model.init_from={path})"
+        )
+
+
+def check_resumable(
+    path: str | Path,
+    run: RunInfo,
+    allow_changes: bool = False,
+    sharded_run: bool = False,
+    optimizer: Mapping[str, Any] | None = None,
+) -> None:
     """Check that ``ckpt_path`` resumes this run: a whole glm_session checkpoint of the same model, with finite
     weights, made with the same data, samples, batches, template, tokenizer and reduction (unless
-    ``allow_changes``); a sharded checkpoint folder only for a sharded run (``sharded_run``: trainer=fsdp)."""
+    ``allow_changes``) and the same ``optimizer`` settings; a sharded checkpoint folder only for a sharded run
+    (``sharded_run``: trainer=fsdp)."""
     path = Path(path)
     sharded = path.is_dir() and (path / SHARDED_METADATA).is_file()
     if sharded and not sharded_run:
@@ -356,6 +394,8 @@ def check_resumable(path: str | Path, run: RunInfo, allow_changes: bool = False,
         )
     if not sharded:
         check_finite(model_state(checkpoint, path), path)
+    if optimizer is not None:
+        check_optimizer(path, checkpoint, optimizer)
     moved = saved.moved_data(run)
     if moved:
         log.warning("%s: data: the same content at another path, allowed (%s)", path, "; ".join(moved))

@@ -38,7 +38,7 @@ from glm_session.training.checkpoint_io import AtomicCheckpointIO, remove_stale_
 from glm_session.training.checks import check_training
 from glm_session.training.loggers import build_loggers, check_loggers, log_config
 from glm_session.training.progress import progress_bar
-from glm_session.training.run_lock import RunFolderBusy, RunFolderLock
+from glm_session.training.run_lock import RunFolderBusy, RunFolderLock, launch_rank
 from glm_session.training.run_metrics import RunMetrics
 from glm_session.training.stop import StopOnSignal
 
@@ -183,7 +183,8 @@ def _train(
     if ckpt_path and not cfg.get("ckpt_path"):
         log.warning("resuming SLURM job %s's preempted run from %s", os.environ["SLURM_JOB_ID"], ckpt_path)
     if ckpt_path:
-        check_resumable(ckpt_path, module.run_info, allow_changes=cfg.resume_allow_changes, sharded_run=sharded)
+        check_resumable(ckpt_path, module.run_info, allow_changes=cfg.resume_allow_changes, sharded_run=sharded,
+                        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True))  # fmt: skip
     run_metrics = RunMetrics(
         path=str(output_dir / METRICS_FILE),
         warmup_batches=cfg.metrics.warmup_batches,
@@ -247,7 +248,8 @@ def hydra_app(cfg: DictConfig) -> float | None:
     except Exception as err:  # a single run then ends with the message; a multirun names the job at the end
         record_failure(cfg.output_dir, err)
         raise
-    print(summary_lines(cfg.output_dir, metrics), flush=True)
+    if launch_rank() == 0:  # the processes a multi-device launch starts end the same run
+        print(summary_lines(cfg.output_dir, metrics), flush=True)
     losses = metrics.get("val_loss_by_epoch") or [None]
     return losses[-1]  # for sweepers that optimise
 

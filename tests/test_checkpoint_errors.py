@@ -2,6 +2,7 @@
 non-finite weights or saves them; resuming checks that the run is the checkpoint's (issue 11, items 9-12, 14)."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -299,3 +300,21 @@ def test_a_flipped_bit_in_a_weight_is_refused_where_torch_load_takes_it(run, tmp
     cfg = compose_config("train", [*FAST, f"model.init_from={path}", f"output_dir={tmp_path / 'i'}"])
     with pytest.raises(CheckpointError, match=reason):
         train(cfg)
+
+
+def test_resuming_with_other_optimizer_settings_is_refused_not_dropped(run, tmp_path, cache_dir):
+    """Lightning restores the optimizer's state, hyperparameters included: optimizer.lr=0.05 trained at the
+    checkpoint's rate, betas likewise, with nothing said (session 18's audit)."""
+    last = run / "checkpoints" / "last.ckpt"
+    for override, change in (("optimizer.lr=0.05", "optimizer.lr: 0.001 -> 0.05"),
+                             ("optimizer.betas=[0.5,0.5]", "optimizer.betas: [0.9, 0.95] -> [0.5, 0.5]"),
+                             ("optimizer.weight_decay=0.0", "optimizer.weight_decay: 0.1 -> 0.0")):  # fmt: skip
+        cfg = compose_config("train", [*FAST, "trainer.max_steps=3", override, f"ckpt_path={last}",
+                                       f"output_dir={tmp_path / 'r'}", f"data.cache_dir={cache_dir}",
+                                       "resume_allow_changes=true"])  # fmt: skip
+        with pytest.raises(CheckpointError, match=re.escape(f"{last}: its optimizer state holds other settings "
+                                                            f"({change}), and resuming restores them")):  # fmt: skip
+            train(cfg)
+    metrics, _ = train(compose_config("train", [*FAST, "trainer.max_steps=3", "optimizer.lr=1e-3", f"ckpt_path={last}",
+                                                f"output_dir={tmp_path / 'same'}", f"data.cache_dir={cache_dir}"]))  # fmt: skip
+    assert metrics["global_steps"] == 3  # the same settings, written otherwise: resumed

@@ -34,8 +34,9 @@ class RunFolderBusy(UserError):
 
 
 def launch_rank() -> int:
-    """This process's rank in a multi-process launch (torchrun's ``RANK``, SLURM's ``SLURM_PROCID``), else 0."""
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    """This process's rank in a multi-process launch (torchrun's ``RANK``, SLURM's ``SLURM_PROCID``, or the
+    ``LOCAL_RANK`` that Lightning's own launcher gives the processes it starts for ``trainer.devices=N``), else 0."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("LOCAL_RANK", "0"))))
 
 
 HELD: dict[Path, int] = {}  # this process's locks: lock file -> descriptor
