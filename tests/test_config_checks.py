@@ -245,8 +245,23 @@ def test_a_half_precision_model_is_refused_before_training(tmp_path, precision):
         # ... and errors that came after the whole training
         ("evaluate.enabled=true evaluate.split=foo", "evaluate.split='foo': must be one of train, validation, test"),
         ("evaluate.enabled=true evaluate.limit=0", "evaluate.limit=0: must be an integer >= 1 or null"),
+        # session 18's audit: tracebacks (numpy's seed range, a modulo by zero, '<=' between int and str) ...
+        ("seed=-1", "seed=-1: must be an integer >= 0"),
+        ("seed=99999999999999", "seed=99999999999999: must be an integer from 0 to 4,294,967,295"),
+        ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch=0: must be an integer >= 1 or null"),
+        ("trainer.limit_train_batches=abc", "trainer.limit_train_batches='abc': must be a fraction of an epoch"),
+        # ... and runs that trained nothing, otherwise, or with what was not asked
+        ("trainer.limit_train_batches=0", "trainer.limit_train_batches=0: must be a fraction of an epoch in (0, 1]"),
+        ("resume_allow_changes=maybe", "resume_allow_changes='maybe': must be true or false"),  # taken as true
+        ("evaluate.enabled=maybe", "evaluate.enabled='maybe': must be true or false"),
+        ("model.compile_layers=maybe", "model.compile_layers='maybe': must be true or false"),
+        ("optimizer.fused=maybe", "optimizer.fused='maybe': must be true or false"),
+        ("model.init_from=''", "model.init_from='': must be a folder or checkpoint file, or null"),  # the cwd
+        ("model.init_adapter=''", "model.init_adapter='': must be a folder or checkpoint file, or null"),
+        ("optimizer.eps=0", "optimizer.eps=0: must be a number > 0"),  # NaN at step 2, blamed on the rate
+        ("trainer.precision=16-mixed", "trainer.precision='16-mixed': must be 32-true or bf16-mixed on a CPU"),
     ],
-)
+)  # fmt: skip
 def test_bad_training_values_are_refused_before_any_work(tmp_path, override, message):
     cfg = compose_config("train", [*FAST, *override.split(), f"output_dir={tmp_path}"])
     with pytest.raises(ConfigError) as raised:

@@ -15,11 +15,24 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from glm_session.data.source import SPLITS
-from glm_session.errors import ConfigError, check_choice, check_fraction, check_int, check_number
+from glm_session.errors import ConfigError, check_bool, check_choice, check_fraction, check_int, check_number
+
+SEED_MAX = 2**32 - 1  # numpy's seeds (Lightning's seed_everything): a larger or negative one was a traceback
+SWITCHES = ("resume_allow_changes", "evaluate.enabled", "model.activation_checkpointing", "model.compile_layers")
 
 
 def check_training(cfg: DictConfig) -> None:
-    check_int("seed", cfg.get("seed"))
+    seed = check_int("seed", cfg.get("seed"), minimum=0)
+    if seed > SEED_MAX:
+        raise ConfigError("seed", seed, f"an integer from 0 to {SEED_MAX:,}")
+    for key in SWITCHES:  # a string such as maybe was taken as true
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None:
+            check_bool(key, value)
+    for key in ("model.init_from", "model.init_adapter"):  # '' is the current folder: it passed the folder check
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not str(value).strip():
+            raise ConfigError(key, value, "a folder or checkpoint file, or null")
     check_int("metrics.warmup_batches", OmegaConf.select(cfg, "metrics.warmup_batches", default=0), minimum=0)
     if OmegaConf.select(cfg, "evaluate.enabled", default=False):  # checked before training, not after it
         check_choice("evaluate.split", cfg.evaluate.get("split"), SPLITS)
@@ -38,6 +51,19 @@ def _check_trainer(trainer: DictConfig) -> None:
     if trainer.get("gradient_clip_val") is not None:  # 0 clips nothing, as Lightning reads it
         check_number("trainer.gradient_clip_val", trainer.gradient_clip_val, 0)
     check_int("trainer.log_every_n_steps", trainer.get("log_every_n_steps", 50), minimum=1)  # 0: a modulo by zero
+    check_int("trainer.check_val_every_n_epoch", trainer.get("check_val_every_n_epoch"), minimum=1, optional=True)
+    limit = trainer.get("limit_train_batches")  # 0 trained nothing and ended "completed"; "abc" a TypeError
+    if limit is not None and not (
+        (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1)
+        or (isinstance(limit, float) and 0 < limit <= 1)
+    ):
+        raise ConfigError(
+            "trainer.limit_train_batches", limit, "a fraction of an epoch in (0, 1] or a number of batches >= 1"
+        )
+    precision, accelerator = str(trainer.get("precision")), str(trainer.get("accelerator", "auto"))
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and precision in ("16-mixed", "16"):  # Lightning trained in bf16-mixed instead, with a warning
+        raise ConfigError("trainer.precision", precision, "32-true or bf16-mixed on a CPU (float16 autocast is GPU only)")
     interval = trainer.get("val_check_interval")
     if interval is not None and not (
         (isinstance(interval, int) and not isinstance(interval, bool) and interval >= 1)
@@ -79,8 +105,10 @@ def _check_optimizer(optimizer: DictConfig) -> None:
         check_number("optimizer.lr", optimizer.lr, 0, exclusive=True)
     if "weight_decay" in optimizer:
         check_number("optimizer.weight_decay", optimizer.weight_decay, 0)
-    if "eps" in optimizer:
-        check_number("optimizer.eps", optimizer.eps, 0)
+    if "eps" in optimizer:  # 0: a division by zero where a second moment is 0 (NaN, blamed on the rate)
+        check_number("optimizer.eps", optimizer.eps, 0, exclusive=True)
+    if optimizer.get("fused") is not None:
+        check_bool("optimizer.fused", optimizer.fused)
     if "betas" in optimizer:
         betas = optimizer.betas
         if not isinstance(betas, (list, tuple, ListConfig)) or len(betas) != 2:
