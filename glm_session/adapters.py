@@ -262,6 +262,11 @@ def load_adapter_folder(
             "adapters were trained at that scale)"
         )  # fmt: skip
     trained_on = record.get("base_fingerprint")
+    if trained_on and not base_fingerprint:  # they were loaded onto random weights, with a general warning only
+        raise ConfigError(
+            "model.init_from", None, f"the base the adapters of model.init_adapter={folder} were trained on: "
+            f"{record.get('init_from')} (fingerprint {trained_on[:12]})"
+        )  # fmt: skip
     if trained_on and base_fingerprint and trained_on != base_fingerprint:
         raise ConfigError(
             "model.init_adapter", folder, f"adapters of the base model.init_from names: they were trained on "

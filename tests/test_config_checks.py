@@ -251,7 +251,7 @@ def test_a_half_precision_model_is_refused_before_training(tmp_path, precision):
         ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch=0: must be an integer >= 1 or null"),
         ("trainer.limit_train_batches=abc", "trainer.limit_train_batches='abc': must be a fraction of an epoch"),
         # ... and runs that trained nothing, otherwise, or with what was not asked
-        ("trainer.limit_train_batches=0", "trainer.limit_train_batches=0: must be a fraction of an epoch in (0, 1]"),
+        ("trainer.limit_train_batches=-1", "trainer.limit_train_batches=-1: must be a fraction of an epoch in [0, 1]"),
         ("resume_allow_changes=maybe", "resume_allow_changes='maybe': must be true or false"),  # taken as true
         ("evaluate.enabled=maybe", "evaluate.enabled='maybe': must be true or false"),
         ("model.compile_layers=maybe", "model.compile_layers='maybe': must be true or false"),

@@ -345,6 +345,17 @@ def test_init_adapter_refuses_what_would_not_start_from_the_trained_model(
                  "trainer.limit_val_batches=0", *extra)  # fmt: skip
 
 
+def test_init_adapter_without_its_base_names_the_base(adapter_folder, base_folder, tmp_path, cache_dir):
+    """Without model.init_from the adapters were loaded onto random weights, a general warning aside."""
+    overrides = ["model=chatglm2-tiny", "peft=lora", "model.peft.rank=4", f"model.init_adapter={adapter_folder}",
+                 "data.limit=8", "trainer.limit_train_batches=0", "trainer.limit_val_batches=0",
+                 "trainer.enable_progress_bar=false", f"output_dir={tmp_path}", f"data.cache_dir={cache_dir}"]  # fmt: skip
+    with pytest.raises(ConfigError, match=re.escape(f"model.init_from=null: must be the base the adapters of "
+                                                    f"model.init_adapter={adapter_folder} were trained on: "
+                                                    f"{base_folder} (fingerprint ")):  # fmt: skip
+        train(compose_config("train", overrides))
+
+
 @pytest.mark.parametrize(
     "record, message",
     [

@@ -52,14 +52,15 @@ def _check_trainer(trainer: DictConfig) -> None:
         check_number("trainer.gradient_clip_val", trainer.gradient_clip_val, 0)
     check_int("trainer.log_every_n_steps", trainer.get("log_every_n_steps", 50), minimum=1)  # 0: a modulo by zero
     check_int("trainer.check_val_every_n_epoch", trainer.get("check_val_every_n_epoch"), minimum=1, optional=True)
-    limit = trainer.get("limit_train_batches")  # 0 trained nothing and ended "completed"; "abc" a TypeError
+    limit = trainer.get("limit_train_batches")  # "abc": a TypeError inside Lightning; 0: no training, as it says
     if limit is not None and not (
-        (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1)
-        or (isinstance(limit, float) and 0 < limit <= 1)
+        (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0)
+        or (isinstance(limit, float) and 0 <= limit <= 1)
     ):
         raise ConfigError(
-            "trainer.limit_train_batches", limit, "a fraction of an epoch in (0, 1] or a number of batches >= 1"
-        )
+            "trainer.limit_train_batches", limit, "a fraction of an epoch in [0, 1] or a number of batches >= 0 "
+            "(0: no training, Lightning's way to only build, validate or test)"
+        )  # fmt: skip
     precision, accelerator = str(trainer.get("precision")), str(trainer.get("accelerator", "auto"))
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     if on_cpu and precision in ("16-mixed", "16"):  # Lightning trained in bf16-mixed instead, with a warning
