@@ -362,11 +362,13 @@ def check_resumable(
     allow_changes: bool = False,
     sharded_run: bool = False,
     optimizer: Mapping[str, Any] | None = None,
+    max_steps: int = -1,
 ) -> None:
     """Check that ``ckpt_path`` resumes this run: a whole glm_session checkpoint of the same model, with finite
     weights, made with the same data, samples, batches, template, tokenizer and reduction (unless
-    ``allow_changes``) and the same ``optimizer`` settings; a sharded checkpoint folder only for a sharded run
-    (``sharded_run``: trainer=fsdp)."""
+    ``allow_changes``) and the same ``optimizer`` settings, with steps left before ``max_steps`` (-1: not checked,
+    as for a run that evaluates after training: resumed after its last step, it evaluates); a sharded checkpoint
+    folder only for a sharded run (``sharded_run``: trainer=fsdp)."""
     path = Path(path)
     sharded = path.is_dir() and (path / SHARDED_METADATA).is_file()
     if sharded and not sharded_run:
@@ -404,4 +406,10 @@ def check_resumable(
         raise CheckpointError(
             f"{path}: this run differs from the checkpoint's ({'; '.join(changes)}); resume it with the settings it "
             "was trained with, or add resume_allow_changes=true"
+        )
+    done = checkpoint.get("global_step")
+    if max_steps > 0 and isinstance(done, int) and done >= max_steps:  # it ended "completed" with the old figures
+        raise CheckpointError(
+            f"{path}: saved after optimizer step {done}, and trainer.max_steps={max_steps}: nothing left to train; "
+            "give a larger trainer.max_steps to train on"
         )

@@ -184,7 +184,8 @@ def _train(
         log.warning("resuming SLURM job %s's preempted run from %s", os.environ["SLURM_JOB_ID"], ckpt_path)
     if ckpt_path:
         check_resumable(ckpt_path, module.run_info, allow_changes=cfg.resume_allow_changes, sharded_run=sharded,
-                        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True))  # fmt: skip
+                        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+                        max_steps=-1 if generation is not None else cfg.trainer.get("max_steps", -1))  # fmt: skip
     run_metrics = RunMetrics(
         path=str(output_dir / METRICS_FILE),
         warmup_batches=cfg.metrics.warmup_batches,

@@ -318,3 +318,12 @@ def test_resuming_with_other_optimizer_settings_is_refused_not_dropped(run, tmp_
     metrics, _ = train(compose_config("train", [*FAST, "trainer.max_steps=3", "optimizer.lr=1e-3", f"ckpt_path={last}",
                                                 f"output_dir={tmp_path / 'same'}", f"data.cache_dir={cache_dir}"]))  # fmt: skip
     assert metrics["global_steps"] == 3  # the same settings, written otherwise: resumed
+
+
+def test_resuming_a_run_that_reached_max_steps_is_refused(run, tmp_path, cache_dir):
+    """It trained nothing and ended "completed", printing the checkpoint's figures as this run's."""
+    last = run / "checkpoints" / "last.ckpt"
+    cfg = compose_config("train", [*FAST, f"ckpt_path={last}", f"output_dir={tmp_path}", f"data.cache_dir={cache_dir}"])
+    with pytest.raises(CheckpointError, match=re.escape(f"{last}: saved after optimizer step 2, and "
+                                                        "trainer.max_steps=2: nothing left to train")):  # fmt: skip
+        train(cfg)
