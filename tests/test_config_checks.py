@@ -260,6 +260,10 @@ def test_a_half_precision_model_is_refused_before_training(tmp_path, precision):
         ("model.init_adapter=''", "model.init_adapter='': must be a folder or checkpoint file, or null"),
         ("optimizer.eps=0", "optimizer.eps=0: must be a number > 0"),  # NaN at step 2, blamed on the rate
         ("trainer.precision=16-mixed", "trainer.precision='16-mixed': must be 32-true or bf16-mixed on a CPU"),
+        ("+model.config_overrides.num_hiden_layers=4",  # stored, and the preset's 2 layers trained
+         "model.config_overrides.num_hiden_layers=4: must be left out: GlmConfig has no field 'num_hiden_layers'"),
+        ("+model.config_overrides.num_hidden_layers=0",  # a model of embeddings alone
+         "model.config_overrides.num_hidden_layers=0: must be an integer >= 1"),
     ],
 )  # fmt: skip
 def test_bad_training_values_are_refused_before_any_work(tmp_path, override, message):

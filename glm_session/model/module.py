@@ -90,6 +90,27 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
+SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+         "head_dim", "max_position_embeddings")  # fmt: skip
+
+
+def check_config_overrides(overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """``model.config_overrides``: ``GlmConfig`` fields only (a misspelt one was stored and trained without a word,
+    the preset's value in force), and sizes of at least 1 (0 layers trained a model of embeddings alone)."""
+    import inspect
+
+    from transformers import GlmConfig
+
+    known = set(inspect.signature(GlmConfig.__init__).parameters) - {"self"} | {"rope_theta", "partial_rotary_factor"}
+    overrides = dict(overrides or {})
+    for key, value in overrides.items():
+        if key not in known:
+            raise ConfigError(f"model.config_overrides.{key}", value, f"left out: GlmConfig has no field {key!r}")
+        if key in SIZES:
+            check_int(f"model.config_overrides.{key}", value, minimum=1)
+    return overrides
+
+
 class ChatGLM2Module(L.LightningModule):
     """Causal-LM fine-tuning of a ChatGLM2-shaped ``GlmForCausalLM``.
 
@@ -207,7 +228,7 @@ class ChatGLM2Module(L.LightningModule):
         vocab_size = vocab_size or padded_vocab_size(tokenizer_size)
         if vocab_size < tokenizer_size:
             raise ConfigError("model.vocab_size", vocab_size, f"at least the tokenizer's {tokenizer_size} tokens")
-        config = chatglm2_config(preset, vocab_size=vocab_size, **dict(config_overrides or {}))
+        config = chatglm2_config(preset, vocab_size=vocab_size, **check_config_overrides(config_overrides))
         return cls(config=config, optimizer=optimizer, **kwargs)
 
     def configure_model(self) -> None:

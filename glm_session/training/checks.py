@@ -16,6 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from glm_session.data.source import SPLITS
 from glm_session.errors import ConfigError, check_bool, check_choice, check_fraction, check_int, check_number
+from glm_session.model.module import check_config_overrides
 
 SEED_MAX = 2**32 - 1  # numpy's seeds (Lightning's seed_everything): a larger or negative one was a traceback
 SWITCHES = ("resume_allow_changes", "evaluate.enabled", "model.activation_checkpointing", "model.compile_layers")
@@ -37,6 +38,8 @@ def check_training(cfg: DictConfig) -> None:
     if OmegaConf.select(cfg, "evaluate.enabled", default=False):  # checked before training, not after it
         check_choice("evaluate.split", cfg.evaluate.get("split"), SPLITS)
         check_int("evaluate.limit", cfg.evaluate.get("limit"), minimum=1, optional=True)
+    overrides = cfg.model.get("config_overrides")
+    check_config_overrides(OmegaConf.to_container(overrides) if overrides is not None else None)
     _check_trainer(cfg.trainer)
     _check_attention_device(cfg)
     _check_optimizer(cfg.optimizer)
