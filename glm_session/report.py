@@ -199,7 +199,10 @@ def find_runs(folder: str | Path) -> list[Run]:
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"{root}: not a folder")
-    folders = sorted({p.parent for p in root.rglob(RUN_CONFIG) if p.parent.name != ".hydra"}, key=_natural)
+    folders = {p.parent for p in root.rglob(RUN_CONFIG) if p.parent.name != ".hydra"}
+    # a job that failed a check before it wrote its config.yaml left its record (status failed) and Hydra's overrides
+    folders |= {p.parent for p in root.rglob(METRICS_FILE) if (p.parent / ".hydra" / "overrides.yaml").is_file()}
+    folders = sorted(folders, key=_natural)
     if not folders:
         raise UserError(f"{root}: no training runs below it (a run folder holds the config.yaml that train writes)")
     return [read_run(f) for f in folders]

@@ -201,3 +201,15 @@ def test_out_that_is_a_file_is_named(sweep, tmp_path, capsys):
         main([str(sweep), "--out", str(tmp_path / "a_file")])
     assert capsys.readouterr().err == f"error: --out {tmp_path / 'a_file'}: a folder to write the report into; " \
                                       f"{tmp_path / 'a_file'} is a file\n"  # fmt: skip
+
+
+def test_a_job_that_failed_before_its_config_is_listed(sweep, capsys):
+    """A sweep job refused by a check (optimizer.lr=abc) leaves metrics.json and .hydra/ but no config.yaml: the
+    report said "5 runs" and left it out."""
+    job = sweep / "13"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["seed=0", "optimizer.lr=abc"]))
+    (job / "metrics.json").write_text(json.dumps({"status": "failed", "error": "optimizer.lr='abc': must be"}))
+    main([str(sweep)])
+    markdown = (sweep / "report" / "report.md").read_text()
+    assert "13" in markdown and "failed" in markdown and "optimizer.lr='abc'" in markdown, markdown
