@@ -129,6 +129,8 @@ def user_message(err: BaseException) -> str | None:
         if isinstance(cause, OmegaConfBaseException):
             message += "; " + _one_line(str(cause))
         return message
+    if isinstance(err, ValueError) and str(err).startswith("Config group override must be"):  # group=null
+        return f"{_one_line(str(err))}: leave a config group out with ~GROUP (e.g. ~scheduler), not GROUP=null"
     if isinstance(err, OSError) and err.filename is not None:  # FileNotFoundError, IsADirectoryError, ...
         return f"{err.filename}: {err.strerror or err}"
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):  # the disk, not a bug

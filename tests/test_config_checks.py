@@ -169,6 +169,8 @@ def test_typos_end_with_one_line_and_exit_code_2(tmp_path):
         f"out='{tmp_path}': must be a file, not a folder",
     )
     assert_one_line(run_tool("glm_session.train", "data.x=1"), "Could not override 'data.x'")
+    assert_one_line(run_tool("glm_session.train", "scheduler=null"),  # Hydra's ValueError, a traceback before
+                    "leave a config group out with ~GROUP (e.g. ~scheduler), not GROUP=null")  # fmt: skip
     # A small data set with the default job's share of it per epoch: Lightning's message, on one line.
     assert_one_line(
         run_tool(
