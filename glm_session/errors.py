@@ -129,6 +129,8 @@ def user_message(err: BaseException) -> str | None:
         if isinstance(cause, OmegaConfBaseException):
             message += "; " + _one_line(str(cause))
         return message
+    if isinstance(err, ValueError) and str(err).strip().startswith("`val_check_interval` ("):  # Lightning's
+        return "trainer." + _one_line(str(err)).replace("`", "").split(". ")[0]
     if isinstance(err, ValueError) and str(err).startswith("Config group override must be"):  # group=null
         return f"{_one_line(str(err))}: leave a config group out with ~GROUP (e.g. ~scheduler), not GROUP=null"
     if isinstance(err, OSError) and err.filename is not None:  # FileNotFoundError, IsADirectoryError, ...

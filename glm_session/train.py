@@ -35,7 +35,7 @@ from glm_session.model.compiled_layers import uncompile_layers
 from glm_session.run_info import RunInfo
 from glm_session.run_status import METRICS_FILE, read_record
 from glm_session.training.checkpoint_io import AtomicCheckpointIO, remove_stale_saves
-from glm_session.training.checks import check_training
+from glm_session.training.checks import check_accumulation, check_training
 from glm_session.training.loggers import build_loggers, check_loggers, log_config
 from glm_session.training.progress import progress_bar
 from glm_session.training.run_lock import RunFolderBusy, RunFolderLock, launch_rank
@@ -166,6 +166,7 @@ def _train(
     stats = {split: datamodule.statistics(split) for split in ("train", "validation")}
     (output_dir / "data_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     datamodule.pipeline.require_batches("train")
+    check_accumulation(cfg.trainer, stats["train"]["batches"])
     if cfg.trainer.get("limit_val_batches") != 0:
         datamodule.pipeline.require_batches("validation")
     for warning in (datamodule.pipeline.length_warning("train"), datamodule.pipeline.window_warning("train")):

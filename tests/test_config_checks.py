@@ -4,6 +4,7 @@ on nothing (issue 11, items 3, 6, 8, 15)."""
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -311,3 +312,18 @@ def test_the_argparse_tools_say_a_bad_argument_in_one_line(tool, argv, message, 
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith(message) and err.endswith(f"(python -m glm_session.{tool} --help says what it takes)\n")
+
+
+def test_step_sizes_beyond_an_epoch_are_named(tmp_path, cache_dir):
+    """accumulate_grad_batches=100 with 7 batches an epoch (audit) trained steps of 7 without a word; val_check_interval
+    beyond the epoch was Lightning's ValueError, a traceback."""
+    from glm_session.errors import user_message
+
+    base = [*FAST, "trainer.limit_train_batches=1.0", f"data.cache_dir={cache_dir}"]
+    with pytest.raises(ConfigError, match=r"trainer.accumulate_grad_batches=500: must be at most the (\d+) batches a "
+                                          r"process trains an epoch \(a step ends with its epoch: each would hold \1\)"):
+        train(compose_config("train", [*base, "trainer.accumulate_grad_batches=500", f"output_dir={tmp_path / 'a'}"]))
+    with pytest.raises(ValueError) as raised:
+        train(compose_config("train", [*base, "trainer.val_check_interval=1000", f"output_dir={tmp_path / 'v'}"]))
+    assert re.fullmatch(r"trainer.val_check_interval \(1000\) must be less than or equal to the number of the "
+                        r"training batches \(\d+\)", user_message(raised.value))  # fmt: skip

@@ -128,3 +128,20 @@ def _check_schedule(scheduler: DictConfig) -> None:
         value = scheduler.min_lr_ratio
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise ConfigError("scheduler.min_lr_ratio", value, "a number in [0, 1] (the floor, a fraction of the peak)")
+
+
+def check_accumulation(trainer: DictConfig, batches: int) -> None:
+    """``trainer.accumulate_grad_batches`` no larger than the batches a process trains an epoch (``batches`` of
+    the train split, after ``limit_train_batches``, over ``devices``): Lightning ends a step at the epoch's end, so
+    a larger value made each step the epoch's batches, not the number asked for."""
+    accumulate, limit, devices = (trainer.get(k) for k in ("accumulate_grad_batches", "limit_train_batches", "devices"))
+    if isinstance(limit, float):
+        batches = int(batches * limit)
+    elif isinstance(limit, int):
+        batches = min(batches, limit)
+    per_process = -(-batches // devices) if isinstance(devices, int) and devices > 0 else batches
+    if isinstance(accumulate, int) and per_process > 0 and accumulate > per_process:
+        raise ConfigError(
+            "trainer.accumulate_grad_batches", accumulate, f"at most the {per_process} batches a process trains "
+            f"an epoch (a step ends with its epoch: each would hold {per_process})"
+        )  # fmt: skip
