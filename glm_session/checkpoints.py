@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import math
 import re
@@ -25,7 +26,7 @@ import torch
 from transformers import GlmConfig, GlmForCausalLM
 
 from glm_session.errors import UserError
-from glm_session.run_info import RunInfo
+from glm_session.run_info import SHAPE_KEYS, RunInfo
 from glm_session.tokenizer import ChatGLM2Tokenizer
 
 log = logging.getLogger(__name__)
@@ -307,6 +308,40 @@ def initial_state(init_from: str) -> dict[str, torch.Tensor]:
             ) from None
         return model.state_dict()
     return read_initial_weights(init_from)
+
+
+def config_numbers(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The numbers of a model config (``GlmConfig.to_dict`` or a folder's ``config.json``) that decide what its
+    weights compute: the shapes, the norm's epsilon, the rotary angles (top level, or in ``rope_parameters``)."""
+    rope = config.get("rope_parameters") if isinstance(config.get("rope_parameters"), Mapping) else {}
+    numbers = {key: config.get(key) for key in (*SHAPE_KEYS, "rms_norm_eps")}
+    for key in ("rope_theta", "partial_rotary_factor"):
+        numbers[key] = config.get(key) if config.get(key) is not None else rope.get(key)
+    return {key: value for key, value in numbers.items() if value is not None}
+
+
+def check_init_config(init_from: str | None, config: GlmConfig) -> None:
+    """Refuse a ``model.init_from`` folder whose ``config.json`` describes another model than the run's: the
+    tensors' shapes would say so later, but an epsilon or rotary angles other than the preset's were taken without
+    a word (the weights then compute otherwise than they were trained to). A folder without one is left to the
+    tensors."""
+    if init_from is None or init_from.startswith(HUB_PREFIX) or not (Path(init_from) / "config.json").is_file():
+        return
+    path = Path(init_from) / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"model.init_from={init_from}: {path.name} is not readable JSON ({err})") from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"model.init_from={init_from}: {path.name} holds a JSON {type(saved).__name__}")
+    theirs, ours = config_numbers(saved), config_numbers(config.to_dict())
+    differ = [f"{key} {theirs[key]!r} there, {ours[key]!r} here" for key in ours if key in theirs
+              and not (isinstance(theirs[key], int | float) and math.isclose(theirs[key], ours[key], rel_tol=1e-9))]  # fmt: skip
+    if differ:
+        raise CheckpointError(
+            f"model.init_from={init_from}: its {path.name} describes another model than this run's "
+            f"({'; '.join(differ)}): choose the model preset (and model.config_overrides) that match it"
+        )
 
 
 def check_init_from(init_from: str | None) -> str | None:

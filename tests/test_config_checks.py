@@ -263,6 +263,9 @@ def test_a_half_precision_model_is_refused_before_training(tmp_path, precision):
         ("model.init_adapter=''", "model.init_adapter='': must be a folder or checkpoint file, or null"),
         ("optimizer.eps=0", "optimizer.eps=0: must be a number > 0"),  # NaN at step 2, blamed on the rate
         ("trainer.precision=16-mixed", "trainer.precision='16-mixed': must be 32-true or bf16-mixed on a CPU"),
+        ("callbacks.best_checkpoint.monitor=val/los",  # failed after a whole epoch
+         "callbacks.best_checkpoint.monitor='val/los': must be a logged metric: val/loss, train/loss"),
+        ("stop_after_step=5", "stop_after_step=5: must be at most trainer.max_steps=1, or null"),  # never reached
         ("+model.config_overrides.num_hiden_layers=4",  # stored, and the preset's 2 layers trained
          "model.config_overrides.num_hiden_layers=4: must be left out: GlmConfig has no field 'num_hiden_layers'"),
         ("+model.config_overrides.num_hidden_layers=0",  # a model of embeddings alone

@@ -39,3 +39,36 @@ def test_init_from_errors_name_the_path(tmp_path):
     (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="bad.ckpt: not a readable checkpoint"):
         read_initial_weights(tmp_path / "bad.ckpt")
+
+
+def test_a_folder_whose_config_describes_another_model_is_refused(tmp_path):
+    """The folder's config.json was never read: a garbage one, or another epsilon or rotary base, trained with the
+    preset's values and the folder's weights (session 18's audit)."""
+    import json
+    import re
+
+    from transformers import GlmForCausalLM
+
+    from glm_session.model import chatglm2_config, padded_vocab_size
+    from glm_session.tokenizer import ChatGLM2Tokenizer
+
+    vocab = padded_vocab_size(len(ChatGLM2Tokenizer.from_pretrained(None)))
+    folder = tmp_path / "base"
+    GlmForCausalLM(chatglm2_config("chatglm2-tiny", vocab_size=vocab)).save_pretrained(folder)
+    cfg = compose_config("train", [*FAST, f"model.init_from={folder}"])
+
+    def build() -> None:
+        instantiate(cfg.model, _partial_=True)(tokenizer_size=vocab, optimizer=torch.optim.AdamW)
+
+    build()  # as saved: the run's own model
+    saved = json.loads((folder / "config.json").read_text())
+    for edit, difference in (({"rms_norm_eps": 1e-6}, "rms_norm_eps 1e-06 there, 1e-05 here"),
+                             ({"rope_parameters": {**saved["rope_parameters"], "rope_theta": 500000.0}},
+                              "rope_theta 500000.0 there, 10000.0 here")):  # fmt: skip
+        (folder / "config.json").write_text(json.dumps({**saved, **edit}))
+        with pytest.raises(CheckpointError, match=re.escape(f"model.init_from={folder}: its config.json describes "
+                                                            f"another model than this run's ({difference})")):  # fmt: skip
+            build()
+    (folder / "config.json").write_text('{"hidden_size": "x"')
+    with pytest.raises(CheckpointError, match=re.escape(f"model.init_from={folder}: config.json is not readable JSON")):
+        build()

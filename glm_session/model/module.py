@@ -22,6 +22,7 @@ from transformers import GlmConfig, GlmForCausalLM
 from glm_session.adapters import QUANTIZE_ON_ONE_DEVICE, add_lora, check_peft, is_adapter_key, load_adapter_folder
 from glm_session.checkpoints import (
     BUILTIN_ATTENTION,
+    check_init_config,
     check_init_from,
     initial_state,
     load_weights_into,
@@ -178,6 +179,7 @@ class ChatGLM2Module(L.LightningModule):
         self.config, self.reduction = config, check_choice("model.reduction", reduction, REDUCTIONS)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.init_from = check_init_from(init_from)
+        check_init_config(self.init_from, config)
         self.compile_layers = compile_layers
         self.compile_dynamic = check_compile_dynamic(compile_dynamic)
         self.compile_mode = check_compile_mode(compile_mode, deterministic=compile_deterministic)

@@ -9,6 +9,7 @@ here instead. Keys a group does not have (another optimizer's) are not checked.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from glm_session.data.source import SPLITS
 from glm_session.errors import ConfigError, check_bool, check_choice, check_fraction, check_int, check_number
 from glm_session.model.module import check_config_overrides
 
+MONITORED = r"val/loss|train/loss|train/loss_epoch|(val|train)/loss_turn_\d+"  # what ChatGLM2Module logs
 SEED_MAX = 2**32 - 1  # numpy's seeds (Lightning's seed_everything): a larger or negative one was a traceback
 SWITCHES = ("resume_allow_changes", "evaluate.enabled", "model.activation_checkpointing", "model.compile_layers")
 
@@ -40,6 +42,13 @@ def check_training(cfg: DictConfig) -> None:
         check_int("evaluate.limit", cfg.evaluate.get("limit"), minimum=1, optional=True)
     overrides = cfg.model.get("config_overrides")
     check_config_overrides(OmegaConf.to_container(overrides) if overrides is not None else None)
+    monitor = OmegaConf.select(cfg, "callbacks.best_checkpoint.monitor", default=None)
+    if monitor is not None and not re.fullmatch(MONITORED, str(monitor)):  # a typo failed after a whole epoch
+        raise ConfigError("callbacks.best_checkpoint.monitor", monitor, "a logged metric: val/loss, train/loss, "
+                          "train/loss_epoch or val/loss_turn_K")  # fmt: skip
+    stop, steps = cfg.get("stop_after_step"), cfg.trainer.get("max_steps", -1)
+    if isinstance(stop, int) and isinstance(steps, int) and 0 < steps < stop:  # never reached, without a word
+        raise ConfigError("stop_after_step", stop, f"at most trainer.max_steps={steps}, or null")
     _check_trainer(cfg.trainer)
     _check_attention_device(cfg)
     _check_optimizer(cfg.optimizer)
