@@ -106,3 +106,42 @@ item a15 "python -m glm_session.analysis measure measure.sessions=2 measure.ckpt
 item a16 "echo 你好 | python -m glm_session.chat ckpt_path=R/checkpoints/last.ckpt max_seq_len=0" "error"
 mkdir -p REP && cp -r R REP/run && python -c "import json; p='REP/run/metrics.json'; m=json.load(open(p)); m['val_curve']=[1.0]; json.dump(m, open(p, 'w'))"
 item a17 "python -m glm_session.report REP" "error"
+# Session 18's audit (2026-12-05): three helper agents tried about 440 bad inputs (data, training, the commands
+# after training) and found about 55 that were tracebacks, silently taken, or named the wrong key or file.
+cp "$ROOT"/glm_session/resources/kdconv/test.jsonl mine.jsonl && cp mine.jsonl lines_named.json
+item b1 "python -m glm_session.data stats data.path=mine.jsonl data.cache_dir=CB > /dev/null 2>&1; python -m glm_session.data stats data.path=lines_named.json data.cache_dir=CB" "error|sessions"
+item b2 "python -m glm_session.data export data.path=mine.jsonl out=mine.jsonl $C" "error"
+python -c "
+import lzma, json
+rec = lambda q: (json.dumps({'messages': [{'role': 'user', 'content': q}, {'role': 'assistant', 'content': 'a'}]}) + '\n').encode()
+damaged = bytearray(lzma.compress(rec('q2'))); damaged[0] ^= 255
+open('two_streams.jsonl.xz', 'wb').write(lzma.compress(rec('q1')) + bytes(damaged))
+open('dupkey.jsonl', 'w').write('{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"assistant\", \"content\": \"b\"}], \"messages\": [{\"role\": \"user\", \"content\": \"x\"}, {\"role\": \"assistant\", \"content\": \"y\"}]}\n')
+open('weight0.jsonl', 'w').write(json.dumps({'messages': [{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': 'bad', 'weight': 0}]}) + '\n')
+open('escape.jsonl', 'w').write(json.dumps({'messages': [{'role': 'user', 'content': 'q'}, {'role': 'assistant', 'content': '\x1b[31mred'}]}) + '\n')"
+item b3 "python -m glm_session.data stats data.path=two_streams.jsonl.xz $C" "error"
+item b4 "python -m glm_session.data stats data.path=dupkey.jsonl $C" "error"
+item b5 "python -m glm_session.data stats data.path=weight0.jsonl $C" "error"
+item b6 "python -m glm_session.data stats data.path=escape.jsonl $C" "error"
+item b7 "python -m glm_session.data stats 'data.role_map={1: user}' $C" "error"
+item b8 "python -m glm_session.data stats data.path=mine.jsonl 'data.holdout={validation: 0.99}' $C" "error"
+item b9 "python -m glm_session.train $T data.limit=20 trainer.max_steps=3 trainer.limit_train_batches=1.0 optimizer.lr=0.05 ckpt_path=R/checkpoints/last.ckpt hydra.run.dir=RLR" "error"
+item b10 "python -m glm_session.train $T data.limit=20 trainer.max_steps=2 trainer.limit_train_batches=1.0 ckpt_path=R/checkpoints/last.ckpt hydra.run.dir=RDONE" "error"
+item b11 "python -m glm_session.train $T data.limit=20 trainer.max_steps=2 trainer.limit_train_batches=1.0 trainer.devices=2 trainer.accelerator=cpu hydra.run.dir=DEV2" "validation loss|error|run folder" 2
+item b12 "python -m glm_session.train $T seed=-1" "error"
+item b13 "python -m glm_session.train $T resume_allow_changes=maybe" "error"
+item b14 "python -m glm_session.train $T +model.config_overrides.num_hiden_layers=4" "error"
+item b15 "python -m glm_session.train $T data.limit=20 trainer.limit_train_batches=1.0 trainer.accumulate_grad_batches=100" "error"
+item b16 "python -m glm_session.train scheduler=null" "error"
+item b17 "$L trainer.max_steps=2 model.init_from=null model.init_adapter=ADAPTER hydra.run.dir=LORA6" "error"
+item b18 "printf '\\xff\\xfe\\x80bad\\n' | python -m glm_session.chat ckpt_path=R/checkpoints/last.ckpt generation.max_new_tokens=4" "not sent|error|Error"
+item b19 "echo 你好 | python -m glm_session.chat ckpt_path=R/checkpoints/last.ckpt generation.temperature=5.0" "error"
+item b20 "python -m glm_session.export R/checkpoints/last.ckpt X --dtype fp16" "."
+item b21 "python -m glm_session.export LORA/checkpoints/last.ckpt ADAPTER_BF16 --adapter --dtype bfloat16 && python -c \"from safetensors.torch import load_file; print({str(t.dtype) for t in load_file('ADAPTER_BF16/adapter_model.safetensors').values()})\"" "bfloat16|error"
+python -c "import json; p='BASE/config.json'; c=json.load(open(p)); c['rms_norm_eps']=1e-6; json.dump(c, open('eps.json', 'w'))" && mkdir -p BASE_EPS && cp BASE/*.safetensors BASE_EPS/ && mv eps.json BASE_EPS/config.json
+item b22 "python -m glm_session.train $T model.init_from=BASE_EPS" "error"
+python -c "import torch, zipfile; z=zipfile.ZipFile('R/checkpoints/last.ckpt'); i=next(i for i in z.infolist() if i.filename.endswith('/data/0')); b=bytearray(open('R/checkpoints/last.ckpt','rb').read()); h=b[i.header_offset:i.header_offset+30]; o=i.header_offset+30+int.from_bytes(h[26:28],'little')+int.from_bytes(h[28:30],'little'); b[o]^=1; open('flipped.ckpt','wb').write(b)"
+item b23 "python -m glm_session.evaluate ckpt_path=flipped.ckpt limit=1 $C hydra.run.dir=EF" "error|ROUGE"
+mkdir -p REP2 && cp -r R REP2/run && printf '{"status": "completed", "val_cu' > REP2/run/metrics.json
+item b24 "python -m glm_session.report REP2" "error"
+item b25 "python -m glm_session.analysis" "error"
