@@ -75,8 +75,8 @@ m.update(attn_implementation='kernels-community/flash-attn', auto_map={'AutoMode
 item 20-5 "python -m glm_session.evaluate ckpt_path=kernel.ckpt limit=1 $C hydra.run.dir=E5" "ignored|ROUGE|error" 2
 mkdir -p moved && cp "$ROOT"/glm_session/resources/kdconv/*.jsonl moved/ && head -n 15 moved/train.jsonl > moved/fewer.jsonl
 M="data.validation_path=moved/validation.jsonl data.test_path=moved/test.jsonl"
-item 20-6a "python -m glm_session.train $T data.limit=20 trainer.max_steps=3 trainer.limit_train_batches=1.0 data.train_path=moved/train.jsonl $M ckpt_path=R/checkpoints/last.ckpt hydra.run.dir=MOVED" "same content|error"
-item 20-6b "python -m glm_session.train $T data.limit=20 trainer.max_steps=3 trainer.limit_train_batches=1.0 data.train_path=moved/fewer.jsonl $M ckpt_path=R/checkpoints/last.ckpt hydra.run.dir=FEWER" "error"
+item 20-6a "python -m glm_session.train $T data.limit=20 trainer.max_steps=5 trainer.limit_train_batches=1.0 data.train_path=moved/train.jsonl $M ckpt_path=R/checkpoints/last.ckpt hydra.run.dir=MOVED" "same content|error"
+item 20-6b "python -m glm_session.train $T data.limit=20 trainer.max_steps=5 trainer.limit_train_batches=1.0 data.train_path=moved/fewer.jsonl $M ckpt_path=R/checkpoints/last.ckpt hydra.run.dir=FEWER" "error"
 item 20-7a "python -m glm_session.data stats data.path=invisible.jsonl $C" "error"
 item 20-7b "python -m glm_session.data stats data.path=invisible.jsonl data.on_error=skip $C" "skipped_records|skipped:" 2
 item 20-7c "python -m glm_session.data stats data.path=nfd.jsonl $C; python -m glm_session.data stats data.path=nfd.jsonl data.normalize=NFC $C" "nfc|normalized" 4
