@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import errno
 import math
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, NoReturn
 
 EXIT_BAD_INPUT = 2
@@ -53,6 +55,15 @@ def _yaml(value: Any) -> str:
 
 
 # checks of config values ---------------------------------------------------------------------------
+
+
+def file_in_the_way(folder: str | os.PathLike) -> str | None:
+    """The file that keeps ``folder`` from being a folder or from being made (itself, or the first of its parents
+    that exists), or ``None``: where ``mkdir`` would say only "File exists" or "Not a directory"."""
+    path = Path(folder)
+    found = next((p for p in (path, *path.parents) if p.exists()), None)
+    return str(found) if found is not None and not found.is_dir() else None
+
 
 
 def check_int(key: str, value: Any, minimum: int | None = None, optional: bool = False) -> int | None:

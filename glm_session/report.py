@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from glm_session.errors import CommandLineParser, UserError, cli_errors
+from glm_session.errors import CommandLineParser, UserError, cli_errors, file_in_the_way
 from glm_session.run_status import METRICS_FILE, read_record
 
 SEED_KEY = "seed"
@@ -428,10 +428,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="where the report goes (default: <folder>/report)")
     args = parser.parse_args(argv)
     with cli_errors():
-        out = Path(args.out) if args.out else None
-        above = next((f for f in (out, *out.parents) if f.exists()), None) if out else None
-        if above is not None and not above.is_dir():  # was "File exists"
-            raise UserError(f"--out {out}: a folder to write the report into; {above} is a file")
+        blocking = file_in_the_way(args.out) if args.out else None
+        if blocking is not None:  # was "File exists"
+            raise UserError(f"--out {args.out}: a folder to write the report into; {blocking} is a file")
         written = write_report(args.folder, args.out)
         print(written["markdown"].read_text(), end="")
         print("wrote " + ", ".join(str(p) for p in written.values()))

@@ -25,7 +25,7 @@ from glm_session.analysis.toy import exact_toy
 from glm_session.config import build, compose_config
 from glm_session.data.source import SPLITS
 from glm_session.data.strategy import get_strategy
-from glm_session.errors import ConfigError, check_choice, check_int, cli_errors
+from glm_session.errors import ConfigError, check_choice, check_int, cli_errors, file_in_the_way
 
 COMMANDS = ("article-toy", "exact-toy", "report", "measure")
 
@@ -79,9 +79,9 @@ def data_for(cfg: DictConfig, strategy: str, **data_overrides):
 
 def check_out_dir(out_dir: str) -> None:
     """``out_dir``: a folder, or a path where one can be made (a file there was "File exists")."""
-    above = next((f for f in (Path(out_dir), *Path(out_dir).parents) if f.exists()), None)
-    if above is not None and not above.is_dir():
-        raise ConfigError("out_dir", out_dir, f"a folder to write into: {above} is a file")
+    blocking = file_in_the_way(out_dir)
+    if blocking is not None:
+        raise ConfigError("out_dir", out_dir, f"a folder to write into: {blocking} is a file")
 
 
 def report(cfg: DictConfig) -> dict:

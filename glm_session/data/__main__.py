@@ -34,7 +34,7 @@ from glm_session.config import build, compose_config
 from glm_session.constants import IGNORE_INDEX
 from glm_session.data.collator import ROW_FIELDS, WEIGHT_FIELD
 from glm_session.data.source import SPLITS
-from glm_session.errors import ConfigError, check_choice, cli_errors
+from glm_session.errors import ConfigError, check_choice, cli_errors, file_in_the_way
 from glm_session.model.loss import REDUCTIONS
 
 COMMANDS = ("stats", "export", "show")
@@ -102,9 +102,9 @@ def check_out(command: str, out: str | None, inputs: list[str] = ()) -> None:
     kind = "one JSON Lines file" if command == "export" else "one JSON file"
     if Path(out).is_dir():
         raise ConfigError("out", out, f"a file, not a folder: {command} writes {kind}")
-    above = next((folder for folder in Path(out).parents if folder.exists()), None)
-    if above is not None and not above.is_dir():
-        raise ConfigError("out", out, f"a path in a folder: {above} is a file")
+    blocking = file_in_the_way(Path(out).parent)
+    if blocking is not None:
+        raise ConfigError("out", out, f"a path in a folder: {blocking} is a file")
     if Path(out).exists():
         read = next((file for file in inputs if Path(file).exists() and Path(file).samefile(out)), None)
         if read is not None:

@@ -26,7 +26,7 @@ from glm_session.data.collator import Collator, RowDataset
 from glm_session.data.loader import ResumableDataLoader
 from glm_session.data.packing import Rows, make_rows
 from glm_session.data.source import SPLITS, DialogueSource
-from glm_session.errors import ConfigError, UserError
+from glm_session.errors import ConfigError, UserError, file_in_the_way
 from glm_session.supervision import SupervisedTurns, supervised_turns
 
 WINDOW_WARNING_SHARE = 0.5  # warn when cut sessions' windows take this share of their split samples' tokens
@@ -76,9 +76,9 @@ class DialoguePipeline:
         self.source, self.samples, self.evaluation_samples = source, samples, evaluation_samples
         self.batching, self.num_workers, self.pin_memory = batching, num_workers, pin_memory
         self.cache_dir, self.num_proc = Path(cache_dir or DEFAULT_CACHE_DIR), num_proc
-        above = next((f for f in (self.cache_dir, *self.cache_dir.parents) if f.exists()), None)
-        if above is not None and not above.is_dir():
-            raise ConfigError("data.cache_dir", str(self.cache_dir), f"a folder for the sample cache: {above} is a file")
+        blocking = file_in_the_way(self.cache_dir)
+        if blocking is not None:
+            raise ConfigError("data.cache_dir", str(self.cache_dir), f"a folder for the sample cache: {blocking} is a file")
         self._splits: dict[str, PreparedSplit] = {}
         self._supervised: dict[str, SupervisedTurns] = {}
 
