@@ -230,11 +230,10 @@ def record_failure(output_dir: str | Path, err: Exception) -> None:
     try:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         (Path(output_dir) / "failed.txt").write_text(traceback.format_exc())
-        record = {
-            **read_record(output_dir),
-            "status": "failed",
-            "error": message.splitlines()[0] if message else "",
-        }
+        before = read_record(output_dir)
+        record = {**before, "status": "failed", "error": message.splitlines()[0] if message else ""}
+        if before.get("status") == "completed":  # its training had ended: what failed came after (the evaluation)
+            record["failed_after_training"] = True
         write_text(Path(output_dir) / METRICS_FILE, json.dumps(record, indent=2) + "\n")
     except OSError:
         pass

@@ -227,6 +227,7 @@ def test_a_full_disk_during_training_keeps_the_last_checkpoint_and_says_so_in_on
     )
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
     assert metrics(run_dir)["status"] == "failed" and "No space left on device" in metrics(run_dir)["error"]
+    assert "failed_after_training" not in metrics(run_dir)  # it failed in its training: not resumed to evaluate
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from glm_session.config import compose_config
-from glm_session.train import train
+from glm_session.train import record_failure, train
 
 TESTS = Path(__file__).parent
 OVERRIDES = [
@@ -75,10 +75,12 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, cache_d
 
 
 @pytest.mark.slow
-def test_a_run_stopped_in_its_test_evaluation_resumes_to_the_same_evaluation(tmp_path, cache_dir):
-    """What the unseen_base driver does with a run the deadline stopped after training, in its test evaluation:
-    resumed from its last.ckpt (written at the last step), it trains nothing more and evaluates as the
-    uninterrupted run did, to the byte."""
+def test_a_run_stopped_or_failed_in_its_test_evaluation_resumes_to_the_same_evaluation(
+    tmp_path, cache_dir, monkeypatch
+):
+    """What the unseen_base driver does with a run the deadline stopped after training, in its test evaluation, or
+    that failed there (session 19: out of GPU memory): resumed from its last.ckpt (written at the last step), it
+    trains nothing more and evaluates as the uninterrupted run did, to the byte."""
     evaluate = [f"data.cache_dir={cache_dir}", "trainer.max_epochs=1", "evaluate.enabled=true", "evaluate.limit=3",
                 "generation.max_new_tokens=6"]  # fmt: skip
     whole = run(tmp_path / "whole", *evaluate)
@@ -94,6 +96,28 @@ def test_a_run_stopped_in_its_test_evaluation_resumes_to_the_same_evaluation(tmp
     assert resumed["val_loss_by_epoch"] == whole["val_loss_by_epoch"]
     for name in ("predictions.jsonl", "test_losses.json"):
         assert (stopped / "evaluation" / name).read_bytes() == (tmp_path / "whole/evaluation" / name).read_bytes()
+
+    # A failure in the evaluation: the record says failed, after a completed training (the driver resumes it)
+    failed = tmp_path / "failed"
+    (failed / "checkpoints").mkdir(parents=True)
+    (failed / "checkpoints" / "last.ckpt").write_bytes(last.read_bytes())
+    (failed / "metrics.json").write_text((tmp_path / "whole/metrics.json").read_text())
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.94 GiB")
+
+    monkeypatch.setattr("glm_session.evaluation.evaluator.evaluate_model", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError) as raised:
+        run(failed, *evaluate, f"ckpt_path={failed / 'checkpoints' / 'last.ckpt'}")
+    record_failure(failed, raised.value)
+    record = json.loads((failed / "metrics.json").read_text())
+    assert record["status"] == "failed" and record["failed_after_training"] is True
+    assert record["error"].startswith("OutOfMemoryError: CUDA out of memory")
+    monkeypatch.undo()
+    run(failed, *evaluate, f"ckpt_path={failed / 'checkpoints' / 'last.ckpt'}")
+    for name in ("predictions.jsonl", "test_losses.json"):
+        assert (failed / "evaluation" / name).read_bytes() == (tmp_path / "whole/evaluation" / name).read_bytes()
+    assert json.loads((failed / "metrics.json").read_text())["status"] == "completed"
 
 
 KILL_WHILE_SAVING = """

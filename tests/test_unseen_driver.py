@@ -184,7 +184,7 @@ def test_a_grid_runs_six_rates_from_base_0(tmp_path):
     assert [overrides(j)["optimizer.lr"] for j in jobs] == ["1e-4", "2e-4", "5e-4", "1e-3", "2e-3", "5e-3"]
     assert {overrides(j)["model.reduction"] for j in jobs} == {"sample"}
     assert {overrides(j)["seed"] for j in jobs} == {"0"}
-    assert {j.memory_gib for j in jobs} == {12.5}  # a SMILE split arm
+    assert {j.memory_gib for j in jobs} == {14.5}  # a SMILE split arm: its test evaluation's, above its training's
 
 
 def test_a_given_base_replaces_pretraining(tmp_path):
@@ -344,20 +344,25 @@ def test_session_14s_screening_leaves_four_rates_of_each_smile_3_epoch_grid_to_r
     assert [j.name for j in jobs if j.name.startswith("grid/")] == []
 
 
-def test_the_next_session_runs_seeds_1_to_4_of_smiles_3_epoch_arms_at_2e_3(tmp_path):
-    # From the repository's own records after session 17: the chosen rates (results.json) and the kept runs (raw/)
+def test_the_next_session_runs_seeds_1_3_and_4_of_smiles_3_epoch_session_arm_at_2e_3(tmp_path):
+    # From the repository's own records after session 19: the chosen rates (results.json) and the kept runs (raw/)
     rates = driver.chosen_rates(driver.HERE / "results.json")
     arms = ["smile_split_shuffled_3ep+token", "smile_session_3ep+token"]
     assert [rates[arm] for arm in arms] == ["2e-3", "2e-3"]
-    three_epoch_seeds = {f"seeds/{arm}_seed{s}" for arm in arms for s in range(5)}
-    kept = driver.kept_test_losses(driver.HERE / "raw") - three_epoch_seeds  # as session 17 left them: none run yet
+    kept = driver.kept_test_losses(driver.HERE / "raw")
+    assert {f"seeds/{arm}_seed{s}" for arm in arms for s in (1, 2, 3, 4)} - kept == {
+        f"seeds/smile_session_3ep+token_seed{s}" for s in (1, 3, 4)
+    }  # session 19 evaluated seeds 1-4 of the split arm and seed 2 of the session arm (seed 0: the grid's run)
     jobs = plan(tmp_path, seeds_of=arms, rates=rates, kept=kept)
     runs = [j for j in jobs if not j.name.startswith("data/")]
-    assert [j.name for j in runs] == [f"seeds/{arm}_seed{s}" for arm in arms for s in (1, 2, 3, 4)]
+    assert [j.name for j in runs] == [f"seeds/smile_session_3ep+token_seed{s}" for s in (1, 3, 4)]
     assert {overrides(j)["optimizer.lr"] for j in runs} == {"2e-3"}
-    # all eight at once on an H100 (81,559 MiB) too, the default --memory: 4 x 12.5 + 4 x 6 = 74 <= 77.6
+    assert [overrides(j)["seed"] for j in runs] == ["1", "3", "4"]
+    # all three at once on an H100 (81,559 MiB), their test evaluations included: 3 x 14.5 = 43.5 <= 77.6
     h100 = driver.card_memory_gib([sys.executable, "-c", "print(81559)"])
-    assert sum(j.memory_gib for j in runs) == 74.0 <= h100 == 77.6
+    assert sum(j.memory_gib for j in runs) == 43.5 <= h100 == 77.6
+    # session 19's eight runs, planned as it planned them (4 x 12.5 + 4 x 6 = 74), now hold 116: five at once
+    assert 4 * driver.memory_gib("smile_split_shuffled_3ep") + 4 * driver.memory_gib("smile_session_3ep") == 116.0
 
 
 def test_the_jobs_may_hold_the_first_cards_memory_less_2_gib_and_120_without_nvidia_smi():
@@ -569,7 +574,7 @@ def test_a_grid_completed_in_a_call_plans_its_seeds_in_that_call(tmp_path):
     assert asked == [1]  # a seed that ends asks for nothing
 
 
-def test_a_run_stopped_in_its_test_evaluation_resumes_from_its_last_checkpoint(tmp_path):
+def test_a_run_stopped_or_failed_in_its_test_evaluation_resumes_from_its_last_checkpoint(tmp_path):
     root = tmp_path / "root"
     job = driver.Job("seeds/smile_session+token_seed1", [sys.executable, "-c", "pass"], resumable=True)
     folder = root / job.name
@@ -579,10 +584,16 @@ def test_a_run_stopped_in_its_test_evaluation_resumes_from_its_last_checkpoint(t
     driver.start(job, root, 0.0)
     job.process.wait()
     assert job.process.args[-1] == f"ckpt_path={folder / 'checkpoints' / 'last.ckpt'}" and job.resumed
-    (folder / "metrics.json").write_text(json.dumps({"status": "failed"}))
+    # failed in its test evaluation (session 19: out of memory there): resumed to evaluate, not trained again
+    (folder / "metrics.json").write_text(json.dumps({"status": "failed", "failed_after_training": True}))
+    driver.start(job, root, 0.0)
+    job.process.wait()
+    assert job.process.args[-1] == f"ckpt_path={folder / 'checkpoints' / 'last.ckpt'}" and job.resumed
+    (folder / "metrics.json").write_text(json.dumps({"status": "failed"}))  # failed in its training
+    job.resumed = False
     driver.start(job, root, 0.0)  # anything else starts afresh
     job.process.wait()
-    assert job.process.args == job.command and not (folder / "checkpoints").exists()
+    assert job.process.args == job.command and not (folder / "checkpoints").exists() and not job.resumed
 
 
 def test_the_summary_names_the_software_versions_and_the_gpu():

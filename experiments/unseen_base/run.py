@@ -129,14 +129,26 @@ def zhbase_files(data: Path) -> list[str]:
     return files
 
 
+EVALUATION_GIB = 14.5  # a fine-tuning run's test evaluation (not measured before session 20: see memory_gib)
+
+
 def memory_gib(experiment: str) -> float:
-    """Peak GPU memory of a fine-tuning run: its peak reserved memory, measured, plus 0.6 GiB for its CUDA context
-    (H200, speed=fast, eight runs at once, session 17: 10.7-11.7 GiB a SMILE split run, 4.9-5.2 a SMILE session
-    run; other corpora's runs were not measured and keep session 2's 10). The bases (65,536 tokens a step) and the
-    generation of 256 prompts are given 20-25 where they are planned."""
+    """Peak GPU memory of a fine-tuning run, its test evaluation included, plus 0.6 GiB for its CUDA context.
+
+    Training: its peak reserved memory, measured (H200, speed=fast, eight runs at once, session 17: 10.7-11.7 GiB a
+    SMILE split run, 4.9-5.2 a SMILE session run; other corpora's runs were not measured and keep session 2's 10).
+    The test evaluation after it holds more: its teacher-forced pass takes the whole logits of a 65,536-token batch
+    in fp32 (65,536 x 16,128 x 4 bytes = 3.9 GiB) three times over (the logits, their shifted copy, the
+    log-softmax), beside the model, its optimizer state and the allocator's cache from training: ``EVALUATION_GIB``,
+    estimated. Session 19 planned the training peaks alone (4 x 12.5 + 4 x 6 = 74 of an H100's 77.6): three SMILE
+    session runs entered their evaluation while four split runs trained, the card was full (79,819 MiB) and they
+    failed. The evaluation now records its own peak (``evaluation/metrics.json``'s ``peak_reserved_gib``).
+    The bases (65,536 tokens a step) and the generation of 256 prompts are given 20-25 where they are planned."""
     if experiment.startswith("smile_split"):
-        return 12.5
-    return 6.0 if experiment.startswith("smile_session") else 10.0
+        training = 12.5
+    else:
+        training = 6.0 if experiment.startswith("smile_session") else 10.0
+    return max(training, EVALUATION_GIB)
 
 
 MEMORY_QUERY = ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"]
@@ -377,12 +389,20 @@ def done(root: Path, job: Job) -> bool:
     )
 
 
+def resumes_from_last(record: dict) -> bool:
+    """Whether a run continues from its ``last.ckpt``: one stopped (in its training or its test evaluation), one
+    whose training completed, and one that failed after its training had completed (in its test evaluation:
+    session 19's three SMILE session runs that failed there were trained again from the start)."""
+    status, after_training = record.get("status"), record.get("failed_after_training") is True
+    return status in ("stopped", "completed") or (status == "failed" and after_training)
+
+
 def start(job: Job, root: Path, now: float) -> None:
     command = list(job.command)
     last = root / job.name / "checkpoints" / "last.ckpt"
-    # A run stopped in its training continues from last.ckpt; one stopped in its test evaluation too: it trains
-    # nothing more and evaluates as the uninterrupted run does (tests/test_resume.py).
-    if job.resumable and run_status(root / job.name) in ("stopped", "completed") and last.is_file():
+    # A run stopped in its training continues from last.ckpt; one stopped or failed in its test evaluation too: it
+    # trains nothing more and evaluates as the uninterrupted run does (tests/test_resume.py).
+    if job.resumable and resumes_from_last(read_record(root / job.name)) and last.is_file():
         command.append(f"ckpt_path={last}")
         job.resumed = True
     elif not job.name.startswith("data/"):
@@ -669,16 +689,16 @@ def summary(jobs: list[Job], root: Path) -> dict:
                 result["base_eval"][job.name.removeprefix("base_eval/")] = json.loads(found[-1].read_text())
         elif not job.name.startswith("data/") and (folder / "metrics.json").is_file():
             record = read_record(folder)
-            keep = ("status", "val_curve", "val_loss_by_epoch", "train_loss", "global_steps", "input_tokens",
-                    "supervised_tokens", "train_seconds", "wall_seconds", "tokens_per_second", "peak_reserved_gib",
-                    "run_info")  # fmt: skip
+            keep = ("status", "error", "failed_after_training", "val_curve", "val_loss_by_epoch", "train_loss",
+                    "global_steps", "input_tokens", "supervised_tokens", "train_seconds", "wall_seconds",
+                    "tokens_per_second", "peak_reserved_gib", "run_info")  # fmt: skip
             entry = {k: record[k] for k in keep if k in record}
             if job.init is not None:
                 entry["base_sha256"] = fingerprint(job.init)
             evaluation = read_record(folder / "evaluation")  # the test split, after training
             if evaluation:
-                entry["test"] = {k: evaluation[k] for k in ("teacher_forced", "rouge", "chatglm2_official", "seconds")
-                                 if k in evaluation}  # fmt: skip
+                entry["test"] = {k: evaluation[k] for k in ("teacher_forced", "rouge", "chatglm2_official", "seconds",
+                                                            "peak_reserved_gib") if k in evaluation}  # fmt: skip
             result["runs"][job.name] = entry
     return result
 

@@ -101,6 +101,9 @@ def evaluate_model(
             f"generation.max_new_tokens = {budget} tokens"
         )
     output_dir.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    if device.type == "cuda":  # the evaluation's own peak, below
+        torch.cuda.reset_peak_memory_stats(device)
     was_training = model.training
     model.eval()
     clock = time.perf_counter()
@@ -144,6 +147,9 @@ def evaluate_model(
         "teacher_forced": loss_summary(per_session),
         "seconds": {part: round(value, 3) for part, value in seconds.items()},  # where the evaluation's time goes
     }
+    if device.type == "cuda":  # what it held at its peak (the teacher-forced pass holds a batch's whole logits)
+        metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        metrics["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
     write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     model.train(was_training)
     if skipped_turns:
