@@ -232,7 +232,9 @@ def record_failure(output_dir: str | Path, err: Exception) -> None:
         (Path(output_dir) / "failed.txt").write_text(traceback.format_exc())
         before = read_record(output_dir)
         record = {**before, "status": "failed", "error": message.splitlines()[0] if message else ""}
-        if before.get("status") == "completed":  # its training had ended: what failed came after (the evaluation)
+        # Whether its training had ended, so that what failed came after it (the evaluation): only from this record
+        record.pop("failed_after_training", None)
+        if before.get("status") == "completed":
             record["failed_after_training"] = True
         write_text(Path(output_dir) / METRICS_FILE, json.dumps(record, indent=2) + "\n")
     except OSError:

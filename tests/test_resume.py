@@ -113,6 +113,8 @@ def test_a_run_stopped_or_failed_in_its_test_evaluation_resumes_to_the_same_eval
     record = json.loads((failed / "metrics.json").read_text())
     assert record["status"] == "failed" and record["failed_after_training"] is True
     assert record["error"].startswith("OutOfMemoryError: CUDA out of memory")
+    record_failure(failed, ValueError("the checkpoint could not be read"))  # failed again, before training ended
+    assert "failed_after_training" not in json.loads((failed / "metrics.json").read_text())
     monkeypatch.undo()
     run(failed, *evaluate, f"ckpt_path={failed / 'checkpoints' / 'last.ckpt'}")
     for name in ("predictions.jsonl", "test_losses.json"):
