@@ -344,18 +344,27 @@ def test_session_14s_screening_leaves_four_rates_of_each_smile_3_epoch_grid_to_r
     assert [j.name for j in jobs if j.name.startswith("grid/")] == []
 
 
-def test_the_next_session_runs_seeds_1_3_and_4_of_smiles_3_epoch_session_arm_at_2e_3(tmp_path):
-    # From the repository's own records after session 19: the chosen rates (results.json) and the kept runs (raw/)
+def test_after_session_20_every_seed_of_both_corpora_is_kept_and_nothing_runs_again(tmp_path):
+    # From the repository's own records: the chosen rates (results.json) and the kept runs (raw/)
+    rates = driver.chosen_rates(driver.HERE / "results.json")
+    assert set(rates) == set(driver.ARMS)
+    kept = driver.kept_test_losses(driver.HERE / "raw")
+    assert {f"seeds/{arm}_seed{s}" for arm in driver.ARMS for s in (1, 2, 3, 4)} - kept == set()
+    # (an arm's seed 0 is its own kept seed run or, where the grid ran on base 0 with seed 0, the grid's run)
+    jobs = plan(tmp_path, seeds_of=driver.ARMS, rates=rates, kept=kept)
+    assert [j.name for j in jobs if not j.name.startswith("data/")] == []
+
+
+def test_session_20_planned_seeds_1_3_and_4_of_smiles_3_epoch_session_arm_at_2e_3_in_43_5_gib(tmp_path):
+    # Session 20's call, planned from session 19's records: every kept run but those three
     rates = driver.chosen_rates(driver.HERE / "results.json")
     arms = ["smile_split_shuffled_3ep+token", "smile_session_3ep+token"]
     assert [rates[arm] for arm in arms] == ["2e-3", "2e-3"]
-    kept = driver.kept_test_losses(driver.HERE / "raw")
-    assert {f"seeds/{arm}_seed{s}" for arm in arms for s in (1, 2, 3, 4)} - kept == {
-        f"seeds/smile_session_3ep+token_seed{s}" for s in (1, 3, 4)
-    }  # session 19 evaluated seeds 1-4 of the split arm and seed 2 of the session arm (seed 0: the grid's run)
+    session_20 = {f"seeds/smile_session_3ep+token_seed{s}" for s in (1, 3, 4)}
+    kept = driver.kept_test_losses(driver.HERE / "raw") - session_20
     jobs = plan(tmp_path, seeds_of=arms, rates=rates, kept=kept)
     runs = [j for j in jobs if not j.name.startswith("data/")]
-    assert [j.name for j in runs] == [f"seeds/smile_session_3ep+token_seed{s}" for s in (1, 3, 4)]
+    assert [j.name for j in runs] == sorted(session_20)
     assert {overrides(j)["optimizer.lr"] for j in runs} == {"2e-3"}
     assert [overrides(j)["seed"] for j in runs] == ["1", "3", "4"]
     # all three at once on an H100 (81,559 MiB), their test evaluations included: 3 x 14.5 = 43.5 <= 77.6

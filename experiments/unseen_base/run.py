@@ -129,7 +129,7 @@ def zhbase_files(data: Path) -> list[str]:
     return files
 
 
-EVALUATION_GIB = 14.5  # a fine-tuning run's test evaluation, estimated (see memory_gib) until its record measures it
+EVALUATION_GIB = 14.5  # a run's test evaluation: 12.5 measured (session 20) plus margin; see memory_gib
 
 
 def memory_gib(experiment: str) -> float:
@@ -139,10 +139,12 @@ def memory_gib(experiment: str) -> float:
     SMILE split run, 4.9-5.2 a SMILE session run; other corpora's runs were not measured and keep session 2's 10).
     The test evaluation after it holds more: its teacher-forced pass takes the whole logits of a 65,536-token batch
     in fp32 (65,536 x 16,128 x 4 bytes = 3.9 GiB) three times over (the logits, their shifted copy, the
-    log-softmax), beside the model, its optimizer state and the allocator's cache from training: ``EVALUATION_GIB``,
-    estimated. Session 19 planned the training peaks alone (4 x 12.5 + 4 x 6 = 74 of an H100's 77.6): three SMILE
+    log-softmax), beside the model, its optimizer state and the allocator's cache from training: ``EVALUATION_GIB``.
+    Session 20 measured 12.51 GiB reserved in three SMILE session runs' evaluations (H100, three runs at once);
+    14.5 keeps the CUDA context and 1.4 GiB of spread beside it. Session 19 planned the training peaks alone (4 x 12.5 + 4 x 6 = 74 of an H100's 77.6): three SMILE
     session runs entered their evaluation while four split runs trained, the card filled (79,819 MiB) and they
-    failed there (out of memory, by the memory samples: their error was not kept). The evaluation now records its own peak (``evaluation/metrics.json``'s ``peak_reserved_gib``).
+    failed there (out of memory, by the memory samples: their error was not kept). The evaluation records its own
+    peak (``evaluation/metrics.json``'s ``peak_reserved_gib``).
     The bases (65,536 tokens a step) and the generation of 256 prompts are given 20-25 where they are planned."""
     if experiment.startswith("smile_split"):
         training = 12.5
