@@ -9,16 +9,18 @@ import torch
 from transformers import GlmForCausalLM
 
 from glm_session.config import RESOURCES_DIR, compose_config
-from glm_session.data import CHATGLM2, Session, Turn
+from glm_session.data import CHATGLM2, DialogueDataModule, Session, Turn
 from glm_session.data.readers import read_sessions
 from glm_session.data.samples import SegmentEncoder
 from glm_session.errors import ConfigError
 from glm_session.evaluate import evaluate
-from glm_session.evaluation.evaluator import sample_sessions
+from glm_session.evaluation.evaluator import answer_token_losses, sample_sessions
 from glm_session.evaluation.generation import build_prompts, generate_answers
 from glm_session.evaluation.official import official_scores, pair_scores
 from glm_session.evaluation.rouge import RougeByTurn
-from glm_session.model import chatglm2_config, padded_vocab_size
+from glm_session.model import ChatGLM2Module, chatglm2_config, padded_vocab_size
+from glm_session.model.loss import token_losses
+from glm_session.supervision import supervised
 from glm_session.train import train
 
 KDCONV_TEST = RESOURCES_DIR / "kdconv" / "test.jsonl"
@@ -197,3 +199,35 @@ def test_generation_samples_sessions_by_id_hash():
     assert [s.id for s in chosen] == ["s5", "s7", "s8"]  # the 3 first by sha256 (s7, s8, s5), in file order
     assert sample_sessions(list(reversed(sessions)), 3) == list(reversed(chosen))  # whatever the file order
     assert sample_sessions(sessions, None) == sessions
+
+
+@pytest.mark.parametrize("lm_head_adapter", [False, True])
+def test_the_teacher_forced_losses_are_the_whole_logits_losses_without_the_logits(tokenizer, cache_dir,
+                                                                                  lm_head_adapter):  # fmt: skip
+    """Packed rows of session samples (padding beside them), 7 trained positions a chunk: the losses of every
+    position equal ``token_losses`` of the model's whole logits, also through a LoRA on the output layer."""
+    peft = {"method": "lora", "rank": 4, "target_modules": ["q_proj", "lm_head"]} if lm_head_adapter else None
+    module = ChatGLM2Module.from_preset("chatglm2-tiny", len(tokenizer), optimizer=torch.optim.SGD, peft=peft)
+    torch.manual_seed(0)
+    module.configure_model()
+    model = module.model.eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:  # drawn, so that the adapters change the output
+                parameter.normal_(std=0.5)
+    data = DialogueDataModule(tokenizer, "chatglm2", "session", test_path=str(KDCONV_TEST), limit=6, packing=True,
+                              batch_size=None, batch_tokens=3072, max_seq_len=1024, cache_dir=cache_dir)  # fmt: skip
+    batch = next(iter(data.dataloader("test")))
+    assert batch["input_ids"].shape[0] > 1 and (batch["position_ids"][:, 1:] == 0).any()  # rows hold several samples
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    whole = token_losses(logits, batch["labels"])  # the pass before: its whole (B, T, V) logits
+    chunked = answer_token_losses(model, batch, chunk_tokens=7)
+    trained = supervised(batch["labels"])
+    assert trained.sum() > 7 and (chunked[~trained] == 0).all() and (whole[~trained] == 0).all()
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-5)
+    if lm_head_adapter:  # the output layer's adapter counts in the chunked pass (zeroed, the losses move)
+        with torch.no_grad():
+            for name, parameter in model.lm_head.named_parameters():
+                if "lora_B" in name:
+                    parameter.zero_()
+        assert (answer_token_losses(model, batch, chunk_tokens=7) - chunked)[trained].abs().max() > 1e-2

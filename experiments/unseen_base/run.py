@@ -137,11 +137,13 @@ def memory_gib(experiment: str) -> float:
 
     Training: its peak reserved memory, measured (H200, speed=fast, eight runs at once, session 17: 10.7-11.7 GiB a
     SMILE split run, 4.9-5.2 a SMILE session run; other corpora's runs were not measured and keep session 2's 10).
-    The test evaluation after it holds more: its teacher-forced pass takes the whole logits of a 65,536-token batch
+    The test evaluation after it held more: its teacher-forced pass took the whole logits of a 65,536-token batch
     in fp32 (65,536 x 16,128 x 4 bytes = 3.9 GiB) three times over (the logits, their shifted copy, the
     log-softmax), beside the model, its optimizer state and the allocator's cache from training: ``EVALUATION_GIB``.
     Session 20 measured 12.51 GiB reserved in three SMILE session runs' evaluations (H100, three runs at once);
-    14.5 keeps the CUDA context and 1.4 GiB of spread beside it. Session 19 planned the training peaks alone (4 x 12.5 + 4 x 6 = 74 of an H100's 77.6): three SMILE
+    14.5 keeps the CUDA context and 1.4 GiB of spread beside it. Since the experiment ended the pass is chunked
+    (``evaluator.answer_token_losses``: 4,096 positions' logits at a time); 14.5 stays until a run measures that.
+    Session 19 planned the training peaks alone (4 x 12.5 + 4 x 6 = 74 of an H100's 77.6): three SMILE
     session runs entered their evaluation while four split runs trained, the card filled (79,819 MiB) and they
     failed there (out of memory, by the memory samples: their error was not kept). The evaluation records its own
     peak (``evaluation/metrics.json``'s ``peak_reserved_gib``).
