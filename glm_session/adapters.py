@@ -55,7 +55,7 @@ class LoraSettings:
         return record
 
 
-def check_peft(peft: Mapping[str, Any] | None, loss_chunk_tokens: int | None = None) -> LoraSettings | None:
+def check_peft(peft: Mapping[str, Any] | None) -> LoraSettings | None:
     """The LoRA settings of ``model.peft`` (``None``: full fine-tuning), each value checked."""
     if not peft:
         return None
@@ -78,12 +78,6 @@ def check_peft(peft: Mapping[str, Any] | None, loss_chunk_tokens: int | None = N
     targets = peft.get("target_modules", list(LORA_TARGETS))
     if isinstance(targets, str) or not targets or any(t not in TARGETABLE for t in targets):
         raise ConfigError("model.peft.target_modules", targets, f"a non-empty list of {', '.join(TARGETABLE)}")
-    if "lm_head" in targets and loss_chunk_tokens is not None:
-        raise ConfigError(
-            "model.peft.target_modules", list(targets), "without lm_head when model.loss_chunk_tokens is set (the "
-            "chunked loss multiplies by lm_head.weight itself and would skip its adapter); drop lm_head or set "
-            "model.loss_chunk_tokens=null"
-        )  # fmt: skip
     base_dtype = check_choice("model.peft.base_dtype", peft.get("base_dtype", "auto"), BASE_DTYPES)
     quantize = peft.get("quantize")
     if quantize is not None:

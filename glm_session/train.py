@@ -86,7 +86,7 @@ HALF_MODELS = ("bf16-true", "16-true")  # Lightning's precisions that cast the m
 def base_record(model: DictConfig) -> dict[str, Any]:
     """``peft``, ``init_from`` and, for a parameter-efficient run, ``base_fingerprint`` of a run's record."""
     peft = OmegaConf.to_container(model.get("peft"), resolve=True) if model.get("peft") else None
-    lora = check_peft(peft, model.get("loss_chunk_tokens"))
+    lora = check_peft(peft)
     init_from = model.get("init_from")
     if init_from and not str(init_from).startswith(HUB_PREFIX):  # a record read from elsewhere finds it
         init_from = str(Path(init_from).resolve())

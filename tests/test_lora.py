@@ -115,31 +115,44 @@ def test_adapters_are_fp32_on_a_bf16_base(tokenizer):
 
 
 @pytest.mark.parametrize(
-    "peft, chunk, message",
+    "peft, message",
     [
-        ({"method": "lora", "rank": 0}, None, "model.peft.rank=0"),
-        ({"method": "lora", "rank": 4, "target_modules": ["qkv"]}, None, "model.peft.target_modules"),
-        (
-            {"method": "lora", "target_modules": ["q_proj", "lm_head"]},
-            512,
-            "without lm_head when model.loss_chunk",
-        ),
-        ({"method": "lora", "ranks": 4}, None, "model.peft.ranks"),
-        ({"method": "prefix"}, None, "model.peft.method='prefix'"),
-        ({"method": "lora", "alpha": float("nan")}, None, "model.peft.alpha=nan: must be a number > 0"),  # nan loss
-        ({"method": "lora", "alpha": float("inf")}, None, "model.peft.alpha=inf: must be a number > 0"),
-        ({"method": "none", "quantize": "nf4"}, None, "model.peft.quantize='nf4': must be left out with peft=none"),
-        ({"method": "lora", "double_quant": False}, None, "model.peft.double_quant=false: must be left at true"),
+        ({"method": "lora", "rank": 0}, "model.peft.rank=0"),
+        ({"method": "lora", "rank": 4, "target_modules": ["qkv"]}, "model.peft.target_modules"),
+        ({"method": "lora", "ranks": 4}, "model.peft.ranks"),
+        ({"method": "prefix"}, "model.peft.method='prefix'"),
+        ({"method": "lora", "alpha": float("nan")}, "model.peft.alpha=nan: must be a number > 0"),  # nan loss
+        ({"method": "lora", "alpha": float("inf")}, "model.peft.alpha=inf: must be a number > 0"),
+        ({"method": "none", "quantize": "nf4"}, "model.peft.quantize='nf4': must be left out with peft=none"),
+        ({"method": "lora", "double_quant": False}, "model.peft.double_quant=false: must be left at true"),
     ],
 )
-def test_bad_settings_are_config_errors(peft, chunk, message):
+def test_bad_settings_are_config_errors(peft, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
-        check_peft(peft, chunk)
+        check_peft(peft)
 
 
-def test_lm_head_takes_an_adapter_with_the_reference_loss():
+def test_an_adapter_on_lm_head_trains_through_the_chunked_loss_as_through_the_logits(tokenizer, cache_dir):
+    """The chunked loss calls the output layer itself, so its adapter is not skipped: the same losses and the same
+    gradients (lm_head's adapters included) as the reference loss through the (B, T, V) logits."""
     settings = check_peft({"method": "lora", "target_modules": ["q_proj", "lm_head"]})
     assert settings.target_modules == ("q_proj", "lm_head")
+    datamodule = DialogueDataModule(tokenizer, "chatglm2", "session", train_path=VALIDATION, limit=4, batch_size=2,
+                                    max_seq_len=2048, shuffle=False, cache_dir=cache_dir)  # fmt: skip
+    batch = next(iter(datamodule.dataloader("train")))
+    peft = {**LORA, "target_modules": ["q_proj", "lm_head"]}
+    losses, grads = {}, {}
+    for chunk in (None, 5):
+        module = lora_module(tokenizer, peft=peft, optimizer=torch.optim.SGD, loss_chunk_tokens=chunk)
+        losses[chunk] = module.token_losses(batch)
+        losses[chunk].sum().backward()
+        grads[chunk] = {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
+    head = {n for n in grads[None] if n.startswith("model.lm_head.")}
+    assert len(head) == 2 and all(grads[5][n].abs().max() > 0 for n in head)  # lm_head's lora_A and lora_B
+    torch.testing.assert_close(losses[5], losses[None], rtol=1e-5, atol=1e-5)
+    assert grads[5].keys() == grads[None].keys()
+    for name in grads[None]:
+        torch.testing.assert_close(grads[5][name], grads[None][name], rtol=1e-4, atol=1e-6)
 
 
 # -- a LoRA run: checkpoint, resume, export ------------------------------------------------------------------------

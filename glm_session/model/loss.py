@@ -20,6 +20,7 @@ the step's global D (DESIGN §2: a global count, not a mean of per-micro-batch m
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -75,17 +76,17 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def chunked_token_losses(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
     labels: torch.Tensor,
     chunk_tokens: int,
     positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``token_losses(hidden @ weight.T, labels)``, with logits made only at the trained positions, ``chunk_tokens``
+    """``token_losses(head(hidden), labels)``, with logits made only at the trained positions, ``chunk_tokens``
     of them at a time, and made again in the backward pass: the (B, T, V) logits never exist.
 
     Args:
         hidden: (B, T, d) the final hidden states (after the last norm).
-        weight: (V, d) the output layer.
+        head: the output layer, (n, d) -> (n, V): the model's ``lm_head``, a LoRA adapter on it included.
         labels: (B, T).
         chunk_tokens: trained positions per chunk.
         positions: the trained positions, flattened over (B, T-1) (the collator's ``supervised_positions``);
@@ -96,7 +97,7 @@ def chunked_token_losses(
     """
     trained, targets, positions = trained_rows(hidden, labels, positions)
     chunks = [
-        checkpoint(_cross_entropy, trained[i : i + chunk_tokens], weight, targets[i : i + chunk_tokens],
+        checkpoint(_cross_entropy, head, trained[i : i + chunk_tokens], targets[i : i + chunk_tokens],
                    use_reentrant=False)
         for i in range(0, positions.numel(), chunk_tokens)
     ]  # fmt: skip
@@ -123,8 +124,10 @@ def scatter_losses(chunks: list[torch.Tensor], positions: torch.Tensor, labels: 
     return losses.view(batch, length - 1)
 
 
-def _cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, weight)  # (n, V), in the autocast dtype as the model's own output layer
+def _cross_entropy(
+    head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    logits = head(hidden)  # (n, V), in the autocast dtype as the model's own output layer
     return F.cross_entropy(logits.float(), targets, reduction="none")
 
 

@@ -189,7 +189,7 @@ class ChatGLM2Module(L.LightningModule):
             "model.attn_implementation", attn_implementation, BUILTIN_ATTENTION
         )
         self.kernels = _check_kernels(kernels)
-        self.lora = check_peft(peft, self.loss_chunk_tokens)
+        self.lora = check_peft(peft)
         if compile_layers and self.lora is not None and self.lora.quantize:
             raise ConfigError(
                 "model.compile_layers", True, "false with model.peft.quantize: torch.compile fails on bitsandbytes' "
@@ -316,7 +316,7 @@ class ChatGLM2Module(L.LightningModule):
         hidden = output.hidden_states[-1]  # (B, T, d), after the final norm
         return chunked_token_losses(
             hidden,
-            self.model.lm_head.weight,
+            self.model.lm_head,  # a module call: an adapter on it (peft) counts
             batch["labels"],
             self.loss_chunk_tokens,
             batch.get("supervised_positions"),
