@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from glm_session.atomic_files import atomic_open, write_text
 from glm_session.data.datamodule import DialogueDataModule
@@ -29,7 +28,7 @@ from glm_session.data.session import Session
 from glm_session.evaluation.generation import GenerationSettings, build_prompts, generate_answers
 from glm_session.evaluation.official import official_scores
 from glm_session.evaluation.rouge import RougeByTurn
-from glm_session.model.loss import scatter_losses, trained_rows
+from glm_session.model.loss import chunked_token_losses
 from glm_session.model.turn_losses import MAX_TURNS, TurnLossMeter, summarise
 from glm_session.supervision import supervised
 from glm_session.training.progress import track
@@ -49,13 +48,7 @@ def answer_token_losses(
     a time. A 65,536-token batch of the 6B's 65,024-token vocabulary would otherwise hold 17 GB of fp32 logits."""
     hidden = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                          use_cache=False).last_hidden_state  # fmt: skip
-    trained, targets, positions = trained_rows(hidden, batch["labels"])
-    chunks = [
-        F.cross_entropy(model.lm_head(trained[i : i + chunk_tokens]).float(), targets[i : i + chunk_tokens],
-                        reduction="none")
-        for i in range(0, positions.numel(), chunk_tokens)
-    ]  # fmt: skip
-    return scatter_losses(chunks, positions, batch["labels"])
+    return chunked_token_losses(hidden, model.lm_head, batch["labels"], chunk_tokens)
 
 
 @torch.no_grad()

@@ -95,30 +95,17 @@ def chunked_token_losses(
     Returns:
         (B, T - 1), 0 where the label is ignored.
     """
-    trained, targets, positions = trained_rows(hidden, labels, positions)
+    batch, length, width = hidden.shape
+    if positions is None:
+        positions = supervised(labels).flatten().nonzero().squeeze(1)
+    trained = hidden[:, :-1].reshape(-1, width).index_select(0, positions)  # (N, d)
+    targets = labels[:, 1:].reshape(-1).index_select(0, positions)  # (N,)
     chunks = [
         checkpoint(_cross_entropy, head, trained[i : i + chunk_tokens], targets[i : i + chunk_tokens],
                    use_reentrant=False)
         for i in range(0, positions.numel(), chunk_tokens)
     ]  # fmt: skip
-    return scatter_losses(chunks, positions, labels)
-
-
-def trained_rows(
-    hidden: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The hidden states (N, d) that predict a trained label, those labels (N,) and their positions, flattened over
-    (B, T-1); ``positions`` computed from the labels where not given (a host synchronisation)."""
-    if positions is None:
-        positions = supervised(labels).flatten().nonzero().squeeze(1)
-    trained = hidden[:, :-1].reshape(-1, hidden.size(-1)).index_select(0, positions)
-    return trained, labels[:, 1:].reshape(-1).index_select(0, positions), positions
-
-
-def scatter_losses(chunks: list[torch.Tensor], positions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B, T-1) the losses of the trained positions (``chunks``, in ``positions``' order), 0 elsewhere."""
-    batch, length = labels.shape
-    losses = torch.zeros(batch * (length - 1), dtype=torch.float32, device=labels.device)
+    losses = torch.zeros(batch * (length - 1), dtype=torch.float32, device=hidden.device)
     if chunks:
         losses = losses.index_put((positions,), torch.cat(chunks))
     return losses.view(batch, length - 1)
