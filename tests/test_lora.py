@@ -114,6 +114,23 @@ def test_adapters_are_fp32_on_a_bf16_base(tokenizer):
     assert trainable == {n for n in dtypes if "lora_" in n} and len(trainable) == 2 * 2 * 6  # 2 layers, A and B
 
 
+def test_a_bf16_base_is_never_whole_in_fp32(tokenizer, monkeypatch):
+    """Created in fp32 and then cast, the 6B's base would hold 23.4 GiB at its creation (the peak of issue 22's
+    first 24 GB-card measurement); each weight is created in bf16 instead. Full fine-tuning keeps fp32 weights."""
+    created = []
+    post_init = GlmForCausalLM.post_init
+
+    def record_dtypes(model):
+        post_init(model)
+        created.append({p.dtype for p in model.parameters()})
+
+    monkeypatch.setattr(GlmForCausalLM, "post_init", record_dtypes)
+    for peft, dtypes in (({**LORA, "base_dtype": "bf16"}, {torch.bfloat16}), (None, {torch.float32})):
+        module = ChatGLM2Module.from_preset("chatglm2-tiny", len(tokenizer), optimizer=torch.optim.SGD, peft=peft)
+        module.configure_model()
+        assert created.pop() == dtypes
+
+
 @pytest.mark.parametrize(
     "peft, message",
     [
