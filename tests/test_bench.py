@@ -1,13 +1,24 @@
 """The benchmark script on a tiny scale: all four configurations in one run, exact epoch token counts, a ratio."""
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).parent.parent
+
+
+def load_run_all():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_all", ROOT / "experiments" / "bench" / "run_all.py")
+    run_all = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    return run_all
 
 
 @pytest.mark.slow
@@ -33,15 +44,11 @@ def test_bench_writes_every_configuration_and_the_ratios(tmp_path, cache_dir):
 
 def test_every_variant_of_the_gpu_benchmark_is_a_valid_config():
     """A misspelt override would cost a GPU call: each variant of ``experiments/bench/run_all.py`` composes."""
-    import importlib.util
-
     from omegaconf import OmegaConf
 
     from glm_session.config import compose_config
 
-    spec = importlib.util.spec_from_file_location("run_all", ROOT / "experiments" / "bench" / "run_all.py")
-    run_all = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_all)
+    run_all = load_run_all()
     for variants, common in ((run_all.VARIANTS_1B, run_all.ONE_B), (run_all.VARIANTS_SMALL, run_all.SMALL),
                              (run_all.FSDP_VARIANTS, ["trainer=fsdp", "model=chatglm2-6b"])):  # fmt: skip
         for name, overrides in variants.items():
@@ -57,3 +64,41 @@ def test_every_variant_of_the_gpu_benchmark_is_a_valid_config():
     assert half.trainer.strategy.checkpoint_every_n_layers == 2
     with pytest.raises(Exception, match="trainer.strategy.checkpoint_every_n_layer"):
         compose_config("train", ["trainer=fsdp", "trainer.strategy.checkpoint_every_n_layer=2"])
+
+
+def test_a_step_past_its_limit_is_killed_with_what_it_started(tmp_path):
+    """A timed-out ``torchrun`` step left its workers alive on the GPU of 2026-12-05 (holding the rendezvous port,
+    so the next step failed with EADDRINUSE): a step's whole process group is killed at its limit."""
+    grandchild = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', "
+                  "'import time; time.sleep(60)']); print(child.pid, flush=True); time.sleep(60)")  # fmt: skip
+    steps = load_run_all().Steps(tmp_path, time.monotonic() + 600)
+    started = time.monotonic()
+    steps("sleeper", [sys.executable, "-c", grandchild], limit=3, gpus="")
+    assert time.monotonic() - started < 30 and steps.records[-1]["returncode"] == "timeout"
+    pid = int((tmp_path / "sleeper.log").read_text().split()[0])
+    stat = Path(f"/proc/{pid}/stat")
+    for _ in range(100):  # the kill is asynchronous: gone, or a zombie that init has yet to reap
+        if not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        raise AssertionError(f"process {pid}, started by the timed-out step, is still running")
+
+
+def test_the_scale_runner_skips_a_card_too_small_for_the_6b_states():
+    """The 6B's full fine-tuning on one 80 GB H100 (2026-12-05) went out of memory at AdamW's first step, at every
+    micro-batch the runner halved down to: its 16 bytes a parameter of fp32 state do not fit. ChatGLM2-6B's
+    parameters, counted by hand: 2 x 65,024 x 4,096 (embedding, output layer) + 4,096 (final norm) + 28 layers x
+    (4,096 x 4,608 + 4,608 (qkv, bias) + 4,096^2 (dense) + 4,096 x 27,392 (gate_up) + 13,696 x 4,096 (down)
+    + 2 x 4,096 (norms)) = 6,243,584,000."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scale_run", ROOT / "experiments" / "scale" / "run.py")
+    scale_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale_run)
+    assert scale_run.states_gib(1) == 6_243_584_000 * 16 / 2**30  # 93.04
+    assert scale_run.why_it_cannot_fit(1, 79.18) == (
+        "93.0 GiB of weights, gradients and AdamW states per GPU; this card has 79.2 GiB"
+    )
+    assert scale_run.why_it_cannot_fit(1, 139.8) is None and scale_run.why_it_cannot_fit(2, 79.18) is None

@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -113,19 +114,21 @@ class Steps:
             return
         environment = {**os.environ, "CUDA_VISIBLE_DEVICES": gpus, "PYTHONUNBUFFERED": "1", **(env or {})}
         started = time.perf_counter()
+        # Its own process group: past its limit the step is killed with everything it started (torchrun's workers
+        # would otherwise keep the GPU's memory and the rendezvous port from the next step)
+        process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
         try:
-            result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True,
-                                    timeout=min(limit, left))  # fmt: skip
-            output, code = result.stdout + result.stderr, result.returncode
-        except subprocess.TimeoutExpired as err:
-            output, code = _text(err.stdout) + _text(err.stderr), "timeout"
+            stdout, stderr = process.communicate(timeout=min(limit, left))
+            code = process.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            code = "timeout"
+        output = stdout + stderr
         (self.log / f"{name}.log").write_text(output)
         self.records.append({"step": name, "returncode": code, "seconds": round(time.perf_counter() - started, 1)})
         print(json.dumps(self.records[-1]), flush=True)
-
-
-def _text(value: bytes | str | None) -> str:
-    return value.decode() if isinstance(value, bytes) else value or ""
 
 
 def check_variants(variants: dict[str, list[str]], chosen: list[str]) -> None:

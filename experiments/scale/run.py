@@ -22,7 +22,9 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from transformers import GlmForCausalLM
 
+from glm_session.model import chatglm2_config
 from glm_session.run_status import run_status
 
 SCALE = [
@@ -35,10 +37,31 @@ SCALE = [
 ]
 
 
+# fp32 weights, gradients and AdamW's two moments, sharded over the GPUs: a floor under a run's memory (the
+# activations and the gathered bf16 layers come on top; one H200 measured 101.6 GiB for the 6B)
+STATE_BYTES_PER_PARAMETER = 16
+
+
+def states_gib(gpus: int) -> float:
+    """The GiB of training state each of ``gpus`` GPUs holds for the chatglm2-6b preset (counted on the meta device)."""
+    with torch.device("meta"):
+        model = GlmForCausalLM(chatglm2_config("chatglm2-6b"))
+    return sum(p.numel() for p in model.parameters()) * STATE_BYTES_PER_PARAMETER / gpus / 2**30
+
+
+def why_it_cannot_fit(gpus: int, card_gib: float) -> str | None:
+    """Why a run on ``gpus`` cards of ``card_gib`` would be out of memory at any micro-batch, or ``None``."""
+    needed = states_gib(gpus)
+    if needed <= card_gib:
+        return None
+    return f"{needed:.1f} GiB of weights, gradients and AdamW states per GPU; this card has {card_gib:.1f} GiB"
+
+
 def run(gpus: int, steps: int, warmup: int, batch_tokens: int, runs: Path, overrides: list[str]) -> dict:
     folder = runs / f"gpus{gpus}"
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={gpus}", "-m", "glm_session.train",
-               *SCALE, f"trainer.devices={gpus}", f"trainer.max_steps={steps}", f"metrics.warmup_batches={warmup}",
+    # --standalone: a free port for the rendezvous, whatever else runs on the host
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m",
+               "glm_session.train", *SCALE, f"trainer.devices={gpus}", f"trainer.max_steps={steps}", f"metrics.warmup_batches={warmup}",
                f"data.batch_tokens={batch_tokens}", f"hydra.run.dir={folder}", *overrides]  # fmt: skip
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env=os.environ)
@@ -73,7 +96,13 @@ def main() -> None:
     gpus = args.gpus or [n for n in (1, 2, 4, 8) if n <= available]
     args.runs.mkdir(parents=True, exist_ok=True)
     results = []
+    card_gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if available else None
     for n in sorted(gpus, reverse=True):  # the largest first: the headline run
+        reason = why_it_cannot_fit(n, card_gib) if card_gib else None
+        if reason:  # not worth a launch
+            results.append({"gpus": n, "returncode": "skipped", "reason": reason})
+            print(json.dumps(results[-1]), flush=True)
+            continue
         batch_tokens = args.batch_tokens
         while True:  # out of memory: again with half the micro-batch, down to one row
             print(f"== {n} GPU(s), {batch_tokens} tokens per micro-batch", flush=True)
