@@ -43,7 +43,7 @@ STATE_BYTES_PER_PARAMETER = 16
 
 
 def states_gib(gpus: int) -> float:
-    """The GiB of training state each of ``gpus`` GPUs holds for the chatglm2-6b preset (counted on the meta device)."""
+    """The GiB of training state each of ``gpus`` GPUs holds for the chatglm2-6b preset (counted on meta)."""
     with torch.device("meta"):
         model = GlmForCausalLM(chatglm2_config("chatglm2-6b"))
     return sum(p.numel() for p in model.parameters()) * STATE_BYTES_PER_PARAMETER / gpus / 2**30
@@ -61,8 +61,9 @@ def run(gpus: int, steps: int, warmup: int, batch_tokens: int, runs: Path, overr
     folder = runs / f"gpus{gpus}"
     # --standalone: a free port for the rendezvous, whatever else runs on the host
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m",
-               "glm_session.train", *SCALE, f"trainer.devices={gpus}", f"trainer.max_steps={steps}", f"metrics.warmup_batches={warmup}",
-               f"data.batch_tokens={batch_tokens}", f"hydra.run.dir={folder}", *overrides]  # fmt: skip
+               "glm_session.train", *SCALE, f"trainer.devices={gpus}", f"trainer.max_steps={steps}",
+               f"metrics.warmup_batches={warmup}", f"data.batch_tokens={batch_tokens}", f"hydra.run.dir={folder}",
+               *overrides]  # fmt: skip
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env=os.environ)
     record = {"gpus": gpus, "command": " ".join(["torchrun", *command[3:]]), "returncode": result.returncode,
