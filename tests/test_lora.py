@@ -528,6 +528,26 @@ def test_qlora_holds_the_decoder_linears_in_nf4(tokenizer):
         assert max(len(torch.unique(block)) for block in blocks) <= 16  # 4 bits: 16 levels a block
 
 
+class Created(Exception):
+    """Raised by a recording hook once the model is created: the test needs nothing after."""
+
+
+def test_a_qlora_base_is_created_on_the_cpu_whatever_the_default_device(tokenizer, monkeypatch):
+    """Lightning calls ``configure_model`` with the trainer's device as the default one: a QLoRA base created there in
+    bf16 (11.7 GiB for the 6B) would not fit the card QLoRA is for. It is created on the CPU, and each decoder linear
+    quantized onto the device. (The meta device stands in for the GPU here; LoRA without 4 bits keeps the default.)"""
+
+    def record_devices(model):
+        raise Created({p.device.type for p in model.parameters()})
+
+    monkeypatch.setattr(GlmForCausalLM, "post_init", record_devices)
+    for peft, devices in ((QLORA, {"cpu"}), (LORA, {"meta"})):
+        module = ChatGLM2Module.from_preset("chatglm2-tiny", len(tokenizer), optimizer=torch.optim.SGD, peft=peft)
+        with torch.device("meta"), pytest.raises(Created) as created:
+            module.configure_model()
+        assert created.value.args[0] == devices
+
+
 @pytest.fixture(scope="module")
 def qlora_steps(tokenizer, cache_dir):
     return {run: one_step(tokenizer, cache_dir, *run, peft=QLORA) for run in RUNS}

@@ -9,6 +9,7 @@ calls after the last backward and before gradient clipping).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import replace
@@ -267,12 +268,16 @@ class ChatGLM2Module(L.LightningModule):
                 )
             return
         # A LoRA run's frozen bf16 base is created in bf16: created in fp32 and then cast, the 6B would hold
-        # 23.4 GiB at its creation, more than a step of the 24 GB card's setting
+        # 23.4 GiB at its creation, more than a step of the 24 GB card's setting. QLoRA's base is created on the
+        # CPU and each decoder linear quantized onto the device (add_lora): its bf16 form (11.7 GiB for the 6B) is
+        # never on a card that is meant not to hold it. Lightning moves the rest to the device after this hook.
         bf16_base = self.lora is not None and self._bf16_base()
-        if bf16_base:
-            self.model = GlmForCausalLM._from_config(self.config, dtype=torch.bfloat16)
-        else:
-            self.model = GlmForCausalLM(self.config)
+        quantize = self.lora is not None and self.lora.quantize
+        with torch.device("cpu") if quantize else contextlib.nullcontext():
+            if bf16_base:
+                self.model = GlmForCausalLM._from_config(self.config, dtype=torch.bfloat16)
+            else:
+                self.model = GlmForCausalLM(self.config)
         if self.init_from:
             load_weights_into(self.model, initial_state(self.init_from), f"model.init_from={self.init_from}")
         if self.lora is not None:
