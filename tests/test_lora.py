@@ -114,21 +114,29 @@ def test_adapters_are_fp32_on_a_bf16_base(tokenizer):
     assert trainable == {n for n in dtypes if "lora_" in n} and len(trainable) == 2 * 2 * 6  # 2 layers, A and B
 
 
+class Created(Exception):
+    """Raised in place of ``post_init`` once the model is created, with its parameters' (dtype, device) pairs."""
+
+
+def created(tokenizer, monkeypatch, peft, default_device="cpu") -> set[tuple[torch.dtype, str]]:
+    """The (dtype, device type) pairs of the parameters ``configure_model`` creates under ``default_device`` (as
+    Lightning calls it under the trainer's device), the hook stopped right after the creation."""
+
+    def stop(model):
+        raise Created({(p.dtype, p.device.type) for p in model.parameters()})
+
+    monkeypatch.setattr(GlmForCausalLM, "post_init", stop)
+    module = ChatGLM2Module.from_preset("chatglm2-tiny", len(tokenizer), optimizer=torch.optim.SGD, peft=peft)
+    with torch.device(default_device), pytest.raises(Created) as raised:
+        module.configure_model()
+    return raised.value.args[0]
+
+
 def test_a_bf16_base_is_never_whole_in_fp32(tokenizer, monkeypatch):
     """Created in fp32 and then cast, the 6B's base would hold 23.4 GiB at its creation (the peak of issue 22's
     first 24 GB-card measurement); each weight is created in bf16 instead. Full fine-tuning keeps fp32 weights."""
-    created = []
-    post_init = GlmForCausalLM.post_init
-
-    def record_dtypes(model):
-        post_init(model)
-        created.append({p.dtype for p in model.parameters()})
-
-    monkeypatch.setattr(GlmForCausalLM, "post_init", record_dtypes)
-    for peft, dtypes in (({**LORA, "base_dtype": "bf16"}, {torch.bfloat16}), (None, {torch.float32})):
-        module = ChatGLM2Module.from_preset("chatglm2-tiny", len(tokenizer), optimizer=torch.optim.SGD, peft=peft)
-        module.configure_model()
-        assert created.pop() == dtypes
+    assert created(tokenizer, monkeypatch, {**LORA, "base_dtype": "bf16"}) == {(torch.bfloat16, "cpu")}
+    assert created(tokenizer, monkeypatch, None) == {(torch.float32, "cpu")}
 
 
 @pytest.mark.parametrize(
@@ -528,24 +536,12 @@ def test_qlora_holds_the_decoder_linears_in_nf4(tokenizer):
         assert max(len(torch.unique(block)) for block in blocks) <= 16  # 4 bits: 16 levels a block
 
 
-class Created(Exception):
-    """Raised by a recording hook once the model is created: the test needs nothing after."""
-
-
 def test_a_qlora_base_is_created_on_the_cpu_whatever_the_default_device(tokenizer, monkeypatch):
     """Lightning calls ``configure_model`` with the trainer's device as the default one: a QLoRA base created there in
     bf16 (11.7 GiB for the 6B) would not fit the card QLoRA is for. It is created on the CPU, and each decoder linear
     quantized onto the device. (The meta device stands in for the GPU here; LoRA without 4 bits keeps the default.)"""
-
-    def record_devices(model):
-        raise Created({p.device.type for p in model.parameters()})
-
-    monkeypatch.setattr(GlmForCausalLM, "post_init", record_devices)
-    for peft, devices in ((QLORA, {"cpu"}), (LORA, {"meta"})):
-        module = ChatGLM2Module.from_preset("chatglm2-tiny", len(tokenizer), optimizer=torch.optim.SGD, peft=peft)
-        with torch.device("meta"), pytest.raises(Created) as created:
-            module.configure_model()
-        assert created.value.args[0] == devices
+    assert created(tokenizer, monkeypatch, QLORA, default_device="meta") == {(torch.float32, "cpu")}
+    assert created(tokenizer, monkeypatch, LORA, default_device="meta") == {(torch.float32, "meta")}
 
 
 @pytest.fixture(scope="module")
