@@ -382,10 +382,13 @@ class ChatGLM2Module(L.LightningModule):
                 )
             torch._foreach_mul_(grads, scale_value)
         # The step's loss (global already), at the steps whose values Lightning writes to the loggers only: a call
-        # of self.log costs about a millisecond of host time, a step of chatglm2-small on a GPU about 50.
+        # of self.log costs about a millisecond of host time, a step of chatglm2-small on a GPU about 50. The values
+        # are copied to the host here, once: Lightning keeps a logged value and turns it into a number again at every
+        # later batch's end (the progress bar's values), which for a device tensor waits for the device each step.
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            self.log("train/loss", loss.float(), on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
-            self.log("train/supervised_tokens", counts[0].float(), on_step=True, on_epoch=False, batch_size=1)
+            host_loss, host_tokens = torch.stack([loss.float(), counts[0].float()]).cpu()
+            self.log("train/loss", host_loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
+            self.log("train/supervised_tokens", host_tokens, on_step=True, on_epoch=False, batch_size=1)
         self._step_numerator.zero_()
         self._step_counts.zero_()
 

@@ -127,14 +127,17 @@ class RunMetrics(L.Callback):
         self.counters["flops"] += training_flops(
             pl_module.config, self._parameter_count, lengths, self._frozen_count
         )
-        # This device's running throughput, at the logging interval only: logging a Python number copies it to the
-        # device, and a copy from pageable memory waits for the device's queued work.
+        # This device's running throughput, at the logging interval only, as host tensors: Lightning copies a
+        # Python number to the device (a copy from pageable memory waits for the device's queued work) and reads
+        # a logged device tensor back at every later batch's end.
         if self.counters["train_seconds"] > 0 and trainer.global_step % trainer.log_every_n_steps == 0:
             seconds = self.counters["train_seconds"]
-            pl_module.log("train/tokens_per_second", self.counters["timed_input_tokens"] / seconds, on_step=True,
-                          batch_size=1, prog_bar=True)  # fmt: skip
-            pl_module.log("train/supervised_tokens_per_second", self.counters["timed_supervised_tokens"] / seconds,
-                          on_step=True, batch_size=1)  # fmt: skip
+            for name, tokens, prog_bar in (
+                ("train/tokens_per_second", "timed_input_tokens", True),
+                ("train/supervised_tokens_per_second", "timed_supervised_tokens", False),
+            ):
+                rate = torch.tensor(self.counters[tokens] / seconds)
+                pl_module.log(name, rate, on_step=True, batch_size=1, prog_bar=prog_bar)
 
     @staticmethod
     def _parameters(pl_module: L.LightningModule) -> int:
