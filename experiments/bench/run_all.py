@@ -6,7 +6,8 @@
 
 Parts (each step a subprocess with its own time limit; results are written as they come):
 
-- ``tests``: ``tests/test_gpu_kernels.py`` (the fast paths' loss and gradients against the reference path's);
+- ``tests``: ``tests/test_gpu_kernels.py`` (the fast paths' loss and gradients against the reference path's) and
+  ``tests/test_host_reads.py`` (no host synchronisation inside a fast-path step, torch's sync debug mode);
 - ``variants``: ``bench.py`` on chatglm2-1b (KdConv session rows of 2,048 tokens, 16,384 tokens a step),
   session+packing on the reference path, on ``speed=fast`` and on it with parts taken away (``VARIANTS_1B``), then
   chatglm2-small on SMILE, session+packing, likewise (``VARIANTS_SMALL``: a step's overhead, not its arithmetic);
@@ -152,8 +153,8 @@ def project_steps(
     py, bench, profile = sys.executable, "experiments/bench/bench.py", "experiments/bench/profile_step.py"
     steps = []
     if "tests" in parts:
-        test = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu_kernels.py", "--junitxml",
-                str(out / "gpu_tests.xml")]  # fmt: skip
+        test = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu_kernels.py",
+                "tests/test_host_reads.py", "--junitxml", str(out / "gpu_tests.xml")]  # fmt: skip
         steps.append(("tests", "gpu_tests", test, 240))
     if "variants" in parts and one_b:
         arguments = bench_arguments(VARIANTS_1B, one_b)
