@@ -31,7 +31,7 @@ from glm_session.config import CONFIG_DIR, build
 from glm_session.data.source import SPLITS
 from glm_session.errors import ConfigError, check_int, user_message
 from glm_session.hydra_jobs import job, run_app
-from glm_session.model.compiled_layers import uncompile_layers
+from glm_session.model.compiled_layers import uncompile
 from glm_session.run_info import RunInfo
 from glm_session.run_status import METRICS_FILE, read_record
 from glm_session.training.checkpoint_io import AtomicCheckpointIO, remove_stale_saves
@@ -216,7 +216,7 @@ def _train(
         # Lightning's teardown has moved the model back to the CPU: generate on the training device.
         module.model.to(trainer.strategy.root_device)
         if module.compile_layers:  # evaluated as glm_session.evaluate evaluates a checkpoint: uncompiled
-            uncompile_layers(module.model.model.layers)
+            uncompile(module.model)
         metrics["evaluation"] = evaluate_model(
             module.model, datamodule, cfg.evaluate.split, output_dir / "evaluation", generation, cfg.evaluate.limit
         )

@@ -82,7 +82,7 @@ def test_compile_dynamic_is_null_true_false_or_rows():
 
 
 def test_compile_mode_is_torchs_mode_for_each_layer_and_timed_modes_are_refused_with_deterministic(monkeypatch):
-    from glm_session.model.compiled_layers import compile_layers
+    from glm_session.model.compiled_layers import compile_layers, compile_model
 
     assert module().compile_mode is None and module(compile_mode="reduce-overhead").compile_mode == "reduce-overhead"
     with pytest.raises(ConfigError, match=r"model.compile_mode='cuda-graphs': must be null or one of default, "):
@@ -96,7 +96,10 @@ def test_compile_mode_is_torchs_mode_for_each_layer_and_timed_modes_are_refused_
     layers = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)])
     compile_layers(layers, "rows", "reduce-overhead")
     compile_layers(layers, True, "max-autotune-no-cudagraphs")
-    assert seen == [{"mode": "reduce-overhead"}] * 2 + [{"dynamic": True, "mode": "max-autotune-no-cudagraphs"}] * 2
+    compile_model(layers[0], False, "reduce-overhead")  # the whole decoder: one graph, or an error
+    assert seen == [{"mode": "reduce-overhead", "fullgraph": False}] * 2 + [
+        {"dynamic": True, "mode": "max-autotune-no-cudagraphs", "fullgraph": False}
+    ] * 2 + [{"dynamic": False, "mode": "reduce-overhead", "fullgraph": True}]
 
 
 def test_rows_marks_the_rows_of_every_input_a_layer_gets():

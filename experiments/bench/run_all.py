@@ -13,7 +13,8 @@ Parts (each step a subprocess with its own time limit; results are written as th
   chatglm2-small on SMILE, session+packing, likewise (``VARIANTS_SMALL``: a step's overhead, not its arithmetic);
 - ``profile_*``: ``profile_step.py`` on ``reference_step.py``'s base variant (``profile_reference``), the project's
   1b step on the same rows on its reference path (``profile_1b_reference``) and its fast path (``profile_1b_fast``),
-  and the small model's fast path (``profile_small_fast``);
+  and the small model's fast path (``profile_small_fast``) and its whole decoder as CUDA graphs
+  (``profile_small_whole_cudagraphs``);
 - ``yardsticks``: ``reference_step.py`` (base and its best variant, flex_liger) and ``trl_peer.py`` on the project's
   own session rows;
 - ``fsdp``: ``fsdp_step.py`` (plain FSDP2, 6B shape) and ``experiments/scale/run.py`` (the project's
@@ -24,8 +25,8 @@ With two GPUs, the project's single-GPU runs go to GPU 0 while the yardsticks ru
 Rows, runs and logs stay in ``--work``; ``OUT`` gets ``results.json``, ``steps.json``, ``logs.tgz`` and ``scale.json``.
 ``results.json`` holds the project's runs, the yardsticks, the profiles and ``ratios``
 (``session_packing_over_reference_best`` in tokens/s, ``session_packing_answer_over_trl`` in answer tokens/s,
-``mfu_session_packing``, ``small_session_packing_tokens_per_second``); ``OUT/scale.json`` each GPU count with
-``over_baseline`` (tokens/s per GPU over ``fsdp_step.py``'s).
+``mfu_session_packing``, ``small_session_packing_tokens_per_second``, ``small_over_its_reference_path``);
+``OUT/scale.json`` each GPU count with ``over_baseline`` (tokens/s per GPU over ``fsdp_step.py``'s).
 """
 
 from __future__ import annotations
@@ -80,6 +81,12 @@ VARIANTS_SMALL = {
     # each layer's forward and backward replayed as CUDA graphs, one per batch shape (static: a few row counts)
     "fast+cudagraphs": FAST + NO_LIGER + WHOLE_LOGITS + ["model.compile_mode=reduce-overhead",
                                                          "model.compile_dynamic=false"],  # fmt: skip
+    # the whole decoder as one graph (embedding, mask, layers, norm): transformers' forward runs at compilation only
+    "fast+whole_graph": FAST + NO_LIGER + WHOLE_LOGITS + ["model.compile_scope=model"],
+    # ... and its forward and backward each replayed as one CUDA graph (static: a graph per row count)
+    "fast+whole_cudagraphs": FAST + NO_LIGER + WHOLE_LOGITS + ["model.compile_scope=model",
+                                                               "model.compile_mode=reduce-overhead",
+                                                               "model.compile_dynamic=false"],  # fmt: skip
     "fast+batch_65536": FAST
     + NO_LIGER
     + WHOLE_LOGITS
@@ -96,7 +103,7 @@ FSDP_VARIANTS = {  # name: overrides of experiments/scale/run.py's trainer=fsdp 
     "scale_fast_recompute_half": FAST + ["trainer.strategy.checkpoint_every_n_layers=2"],
 }
 PARTS = ["tests", "variants", "profile_reference", "profile_1b_reference", "profile_1b_fast", "profile_small_fast",
-         "yardsticks", "fsdp"]  # fmt: skip
+         "profile_small_whole_cudagraphs", "yardsticks", "fsdp"]  # fmt: skip
 
 
 class Steps:
@@ -169,6 +176,7 @@ def project_steps(
         "profile_1b_reference": (6, ONE_B),
         "profile_1b_fast": (6, ONE_B + FAST),
         "profile_small_fast": (20, SMALL + VARIANTS_SMALL["fast"]),
+        "profile_small_whole_cudagraphs": (20, SMALL + VARIANTS_SMALL["fast+whole_cudagraphs"]),
     }
     for name, (skip, overrides) in profiles.items():
         if name in parts:
@@ -270,6 +278,7 @@ def summarise(out: Path) -> None:
     # like for like: the ratios take runs of 16,384 tokens a step, as the yardsticks and the targets
     small_runs = [r for r in (small or {}).get("results", []) if "error" not in r and r["batch_tokens"] == 16384]
     small_best = max(small_runs, key=lambda r: r["tokens_per_second"], default=None)
+    small_reference = next((r for r in small_runs if r["name"] == "session+packing"), None)
     ratios = {
         "session_packing_over_reference_best": best["tokens_per_second"] / ref_best["real_tokens_per_second"]
         if best and ref_best else None,
@@ -277,6 +286,8 @@ def summarise(out: Path) -> None:
         if best and trl and trl.get("answer_tokens_per_second") else None,
         "mfu_session_packing": best["mfu"] if best else None,
         "small_session_packing_tokens_per_second": small_best["tokens_per_second"] if small_best else None,
+        "small_over_its_reference_path": small_best["tokens_per_second"] / small_reference["tokens_per_second"]
+        if small_best and small_reference else None,
         "best_session_packing": best["name"] if best else None,
         "best_small_session_packing": small_best["name"] if small_best else None,
         "reference_best_variant": ref_best["variant"] if ref_best else None,

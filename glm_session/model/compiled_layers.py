@@ -18,6 +18,16 @@ kernels than the uninterrupted run ran at the same steps, and ends a few bits aw
 kernel launches, as chatglm2-small's is on an H200: 660 launches in a 40 ms step of which the GPU is busy 13 ms),
 ``"max-autotune-no-cudagraphs"`` / ``"max-autotune"`` (kernels chosen by timing them on the device). On a CPU,
 CUDA graphs are skipped (torch says so) and the layers run as with the default mode.
+
+``model.compile_scope`` is what is compiled: ``"layers"`` (each decoder layer on its own, one compilation shared by
+all layers of a shape) or ``"model"`` (the whole decoder as one graph, ``fullgraph``: the embedding, the attention
+mask transformers builds from the position ids, every layer and the final norm; the output layer and the loss stay
+outside, where the chunked loss picks the trained positions). With ``reduce-overhead`` the decoder's forward and its
+backward are then each one CUDA graph: the Python of transformers' forward, of its mask functions and of autograd's
+per-op bookkeeping runs at capture only (chatglm2-small's step in run 6: 24.6 ms of host Python around 12.8 ms of GPU
+work). Inside the graph transformers skips its host-side check for packed rows (it checks only when not traced).
+Compilation takes longer (all layers, not one), and only one device holds the model (``trainer=fsdp`` gathers each
+layer's weights around its forward: layers only).
 """
 
 from __future__ import annotations
@@ -53,32 +63,52 @@ def check_compile_mode(value: Any, deterministic: bool = False) -> str | None:
     return value
 
 
+COMPILE_SCOPES = ("layers", "model")
+
+
+def check_compile_scope(value: Any) -> str:
+    if value not in COMPILE_SCOPES:
+        raise ConfigError("model.compile_scope", value, "layers (each decoder layer) or model (the whole forward)")
+    return value
+
+
 def compile_layers(layers: torch.nn.ModuleList, dynamic: bool | str | None, mode: str | None = None) -> None:
     """Compile each decoder layer in place (its parameters and their names stay as they are)."""
     for layer in layers:
-        if dynamic == "rows":
-            layer.compile(mode=mode)
-            # Module.compile leaves no place between the module's call and Dynamo but the compiled call itself.
-            layer._compiled_call_impl = _rows_dynamic(layer._compiled_call_impl)
-        else:
-            layer.compile(dynamic=dynamic, mode=mode)
+        _compile(layer, dynamic, mode)
 
 
-def uncompile_layers(layers: torch.nn.ModuleList) -> None:
-    """Undo ``compile_layers``: each layer runs eagerly again, its parameters untouched. For the test evaluation
-    after training: its shapes (prompts of every length, the KV cache's decode steps, the test rows) are not
-    training's, and compiling them cost more than running them (experiments/unseen_base, session 10: an in-run
-    CPsyCoun evaluation spent 5-35 s on teacher-forced loss, the same evaluation of an uncompiled base 0.5-0.8 s)."""
-    for layer in layers:
-        layer._compiled_call_impl = None
+def compile_model(decoder: torch.nn.Module, dynamic: bool | str | None, mode: str | None = None) -> None:
+    """Compile the whole decoder's forward in place as one graph (a graph break is an error, not a silent split)."""
+    _compile(decoder, dynamic, mode, fullgraph=True)
+
+
+def _compile(module: torch.nn.Module, dynamic: bool | str | None, mode: str | None, fullgraph: bool = False) -> None:
+    if dynamic == "rows":
+        module.compile(mode=mode, fullgraph=fullgraph)
+        # Module.compile leaves no place between the module's call and Dynamo but the compiled call itself.
+        module._compiled_call_impl = _rows_dynamic(module._compiled_call_impl)
+    else:
+        module.compile(dynamic=dynamic, mode=mode, fullgraph=fullgraph)
+
+
+def uncompile(model: torch.nn.Module) -> None:
+    """Undo ``compile_layers`` or ``compile_model``: the model runs eagerly again, its parameters untouched. For the
+    test evaluation after training: its shapes (prompts of every length, the KV cache's decode steps, the test rows)
+    are not training's, and compiling them cost more than running them (experiments/unseen_base, session 10: an
+    in-run CPsyCoun evaluation spent 5-35 s on teacher-forced loss, the same evaluation of an uncompiled base
+    0.5-0.8 s)."""
+    for module in model.modules():
+        module._compiled_call_impl = None
 
 
 def _rows_dynamic(compiled: Any) -> Any:
-    """``compiled`` called with the rows dimension of every input marked dynamic (before Dynamo sees them)."""
+    """``compiled`` called with the rows dimension of every input marked dynamic (before Dynamo sees them): the rows
+    of its first tensor argument (a layer's hidden states, the model's input ids)."""
 
     def call(*args: Any, **kwargs: Any) -> Any:
-        hidden_states = args[0] if args else kwargs["hidden_states"]
-        mark_rows_dynamic((args, kwargs), hidden_states.shape[0])
+        first = next(value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor))
+        mark_rows_dynamic((args, kwargs), first.shape[0])
         return compiled(*args, **kwargs)
 
     return call

@@ -30,7 +30,13 @@ from glm_session.checkpoints import (
     weights_fingerprint,
 )
 from glm_session.errors import ConfigError, UserError, check_choice, check_int
-from glm_session.model.compiled_layers import check_compile_dynamic, check_compile_mode, compile_layers
+from glm_session.model.compiled_layers import (
+    check_compile_dynamic,
+    check_compile_mode,
+    check_compile_scope,
+    compile_layers,
+    compile_model,
+)
 from glm_session.model.kernels import KERNELS, use_liger_kernels
 from glm_session.model.loss import REDUCTIONS, chunked_token_losses, denominator, reduce, token_losses
 from glm_session.model.packed_mask import packed_block_mask
@@ -153,6 +159,8 @@ class ChatGLM2Module(L.LightningModule):
         compile_mode: ``torch.compile``'s mode for the layers (``compiled_layers.py``): ``None`` (torch's default),
             ``"reduce-overhead"`` (CUDA graphs), ``"max-autotune-no-cudagraphs"`` or ``"max-autotune"`` (kernels
             chosen by timing; refused with ``compile_deterministic``).
+        compile_scope: what ``compile_layers`` compiles (``compiled_layers.py``): ``"layers"`` (each decoder layer)
+            or ``"model"`` (the whole decoder as one graph; one device, transformers' kernels).
     """
 
     def __init__(
@@ -173,6 +181,7 @@ class ChatGLM2Module(L.LightningModule):
         compile_deterministic: bool = False,
         compile_dynamic: bool | str | None = None,
         compile_mode: str | None = None,
+        compile_scope: str = "layers",
     ) -> None:
         super().__init__()
         if compile_deterministic:
@@ -184,6 +193,12 @@ class ChatGLM2Module(L.LightningModule):
         self.compile_layers = compile_layers
         self.compile_dynamic = check_compile_dynamic(compile_dynamic)
         self.compile_mode = check_compile_mode(compile_mode, deterministic=compile_deterministic)
+        self.compile_scope = check_compile_scope(compile_scope)
+        if compile_layers and compile_scope == "model" and kernels != "torch":
+            raise ConfigError(
+                "model.kernels", kernels, "torch with model.compile_scope=model: the whole decoder is compiled as one "
+                "graph, which fuses the norms and SwiGLU itself; liger's kernels inside it are not verified"
+            )  # fmt: skip
         self.loss_chunk_tokens = check_int("model.loss_chunk_tokens", loss_chunk_tokens, minimum=1, optional=True)
         # transformers' own attention only: a Hub kernel name would download and run code
         self.config._attn_implementation = check_choice(
@@ -244,6 +259,11 @@ class ChatGLM2Module(L.LightningModule):
                 raise ConfigError("model.peft.quantize", self.lora.quantize, QUANTIZE_ON_ONE_DEVICE)
             from glm_session.model.sharding import load_full_weights, shard_model
 
+            if self.compile_layers and self.compile_scope == "model":
+                raise ConfigError(
+                    "model.compile_scope", "model", "layers with trainer=fsdp: FSDP2 gathers each layer's weights "
+                    "around its forward, and a graph of the whole model would hold those hooks"
+                )  # fmt: skip
             strategy = self.trainer.strategy
             with torch.device("meta"):
                 model = GlmForCausalLM(self.config)
@@ -300,7 +320,9 @@ class ChatGLM2Module(L.LightningModule):
         """The kernels of ``model.kernels``, then ``torch.compile`` of each decoder layer if asked."""
         if self.kernels == "liger":
             use_liger_kernels(model)
-        if self.compile_layers:
+        if self.compile_layers and self.compile_scope == "model":
+            compile_model(model.model, self.compile_dynamic, self.compile_mode)
+        elif self.compile_layers:
             compile_layers(model.model.layers, self.compile_dynamic, self.compile_mode)
 
     def attention_mask(self, position_ids: torch.Tensor) -> BlockMask | None:
@@ -319,12 +341,14 @@ class ChatGLM2Module(L.LightningModule):
         """(B, T-1) the loss of every position's next label, 0 where it is not trained."""
         if self.loss_chunk_tokens is None:
             return token_losses(self(batch["input_ids"], batch["position_ids"]), batch["labels"])  # via (B, T, V)
-        # Through the model's own forward (so that FSDP gathers and frees its parameters as usual), keeping the
-        # logits of one position only; the output layer is applied chunk by chunk to the trained positions.
-        output = self.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                            attention_mask=self.attention_mask(batch["position_ids"]),
-                            logits_to_keep=1, output_hidden_states=True)  # fmt: skip
-        hidden = output.hidden_states[-1]  # (B, T, d), after the final norm
+        # The final hidden states (B, T, d), after the final norm; the output layer is applied to the trained
+        # positions chunk by chunk.
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False,
+                  "attention_mask": self.attention_mask(batch["position_ids"])}  # fmt: skip
+        if getattr(self, "_device_mesh", None) is None:  # the decoder itself (a compiled one is one graph)
+            hidden = self.model.model(**inputs).last_hidden_state
+        else:  # the model's own forward, so that FSDP gathers and frees the root unit's parameters as usual
+            hidden = self.model(**inputs, logits_to_keep=1, output_hidden_states=True).hidden_states[-1]
         return chunked_token_losses(
             hidden,
             self.model.lm_head,  # a module call: an adapter on it (peft) counts
@@ -332,6 +356,10 @@ class ChatGLM2Module(L.LightningModule):
             self.loss_chunk_tokens,
             batch.get("supervised_positions"),
         )
+
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        if self.compile_layers and self.compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # a new micro-batch: the CUDA graphs' last outputs are spent
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         weights = LossWeights(
