@@ -94,3 +94,23 @@ def test_what_the_whole_model_graph_cannot_take_is_refused(tokenizer):
     with pytest.raises(ConfigError, match=r"model.kernels='liger': must be torch with model.compile_scope=model"):
         make(compile_layers=True, compile_scope="model", kernels="liger")
     make(compile_scope="model")  # not compiled: nothing to refuse
+
+
+@pytest.mark.slow
+def test_flex_attention_inside_the_one_graph_gives_the_eager_losses(tokenizer, packed_rows, monkeypatch):
+    """The fast path's attention in the graph, forward only (torch has no flex backward on a CPU): the device-built
+    block mask goes in as an input, and transformers never looks at the rows on the host."""
+    import transformers.masking_utils
+
+    eager, _ = modules(tokenizer)
+    _, compiled = modules(tokenizer, attn_implementation="flex_attention", loss_chunk_tokens=64)
+    compiled.model.load_state_dict(eager.model.state_dict())
+
+    def host_check(*args, **kwargs):
+        raise AssertionError("transformers inspected the position ids on the host")
+
+    with torch.no_grad():
+        expected = [eager.token_losses(batch) for batch in packed_rows]  # SDPA: transformers' own packed mask
+        monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", host_check)
+        for batch, losses in zip(packed_rows, expected, strict=True):
+            assert (compiled.token_losses(batch) - losses).abs().max() < 1e-5

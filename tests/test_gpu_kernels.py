@@ -3,7 +3,7 @@
 Reference: SDPA with the block-diagonal mask transformers builds from the position ids, the (B, T, V) logits and
 fp32 cross-entropy, transformers' RMSNorm and SwiGLU. Each fast path changes one thing or all of them: flex
 attention with a document block mask, the chunked loss over the trained positions, liger-kernel's RMSNorm and SwiGLU,
-per-layer ``torch.compile``. The batch is two packed rows of several samples each (and padding), as training sees.
+per-layer ``torch.compile``, or the whole decoder as one compiled graph (replayed as CUDA graphs too). The batch is two packed rows of several samples each (and padding), as training sees.
 
 - fp32 (no autocast): the per-token losses and every parameter's gradient agree to 1e-3 (relative; the kernels sum
   in other orders, a wrong mask or weight is off by orders of magnitude more).
@@ -42,6 +42,12 @@ PATHS = {
         "kernels": "liger",
         "compile_layers": True,
     },  # fmt: skip
+    # the whole decoder as one graph (model.compile_scope=model), and replayed as CUDA graphs
+    "whole_graph": {"attn_implementation": "flex_attention", "loss_chunk_tokens": 96, "compile_layers": True,
+                    "compile_scope": "model", "compile_dynamic": False},  # fmt: skip
+    "whole_graph+cudagraphs": {"attn_implementation": "flex_attention", "loss_chunk_tokens": 96,
+                               "compile_layers": True, "compile_scope": "model", "compile_dynamic": False,
+                               "compile_mode": "reduce-overhead"},  # fmt: skip
 }
 
 
@@ -79,11 +85,16 @@ def module_for(state: dict | None, **options) -> ChatGLM2Module:
 
 
 def losses_and_grads(module: ChatGLM2Module, batch: dict, bf16: bool) -> tuple[torch.Tensor, dict]:
+    """The per-token losses and every gradient of one step; CUDA graphs are recorded at the first steps and replayed
+    at the third, which is the one returned."""
     batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-        losses = module.token_losses(batch)
-    terms = reduce(losses, batch["labels"], batch["turn_ids"], batch["sample_index"], "token")
-    terms.numerator.backward()
+    for _ in range(3 if module.compile_mode == "reduce-overhead" else 1):
+        torch.compiler.cudagraph_mark_step_begin()
+        module.model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            losses = module.token_losses(batch)
+        terms = reduce(losses, batch["labels"], batch["turn_ids"], batch["sample_index"], "token")
+        terms.numerator.backward()
     grads = {name: p.grad.float().clone() for name, p in module.model.named_parameters()}
     return losses.detach().float(), grads
 
