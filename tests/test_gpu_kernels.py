@@ -3,7 +3,8 @@
 Reference: SDPA with the block-diagonal mask transformers builds from the position ids, the (B, T, V) logits and
 fp32 cross-entropy, transformers' RMSNorm and SwiGLU. Each fast path changes one thing or all of them: flex
 attention with a document block mask, the chunked loss over the trained positions, liger-kernel's RMSNorm and SwiGLU,
-per-layer ``torch.compile``, or the whole decoder as one compiled graph (replayed as CUDA graphs too). The batch is two packed rows of several samples each (and padding), as training sees.
+per-layer ``torch.compile``, the whole decoder as one compiled graph (replayed as CUDA graphs too). The batch is two
+packed rows of several samples each (and padding), as training sees.
 
 - fp32 (no autocast): the per-token losses and every parameter's gradient agree to 1e-3 (relative; the kernels sum
   in other orders, a wrong mask or weight is off by orders of magnitude more).
