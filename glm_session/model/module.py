@@ -66,11 +66,13 @@ class NonFiniteError(UserError):
     """Training met a NaN or infinite loss or gradient: the run stops and no checkpoint is written from here on."""
 
 
-def _step_skipper(optimizer: Any, grads: list[torch.Tensor]) -> torch.optim.Optimizer | None:
-    """The optimizer itself when it can skip a step from a device flag (a fused AdamW reads ``found_inf``, as under a
-    gradient scaler) and the gradients are plain tensors; else ``None`` (the guard then reads the flag on the host)."""
+def _step_skipper(optimizer: Any, grads: list[torch.Tensor], scaler: Any) -> torch.optim.Optimizer | None:
+    """The optimizer itself when it can skip a step from a device flag and scale the gradients as it reads them (a
+    fused AdamW reads ``found_inf`` and ``grad_scale``, as a gradient scaler sets them), the gradients are plain
+    tensors and no gradient scaler (fp16) sets those flags itself; else ``None`` (the guard then reads the flag on
+    the host)."""
     raw = getattr(optimizer, "optimizer", optimizer)  # under Lightning's LightningOptimizer
-    if not getattr(raw, "_step_supports_amp_scaling", False) or not grads:
+    if not getattr(raw, "_step_supports_amp_scaling", False) or not grads or scaler is not None:
         return None
     return None if any(hasattr(g, "to_local") for g in grads) else raw  # FSDP2's DTensors: the host guard
 
@@ -226,6 +228,8 @@ class ChatGLM2Module(L.LightningModule):
         # norm, kept on the device by the skipping guard (``on_before_optimizer_step``) and read at check points.
         self.register_buffer("_nonfinite", torch.tensor([-1.0, 0.0, 0.0], dtype=torch.float64), persistent=False)
         self._finite_checked_at = -1
+        # (fused optimizer, the norm its scaled gradients will have) where it applies the step's 1/D itself
+        self._scaled_by_optimizer: tuple[torch.optim.Optimizer, torch.Tensor] | None = None
         # Per-turn token-loss sums and counts, for train and validation.
         self.train_turn_losses, self.val_turn_losses = TurnLossMeter(), TurnLossMeter()
         # One entry per epoch and split: {"epoch", "step", "split", "loss", "loss_by_turn", "tokens"}.
@@ -387,19 +391,23 @@ class ChatGLM2Module(L.LightningModule):
         d = denominator(counts, self.reduction)
         loss = numerator / d
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        local = [_local(g) for g in grads]
-        grad_norms = torch.stack(torch._foreach_norm(local)).sum() if local else torch.zeros((), device=d.device)
-        grad_norms = self.trainer.strategy.reduce(grad_norms.double(), reduce_op="sum")  # inf/NaN if any is
+        norms = torch.stack(torch._foreach_norm([_local(g) for g in grads])).double() if grads else None
+        grad_norms = norms.sum() if grads else torch.zeros((), dtype=torch.float64, device=d.device)
+        grad_norms = self.trainer.strategy.reduce(grad_norms, reduce_op="sum")  # inf/NaN if any is
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / d
         finite = torch.isfinite(loss) & torch.isfinite(grad_norms)
-        skipper = _step_skipper(optimizer, grads)
+        skipper = _step_skipper(optimizer, grads, getattr(self.trainer.precision_plugin, "scaler", None))
+        self._scaled_by_optimizer = None
         if skipper is not None:  # no host synchronisation: the optimizer skips the step from a device flag
             skipper.found_inf = (~finite).float()
-            skipper.grad_scale = None
             first = (self._nonfinite[0] < 0) & ~finite
             seen = torch.stack([torch.full_like(grad_norms, self.global_step + 1.0), loss.double(), grad_norms])
             self._nonfinite.copy_(torch.where(first, seen, self._nonfinite))
-            torch._foreach_mul_(grads, scale)
+            # The gradients get their 1/D as the fused optimizer reads them (it divides each by grad_scale): no
+            # pass of its own over them; clipping multiplies into the same factor (configure_gradient_clipping). A
+            # plain tensor's gradients are whole on every device (after DDP's all-reduce): their norm is local.
+            skipper.grad_scale = (1 / scale).float()
+            self._scaled_by_optimizer = (skipper, scale * norms.square().sum().sqrt())  # the scaled gradients' norm
         else:
             scale_value, finite_value = torch.stack([scale, finite.double()]).tolist()
             if not finite_value:
@@ -427,9 +435,16 @@ class ChatGLM2Module(L.LightningModule):
         gradient_clip_algorithm: str | None = None,
     ) -> None:
         """Clip by norm directly: Lightning's mixed-precision plugin refuses to clip for a fused optimizer (fused
-        AdamW unscales fp16 gradients itself), which bf16 and fp32 training, having no gradient scaler, never need."""
+        AdamW unscales fp16 gradients itself), which bf16 and fp32 training, having no gradient scaler, never need.
+        Where the fused optimizer scales the gradients (``on_before_optimizer_step``), the clip joins its factor:
+        ``clip_grad_norm_``'s coefficient from the norm the gradients will have, and no pass over them here."""
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and scaler is None:
+            if self._scaled_by_optimizer is not None:
+                optimizer, norm = self._scaled_by_optimizer
+                coefficient = (gradient_clip_val / (norm + 1e-6)).clamp(max=1.0)
+                optimizer.grad_scale = optimizer.grad_scale / coefficient.float()
+                return
             torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], gradient_clip_val)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
