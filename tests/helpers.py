@@ -77,7 +77,8 @@ class PoisonGradientAtStep(L.Callback):
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step + 1 == self.step:
-            next(p for p in pl_module.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
+            grad = next(p for p in pl_module.parameters() if p.grad is not None).grad
+            (grad.to_local() if hasattr(grad, "to_local") else grad).view(-1)[0] = float("nan")  # FSDP2: a shard
 
 
 class SignalAtStep(L.Callback):

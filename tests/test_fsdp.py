@@ -4,6 +4,7 @@ accumulating 2 micro-batches, and a run killed after a sharded checkpoint resume
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -251,3 +252,24 @@ def test_a_single_file_lora_checkpoint_does_not_resume_under_fsdp(tmp_path, cach
     assert "last.ckpt: a single-file checkpoint; a LoRA run under trainer=fsdp resumes from its own sharded" in (
         result.stderr
     )
+
+
+@pytest.mark.slow
+def test_fused_adamw_under_fsdp_scales_clips_and_skips_from_device_flags(tmp_path, cache_dir, initial_weights):
+    """FSDP2's sharded gradients with fused AdamW: the step's 1/D and the clip coefficient (from the L2 norm summed
+    over the shards) go into its grad_scale, as on one device; with eps 10 the updates follow the gradients' scale,
+    so a wrong factor shows in the losses. A NaN gradient's step is skipped and the run stops naming it."""
+    step = [initial_weights, "optimizer.lr=0.5", "optimizer.eps=10.0", "trainer.gradient_clip_val=0.05"]
+    fused = torchrun(tmp_path / "fused", *step, "optimizer.fused=true", cache=cache_dir)
+    explicit = torchrun(tmp_path / "explicit", *step, "optimizer.fused=false", "+optimizer.foreach=true", cache=cache_dir)
+    assert fused.returncode == explicit.returncode == 0, (fused.stderr[-3000:], explicit.stderr[-3000:])
+    for a, b in zip(metrics(tmp_path / "fused")["val_loss_by_epoch"], metrics(tmp_path / "explicit")["val_loss_by_epoch"],
+                    strict=True):  # fmt: skip
+        assert abs(a - b) < 1e-6
+
+    poisoned = torchrun(tmp_path / "poisoned", initial_weights, "optimizer.fused=true", "trainer.log_every_n_steps=50",
+                        "+callbacks.poison._target_=helpers.PoisonGradientAtStep", "+callbacks.poison.step=2",
+                        cache=cache_dir)  # fmt: skip
+    assert poisoned.returncode != 0
+    assert re.search(r"step 2: the training loss is .* gradient norms sum to nan; its optimizer step was skipped",
+                     poisoned.stderr + poisoned.stdout), poisoned.stderr[-3000:]  # fmt: skip

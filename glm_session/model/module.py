@@ -68,13 +68,13 @@ class NonFiniteError(UserError):
 
 def _step_skipper(optimizer: Any, grads: list[torch.Tensor], scaler: Any) -> torch.optim.Optimizer | None:
     """The optimizer itself when it can skip a step from a device flag and scale the gradients as it reads them (a
-    fused AdamW reads ``found_inf`` and ``grad_scale``, as a gradient scaler sets them), the gradients are plain
-    tensors and no gradient scaler (fp16) sets those flags itself; else ``None`` (the guard then reads the flag on
-    the host)."""
+    fused AdamW reads ``found_inf`` and ``grad_scale``, as a gradient scaler sets them; FSDP2's sharded gradients
+    too) and no gradient scaler (fp16) sets those flags itself; else ``None`` (the guard then reads the flag on the
+    host)."""
     raw = getattr(optimizer, "optimizer", optimizer)  # under Lightning's LightningOptimizer
     if not getattr(raw, "_step_supports_amp_scaling", False) or not grads or scaler is not None:
         return None
-    return None if any(hasattr(g, "to_local") for g in grads) else raw  # FSDP2's DTensors: the host guard
+    return raw
 
 
 def use_deterministic_compile(inductor: Any = None) -> None:
@@ -391,9 +391,12 @@ class ChatGLM2Module(L.LightningModule):
         d = denominator(counts, self.reduction)
         loss = numerator / d
         grads = [p.grad for p in self.parameters() if p.grad is not None]
+        # This device's gradient norms; over all devices their sum (a flag: inf/NaN if any is) and the squared L2
+        # norm, which sums over FSDP2's shards and is the local one for gradients that every device holds whole.
         norms = torch.stack(torch._foreach_norm([_local(g) for g in grads])).double() if grads else None
-        grad_norms = norms.sum() if grads else torch.zeros((), dtype=torch.float64, device=d.device)
-        grad_norms = self.trainer.strategy.reduce(grad_norms, reduce_op="sum")  # inf/NaN if any is
+        sums = torch.stack([norms.sum(), norms.square().sum()]) if grads else torch.zeros(2, device=d.device)
+        grad_norms, sharded_squares = self.trainer.strategy.reduce(sums.double(), reduce_op="sum")
+        squares = sharded_squares if any(hasattr(g, "to_local") for g in grads) else sums[1].double()
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / d
         finite = torch.isfinite(loss) & torch.isfinite(grad_norms)
         skipper = _step_skipper(optimizer, grads, getattr(self.trainer.precision_plugin, "scaler", None))
@@ -404,10 +407,9 @@ class ChatGLM2Module(L.LightningModule):
             seen = torch.stack([torch.full_like(grad_norms, self.global_step + 1.0), loss.double(), grad_norms])
             self._nonfinite.copy_(torch.where(first, seen, self._nonfinite))
             # The gradients get their 1/D as the fused optimizer reads them (it divides each by grad_scale): no
-            # pass of its own over them; clipping multiplies into the same factor (configure_gradient_clipping). A
-            # plain tensor's gradients are whole on every device (after DDP's all-reduce): their norm is local.
+            # pass of its own over them; clipping multiplies into the same factor (configure_gradient_clipping).
             skipper.grad_scale = (1 / scale).float()
-            self._scaled_by_optimizer = (skipper, scale * norms.square().sum().sqrt())  # the scaled gradients' norm
+            self._scaled_by_optimizer = (skipper, scale * squares.sqrt())  # the scaled gradients' norm
         else:
             scale_value, finite_value = torch.stack([scale, finite.double()]).tolist()
             if not finite_value:
