@@ -14,7 +14,8 @@ Parts (each step a subprocess with its own time limit; results are written as th
 - ``profile_*``: ``profile_step.py`` on ``reference_step.py``'s base variant (``profile_reference``), the project's
   1b step on the same rows on its reference path (``profile_1b_reference``) and its fast path (``profile_1b_fast``),
   and the small model's fast path (``profile_small_fast``) and its whole decoder as CUDA graphs
-  (``profile_small_whole_cudagraphs``);
+  (``profile_small_whole_cudagraphs``), and the 6B's ``trainer=fsdp speed=fast`` step on one GPU (``profile_6b_fast``,
+  an H200: its states are 93 GiB);
 - ``yardsticks``: ``reference_step.py`` (base and its best variant, flex_liger) and ``trl_peer.py`` on the project's
   own session rows;
 - ``fsdp``: ``fsdp_step.py`` (plain FSDP2, 6B shape) and ``experiments/scale/run.py`` (the project's
@@ -66,6 +67,8 @@ SMALL = ["model=chatglm2-small", "data=smile", "data.max_seq_len=2048", "data.ba
 # recomputed (the fast path's 1B step keeps its activations). Last in a bench process: it starts a process group.
 BF16_COPIES = ["trainer=fsdp", "trainer.devices=1", "trainer.strategy.activation_checkpointing=false",
                "trainer.strategy.reshard_after_forward=false"]  # fmt: skip
+# The 6B as experiments/scale/run.py trains it, in this process on one GPU (a profile): FSDP2 on one device
+SIX_B = ["trainer=fsdp", "model=chatglm2-6b", "trainer.devices=1", "data.max_seq_len=2048", "data.batch_tokens=8192"]
 VARIANTS_1B = {  # name: overrides on top of session+packing ("reference": none)
     "reference": [],
     "fast": FAST,
@@ -107,7 +110,7 @@ FSDP_VARIANTS = {  # name: overrides of experiments/scale/run.py's trainer=fsdp 
                                        "trainer.accumulate_grad_batches=2"],  # fmt: skip
 }
 PARTS = ["tests", "variants", "profile_reference", "profile_1b_reference", "profile_1b_fast", "profile_small_fast",
-         "profile_small_whole_cudagraphs", "yardsticks", "fsdp"]  # fmt: skip
+         "profile_small_whole_cudagraphs", "profile_6b_fast", "yardsticks", "fsdp"]  # fmt: skip
 
 
 class Steps:
@@ -176,17 +179,18 @@ def project_steps(
         arguments = bench_arguments(VARIANTS_SMALL, small)
         steps.append(("variants", "bench_small", [py, bench, "--out", str(out / "bench_small"), *arguments, "--", *SMALL],
                       200))  # fmt: skip
-    profiles = {  # name: (warm-up batches, overrides)
-        "profile_1b_reference": (6, ONE_B),
-        "profile_1b_fast": (6, ONE_B + FAST),
-        "profile_small_fast": (20, SMALL + VARIANTS_SMALL["fast"]),
-        "profile_small_whole_cudagraphs": (20, SMALL + VARIANTS_SMALL["fast+whole_cudagraphs"]),
+    profiles = {  # name: (warm-up batches, overrides, seconds)
+        "profile_1b_reference": (6, ONE_B, 120),
+        "profile_1b_fast": (6, ONE_B + FAST, 120),
+        "profile_small_fast": (20, SMALL + VARIANTS_SMALL["fast"], 120),
+        "profile_small_whole_cudagraphs": (20, SMALL + VARIANTS_SMALL["fast+whole_cudagraphs"], 120),
+        "profile_6b_fast": (4, SIX_B + FAST, 240),
     }
-    for name, (skip, overrides) in profiles.items():
+    for name, (skip, overrides, seconds) in profiles.items():
         if name in parts:
             steps.append((name, name, [py, profile, "--of", "project", "--out", str(out / f"{name}.json"), "--skip",
                                        str(skip), "--", *overrides,
-                                 "strategy=session", "data.packing=true"], 120))  # fmt: skip
+                                 "strategy=session", "data.packing=true"], seconds))  # fmt: skip
     return steps
 
 

@@ -321,7 +321,8 @@ class ChatGLM2Module(L.LightningModule):
         return self._trainer is not None and str(self.trainer.precision).startswith("bf16")
 
     def _fuse(self, model: GlmForCausalLM) -> None:
-        """The kernels of ``model.kernels``, then ``torch.compile`` of each decoder layer if asked."""
+        """The kernels of ``model.kernels``, then ``torch.compile`` of each decoder layer or of the whole decoder
+        (``model.compile_scope``) if asked."""
         if self.kernels == "liger":
             use_liger_kernels(model)
         if self.compile_layers and self.compile_scope == "model":
