@@ -45,13 +45,21 @@ def losses_and_grads(module: ChatGLM2Module, batch: dict) -> tuple[torch.Tensor,
     module.model.zero_grad()
     losses = module.token_losses(batch)
     losses.sum().backward()
-    return losses.detach(), {name: p.grad.clone() for name, p in module.model.named_parameters()}
+    return losses.detach(), {name: p.grad.clone() for name, p in module.model.named_parameters() if p.grad is not None}
+
+
+OPTIONS = {
+    "whole logits": {},
+    "chunked loss": {"loss_chunk_tokens": 64},
+    "recomputed layers": {"activation_checkpointing": True},  # transformers' checkpointing inside the graph
+    "lora": {"peft": {"method": "lora", "rank": 4}},  # peft's adapters inside the graph, the base frozen
+}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss_chunk_tokens", [None, 64])
-def test_the_whole_model_as_one_graph_gives_the_eager_losses_and_gradients(tokenizer, packed_rows, loss_chunk_tokens):
-    eager, compiled = modules(tokenizer, loss_chunk_tokens=loss_chunk_tokens)
+@pytest.mark.parametrize("options", list(OPTIONS))
+def test_the_whole_model_as_one_graph_gives_the_eager_losses_and_gradients(tokenizer, packed_rows, options):
+    eager, compiled = modules(tokenizer, **OPTIONS[options])
     assert compiled.model.model._compiled_call_impl is not None  # the decoder, not its layers
     assert all(layer._compiled_call_impl is None for layer in compiled.model.model.layers)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -59,6 +67,7 @@ def test_the_whole_model_as_one_graph_gives_the_eager_losses_and_gradients(token
         expected_losses, expected_grads = losses_and_grads(eager, batch)
         losses, grads = losses_and_grads(compiled, batch)
         assert (losses - expected_losses).abs().max() < 1e-5
+        assert grads.keys() == expected_grads.keys()
         for name, grad in grads.items():
             assert (grad - expected_grads[name]).abs().max() <= 1e-5 * expected_grads[name].abs().max(), name
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1  # one graph, both batches
