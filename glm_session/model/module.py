@@ -257,7 +257,7 @@ class ChatGLM2Module(L.LightningModule):
         """Create the model here, so that a sharding strategy creates it sharded (never whole on one device)."""
         if self.model is not None:
             return
-        mesh = getattr(self, "_device_mesh", None)
+        mesh = self._device_mesh
         if mesh is not None:  # FSDP2: on the meta device, sharded per decoder layer, then materialised
             if self.lora is not None and self.lora.quantize:
                 raise ConfigError("model.peft.quantize", self.lora.quantize, QUANTIZE_ON_ONE_DEVICE)
@@ -350,7 +350,7 @@ class ChatGLM2Module(L.LightningModule):
         # positions chunk by chunk.
         inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False,
                   "attention_mask": self.attention_mask(batch["position_ids"])}  # fmt: skip
-        if getattr(self, "_device_mesh", None) is None:  # the decoder itself (a compiled one is one graph)
+        if self._device_mesh is None:  # one device: the decoder itself (a compiled one is one graph)
             hidden = self.model.model(**inputs).last_hidden_state
         else:  # the model's own forward, so that FSDP gathers and frees the root unit's parameters as usual
             hidden = self.model(**inputs, logits_to_keep=1, output_hidden_states=True).hidden_states[-1]
@@ -397,7 +397,7 @@ class ChatGLM2Module(L.LightningModule):
         norms = torch.stack(torch._foreach_norm([_local(g) for g in grads])).double() if grads else None
         sums = torch.stack([norms.sum(), norms.square().sum()]) if grads else torch.zeros(2, device=d.device)
         grad_norms, sharded_squares = self.trainer.strategy.reduce(sums.double(), reduce_op="sum")
-        squares = sharded_squares if any(hasattr(g, "to_local") for g in grads) else sums[1].double()
+        squares = sharded_squares if any(hasattr(g, "to_local") for g in grads) else sums[1]
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / d
         finite = torch.isfinite(loss) & torch.isfinite(grad_norms)
         skipper = _step_skipper(optimizer, grads, getattr(self.trainer.precision_plugin, "scaler", None))
