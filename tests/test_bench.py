@@ -102,3 +102,20 @@ def test_the_scale_runner_skips_a_card_too_small_for_the_6b_states():
         "93.0 GiB of weights, gradients and AdamW states per GPU; this card has 79.2 GiB"
     )
     assert scale_run.why_it_cannot_fit(1, 139.8) is None and scale_run.why_it_cannot_fit(2, 79.18) is None
+
+
+def test_the_scale_runner_takes_the_micro_batch_only_as_its_own_argument(monkeypatch, capsys):
+    """An override ``data.batch_tokens=4096`` would win over ``--batch-tokens`` in the run yet not in the runner's
+    record or its halving after an out-of-memory run: refused, naming the argument to use."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scale_run", ROOT / "experiments" / "scale" / "run.py")
+    scale_run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale_run)
+    monkeypatch.setattr("sys.argv", ["run.py", "--out", "unused.json", "data.batch_tokens=4096"])
+    with pytest.raises(SystemExit) as exit_:
+        scale_run.main()
+    assert exit_.value.code == 2
+    assert "give the micro-batch as --batch-tokens N" in capsys.readouterr().err
+    run_all = load_run_all()
+    assert all(not o.startswith("data.batch_tokens=") for v in run_all.FSDP_VARIANTS.values() for o in v)

@@ -106,9 +106,10 @@ FSDP_VARIANTS = {  # name: overrides of experiments/scale/run.py's trainer=fsdp 
     "scale_fast_recompute_half": FAST + ["trainer.strategy.checkpoint_every_n_layers=2"],
     # nothing recomputed (6N FLOPs a token instead of 8N): every layer's activations kept, about 1.2 GB a layer at
     # 4,096 tokens on top of the 93 GiB of states; two micro-batches a step keep 8,192 tokens a step
-    "scale_fast_no_recompute": FAST + ["trainer.strategy.activation_checkpointing=false", "data.batch_tokens=4096",
+    "scale_fast_no_recompute": FAST + ["trainer.strategy.activation_checkpointing=false",
                                        "trainer.accumulate_grad_batches=2"],  # fmt: skip
 }
+FSDP_BATCH_TOKENS = {"scale_fast_no_recompute": 4096}  # the first micro-batch tried (halved if out of memory): 16,384
 PARTS = ["tests", "variants", "profile_reference", "profile_1b_reference", "profile_1b_fast", "profile_small_fast",
          "profile_small_whole_cudagraphs", "profile_6b_fast", "yardsticks", "fsdp"]  # fmt: skip
 
@@ -253,7 +254,8 @@ def main() -> None:
             extra = FSDP_VARIANTS[name]
             run(name, [py, "experiments/scale/run.py", "--out", str(out / f"{name}_project.json"), "--runs",
                        str(out / f"{name}_runs"), "--gpus", str(gpus), "--steps", "16", "--warmup", "4", "--batch-tokens",
-                       "16384", "model.loss_chunk_tokens=8192", *extra], 200, gpus=all_gpus)  # fmt: skip
+                       str(FSDP_BATCH_TOKENS.get(name, 16384)), "model.loss_chunk_tokens=8192", *extra], 200,
+                 gpus=all_gpus)  # fmt: skip
     (out / "steps.json").write_text(json.dumps(run.records, indent=1) + "\n")
     summarise(out)
     args.out.mkdir(parents=True, exist_ok=True)
