@@ -93,7 +93,8 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=8192, help="tokens per micro-batch and GPU")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    if any(o.startswith("data.batch_tokens=") for o in args.overrides):  # the record and the halving use --batch-tokens
+    # the record and the halving after an out-of-memory run go by --batch-tokens, which such an override would beat
+    if any(o.startswith("data.batch_tokens=") for o in args.overrides):
         parser.error("give the micro-batch as --batch-tokens N, not as the override data.batch_tokens=N")
     available = torch.cuda.device_count()
     gpus = args.gpus or [n for n in (1, 2, 4, 8) if n <= available]
