@@ -75,6 +75,9 @@ VARIANTS_1B = {  # name: overrides on top of session+packing ("reference": none)
     "fast-compile": FAST + NO_COMPILE,
     "fast-compile-liger": FAST + NO_COMPILE + NO_LIGER,
     "fast+bf16_copies": FAST + BF16_COPIES,
+    # the whole decoder as one graph, liger's kernels left to inductor's fusion (it refuses them inside one graph):
+    # the casts, norms, SwiGLU and residuals fused across layer boundaries too
+    "fast+whole_graph": FAST + NO_LIGER + ["model.compile_scope=model"],
 }
 # chatglm2-small's vocabulary of 6,144: its whole logits cost less than the chunked loss's host work; liger left out
 VARIANTS_SMALL = {
@@ -158,7 +161,8 @@ def bench_arguments(variants: dict[str, list[str]], chosen: list[str]) -> list[s
     """``bench.py``'s ``--only`` and ``--variant`` arguments for the chosen variants ("reference": the plain run)."""
     check_variants(variants, chosen)
     only = ["--only", *(["session+packing"] if "reference" in chosen else [])]
-    extra = [("--variant", f"session+packing {n}={','.join(variants[n])}") for n in chosen if n != "reference"]
+    last = sorted(chosen, key=lambda n: "trainer=fsdp" in variants[n])  # a process group started ends the process
+    extra = [("--variant", f"session+packing {n}={','.join(variants[n])}") for n in last if n != "reference"]
     return only + [a for pair in extra for a in pair]
 
 
