@@ -12,13 +12,18 @@ import pytest
 ROOT = Path(__file__).parent.parent
 
 
-def load_run_all():
+def load_script(name: str, path: str):
+    """A script under experiments/ as a module (they are not a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("run_all", ROOT / "experiments" / "bench" / "run_all.py")
-    run_all = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_all)
-    return run_all
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_run_all():
+    return load_script("run_all", "bench/run_all.py")
 
 
 @pytest.mark.slow
@@ -99,11 +104,7 @@ def test_the_scale_runner_skips_a_card_too_small_for_the_6b_states():
     parameters, counted by hand: 2 x 65,024 x 4,096 (embedding, output layer) + 4,096 (final norm) + 28 layers x
     (4,096 x 4,608 + 4,608 (qkv, bias) + 4,096^2 (dense) + 4,096 x 27,392 (gate_up) + 13,696 x 4,096 (down)
     + 2 x 4,096 (norms)) = 6,243,584,000."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("scale_run", ROOT / "experiments" / "scale" / "run.py")
-    scale_run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(scale_run)
+    scale_run = load_script("scale_run", "scale/run.py")
     assert scale_run.states_gib(1) == 6_243_584_000 * 16 / 2**30  # 93.04
     assert scale_run.why_it_cannot_fit(1, 79.18) == (
         "93.0 GiB of weights, gradients and AdamW states per GPU; this card has 79.2 GiB"
@@ -114,11 +115,7 @@ def test_the_scale_runner_skips_a_card_too_small_for_the_6b_states():
 def test_the_scale_runner_takes_the_micro_batch_only_as_its_own_argument(monkeypatch, capsys):
     """An override ``data.batch_tokens=4096`` would win over ``--batch-tokens`` in the run yet not in the runner's
     record or its halving after an out-of-memory run: refused, naming the argument to use."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("scale_run", ROOT / "experiments" / "scale" / "run.py")
-    scale_run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(scale_run)
+    scale_run = load_script("scale_run", "scale/run.py")
     monkeypatch.setattr("sys.argv", ["run.py", "--out", "unused.json", "data.batch_tokens=4096"])
     with pytest.raises(SystemExit) as exit_:
         scale_run.main()
