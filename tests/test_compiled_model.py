@@ -107,8 +107,10 @@ def test_what_the_whole_model_graph_cannot_take_is_refused(tokenizer):
 
 @pytest.mark.slow
 def test_flex_attention_inside_the_one_graph_gives_the_eager_losses(tokenizer, packed_rows, monkeypatch):
-    """The fast path's attention in the graph, forward only (torch has no flex backward on a CPU): the device-built
-    block mask goes in as an input, and transformers never looks at the rows on the host."""
+    """The fast path's attention in the graph, forward only (torch has no flex backward on a CPU): the packed rows'
+    block mask is built inside the graph from the position ids (none is passed in: built outside, its tensors moved
+    every step and made CUDA graph trees record the backward again), and transformers never looks at the rows on the
+    host (its own packed-mask inference would)."""
     import transformers.masking_utils
 
     eager, _ = modules(tokenizer)
@@ -121,5 +123,8 @@ def test_flex_attention_inside_the_one_graph_gives_the_eager_losses(tokenizer, p
     with torch.no_grad():
         expected = [eager.token_losses(batch) for batch in packed_rows]  # SDPA: transformers' own packed mask
         monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", host_check)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         for batch, losses in zip(packed_rows, expected, strict=True):
+            assert compiled.attention_mask(batch["position_ids"]) is None  # the graph builds it
             assert (compiled.token_losses(batch) - losses).abs().max() < 1e-5
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1  # one graph, mask included

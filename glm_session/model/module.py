@@ -326,14 +326,21 @@ class ChatGLM2Module(L.LightningModule):
         if self.kernels == "liger":
             use_liger_kernels(model)
         if self.compile_layers and self.compile_scope == "model":
-            compile_model(model.model, self.compile_dynamic, self.compile_mode)
+            flex = self.config._attn_implementation == "flex_attention"
+            compile_model(model.model, self.compile_dynamic, self.compile_mode, packed_mask=flex)
         elif self.compile_layers:
             compile_layers(model.model.layers, self.compile_dynamic, self.compile_mode)
 
     def attention_mask(self, position_ids: torch.Tensor) -> BlockMask | None:
         """Flex attention's mask of packed rows, built on the device (``packed_mask``); ``None`` for sdpa and eager,
-        whose mask transformers infers from the position ids."""
-        return packed_block_mask(position_ids) if self.config._attn_implementation == "flex_attention" else None
+        whose mask transformers infers from the position ids, and for a decoder compiled whole, which builds the
+        flex mask inside its graph (``compile_model``)."""
+        if self.config._attn_implementation != "flex_attention" or self._compiled_whole():
+            return None
+        return packed_block_mask(position_ids)
+
+    def _compiled_whole(self) -> bool:
+        return self.compile_layers and self.compile_scope == "model" and self.model.model._compiled_call_impl is not None
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, V) of rows of packed or padded samples."""

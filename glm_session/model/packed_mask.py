@@ -21,7 +21,8 @@ def sample_ids(position_ids: torch.Tensor) -> torch.Tensor:
 
 def packed_block_mask(position_ids: torch.Tensor) -> BlockMask:
     """Causal attention within each sample of the rows of ``position_ids`` (B, T), as a flex-attention ``BlockMask``
-    (built by a compiled kernel on a GPU, as transformers builds its own; eagerly elsewhere)."""
+    (built by a compiled kernel on a GPU, as transformers builds its own; eagerly elsewhere; inside the caller's graph
+    when the caller is being compiled: ``compiled_layers.compile_model``)."""
     samples = sample_ids(position_ids)
 
     def causal_within_sample(
@@ -31,4 +32,4 @@ def packed_block_mask(position_ids: torch.Tensor) -> BlockMask:
 
     rows, length = position_ids.shape
     return create_block_mask(causal_within_sample, rows, None, length, length, device=position_ids.device,
-                             _compile=position_ids.is_cuda)  # fmt: skip
+                             _compile=position_ids.is_cuda and not torch.compiler.is_compiling())  # fmt: skip
