@@ -128,3 +128,14 @@ def test_flex_attention_inside_the_one_graph_gives_the_eager_losses(tokenizer, p
             assert compiled.attention_mask(batch["position_ids"]) is None  # the graph builds it
             assert (compiled.token_losses(batch) - losses).abs().max() < 1e-5
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 1  # one graph, mask included
+
+
+def test_speed_graphs_is_speed_fast_with_the_whole_decoder_as_cuda_graphs():
+    """``speed=graphs`` (conf/speed/graphs.yaml) is what experiments/bench measured as ``fast+whole_cudagraphs``:
+    speed=fast, transformers' kernels, the whole logits, the whole decoder compiled statically and replayed."""
+    graphs = compose_config("train", ["model=chatglm2-small", "speed=graphs"])
+    fast = compose_config("train", ["model=chatglm2-small", "speed=fast", "model.kernels=torch",
+                                    "model.loss_chunk_tokens=null", "model.compile_scope=model",
+                                    "model.compile_mode=reduce-overhead", "model.compile_dynamic=false"])  # fmt: skip
+    assert graphs == fast
+    assert graphs.model.attn_implementation == "flex_attention" and graphs.optimizer.fused

@@ -89,10 +89,9 @@ VARIANTS_SMALL = {
                                                          "model.compile_dynamic=false"],  # fmt: skip
     # the whole decoder as one graph (embedding, mask, layers, norm): transformers' forward runs at compilation only
     "fast+whole_graph": FAST + NO_LIGER + WHOLE_LOGITS + ["model.compile_scope=model"],
-    # ... and its forward and backward each replayed as one CUDA graph (static: a graph per row count)
-    "fast+whole_cudagraphs": FAST + NO_LIGER + WHOLE_LOGITS + ["model.compile_scope=model",
-                                                               "model.compile_mode=reduce-overhead",
-                                                               "model.compile_dynamic=false"],  # fmt: skip
+    # ... and its forward and backward each replayed as one CUDA graph (static: a graph per row count): speed=graphs
+    # is FAST + NO_LIGER + WHOLE_LOGITS + compile_scope=model, compile_mode=reduce-overhead, compile_dynamic=false
+    "fast+whole_cudagraphs": ["speed=graphs"],
     "fast+batch_65536": FAST
     + NO_LIGER
     + WHOLE_LOGITS
