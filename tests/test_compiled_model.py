@@ -106,7 +106,8 @@ def test_what_the_whole_model_graph_cannot_take_is_refused(tokenizer):
 
 
 @pytest.mark.slow
-def test_flex_attention_inside_the_one_graph_gives_the_eager_losses(tokenizer, packed_rows, monkeypatch):
+@pytest.mark.parametrize("chunk", [64, None], ids=["chunked loss", "whole logits (speed=graphs)"])
+def test_flex_attention_inside_the_one_graph_gives_the_eager_losses(tokenizer, packed_rows, monkeypatch, chunk):
     """The fast path's attention in the graph, forward only (torch has no flex backward on a CPU): the packed rows'
     block mask is built inside the graph from the position ids (none is passed in: built outside, its tensors moved
     every step and made CUDA graph trees record the backward again), and transformers never looks at the rows on the
@@ -114,7 +115,7 @@ def test_flex_attention_inside_the_one_graph_gives_the_eager_losses(tokenizer, p
     import transformers.masking_utils
 
     eager, _ = modules(tokenizer)
-    _, compiled = modules(tokenizer, attn_implementation="flex_attention", loss_chunk_tokens=64)
+    _, compiled = modules(tokenizer, attn_implementation="flex_attention", loss_chunk_tokens=chunk)
     compiled.model.load_state_dict(eager.model.state_dict())
 
     def host_check(*args, **kwargs):
