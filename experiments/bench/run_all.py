@@ -180,7 +180,7 @@ def project_steps(
     if "variants" in parts and one_b:
         arguments = bench_arguments(VARIANTS_1B, one_b)
         steps.append(
-            ("variants", "bench_1b", [py, bench, "--out", str(out / "bench_1b"), *arguments, "--", *ONE_B], 330)
+            ("variants", "bench_1b", [py, bench, "--out", str(out / "bench_1b"), *arguments, "--", *ONE_B], 420)
         )
     if "variants" in parts and small:
         arguments = bench_arguments(VARIANTS_SMALL, small)
