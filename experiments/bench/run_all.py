@@ -12,7 +12,8 @@ Parts (each step a subprocess with its own time limit; results are written as th
   session+packing on the reference path, on ``speed=fast`` and on it with parts taken away (``VARIANTS_1B``), then
   chatglm2-small on SMILE, session+packing, likewise (``VARIANTS_SMALL``: a step's overhead, not its arithmetic);
 - ``profile_*``: ``profile_step.py`` on ``reference_step.py``'s base variant (``profile_reference``), the project's
-  1b step on the same rows on its reference path (``profile_1b_reference``) and its fast path (``profile_1b_fast``),
+  1b step on the same rows on its reference path (``profile_1b_reference``), its fast path (``profile_1b_fast``) and
+  its whole decoder as CUDA graphs (``profile_1b_graphs``),
   and the small model's fast path (``profile_small_fast``) and its whole decoder as CUDA graphs
   (``profile_small_whole_cudagraphs``), and the 6B's ``trainer=fsdp speed=fast`` step on one GPU (``profile_6b_fast``,
   an H200: its states are 93 GiB);
@@ -115,7 +116,8 @@ FSDP_VARIANTS = {  # name: overrides of experiments/scale/run.py's trainer=fsdp 
                                        "trainer.accumulate_grad_batches=2"],  # fmt: skip
 }
 FSDP_BATCH_TOKENS = {"scale_fast_no_recompute": 4096}  # the first micro-batch tried (halved if out of memory): 16,384
-PARTS = ["tests", "variants", "profile_reference", "profile_1b_reference", "profile_1b_fast", "profile_small_fast",
+PARTS = ["tests", "variants", "profile_reference", "profile_1b_reference", "profile_1b_fast", "profile_1b_graphs",
+         "profile_small_fast",
          "profile_small_whole_cudagraphs", "profile_6b_fast", "yardsticks", "fsdp"]  # fmt: skip
 
 
@@ -189,6 +191,7 @@ def project_steps(
     profiles = {  # name: (warm-up batches, overrides, seconds)
         "profile_1b_reference": (6, ONE_B, 120),
         "profile_1b_fast": (6, ONE_B + FAST, 120),
+        "profile_1b_graphs": (6, ONE_B + VARIANTS_1B["fast+whole_cudagraphs"], 240),
         "profile_small_fast": (20, SMALL + VARIANTS_SMALL["fast"], 120),
         "profile_small_whole_cudagraphs": (20, SMALL + VARIANTS_SMALL["fast+whole_cudagraphs"], 150),
         "profile_6b_fast": (4, SIX_B + FAST, 240),
