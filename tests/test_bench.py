@@ -65,11 +65,14 @@ def test_every_variant_of_the_gpu_benchmark_is_a_valid_config():
     assert bf16_copies.trainer.precision == "32-true"  # bf16 from FSDP2's policy, not autocast
     assert bf16_copies.trainer.strategy.reshard_after_forward is False
     assert not bf16_copies.trainer.strategy.activation_checkpointing
-    # FSDP2 on one GPU starts a process group, which stays to the end of bench.py's process: its run goes last
-    arguments = run_all.bench_arguments(run_all.VARIANTS_1B, ["fast+bf16_copies", "reference", "fast+whole_graph"])
+    # FSDP2 on one GPU starts a process group, which stays to the end of bench.py's process: its run goes last;
+    # CUDA graphs' memory pools stay too: theirs goes just before
+    chosen = ["fast+bf16_copies", "fast+whole_cudagraphs", "reference", "fast+whole_graph"]
+    arguments = run_all.bench_arguments(run_all.VARIANTS_1B, chosen)
     assert arguments[:2] == ["--only", "session+packing"]
     assert [a.split("=")[0] for a in arguments[3::2]] == [
         "session+packing fast+whole_graph",
+        "session+packing fast+whole_cudagraphs",
         "session+packing fast+bf16_copies",
     ]
     half = compose_config("train", ["trainer=fsdp", *run_all.FSDP_VARIANTS["scale_fast_recompute_half"]])

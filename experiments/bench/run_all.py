@@ -165,7 +165,9 @@ def bench_arguments(variants: dict[str, list[str]], chosen: list[str]) -> list[s
     """``bench.py``'s ``--only`` and ``--variant`` arguments for the chosen variants ("reference": the plain run)."""
     check_variants(variants, chosen)
     only = ["--only", *(["session+packing"] if "reference" in chosen else [])]
-    last = sorted(chosen, key=lambda n: "trainer=fsdp" in variants[n])  # a process group started ends the process
+    # What a run leaves in bench.py's process goes last: CUDA graphs' memory pools (held to the process's end: the
+    # 1B's fast+whole_graph ran out of memory after fast+whole_cudagraphs on 2026-12-06), then a process group
+    last = sorted(chosen, key=lambda n: ("trainer=fsdp" in variants[n], "speed=graphs" in variants[n]))
     extra = [("--variant", f"session+packing {n}={','.join(variants[n])}") for n in last if n != "reference"]
     return only + [a for pair in extra for a in pair]
 
