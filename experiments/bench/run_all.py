@@ -2,7 +2,7 @@
 
     python experiments/bench/run_all.py --out OUT --baselines DIR [--parts PART ...] [--variants-1b NAME ...]
                                         [--variants-small NAME ...] [--fsdp-variants NAME ...] [--deadline SECONDS]
-                                        [--profile-steps N] [--work DIR]
+                                        [--profile-steps N] [--profile-skip N] [--work DIR]
 
 Parts (each step a subprocess with its own time limit; results are written as they come):
 
@@ -173,7 +173,12 @@ def bench_arguments(variants: dict[str, list[str]], chosen: list[str]) -> list[s
 
 
 def project_steps(
-    out: Path, parts: list[str], one_b: list[str], small: list[str], profile_steps: int = 4
+    out: Path,
+    parts: list[str],
+    one_b: list[str],
+    small: list[str],
+    profile_steps: int = 4,
+    profile_skip: int | None = None,
 ) -> list[tuple[str, str, list[str], float]]:
     py, bench, profile = sys.executable, "experiments/bench/bench.py", "experiments/bench/profile_step.py"
     steps = []
@@ -201,7 +206,8 @@ def project_steps(
     for name, (skip, overrides, seconds) in profiles.items():
         if name in parts:
             steps.append((name, name, [py, profile, "--of", "project", "--out", str(out / f"{name}.json"), "--skip",
-                                       str(skip), "--steps", str(profile_steps), "--", *overrides,
+                                       str(skip if profile_skip is None else profile_skip), "--steps",
+                                       str(profile_steps), "--", *overrides,
                                  "strategy=session", "data.packing=true"], seconds))  # fmt: skip
     return steps
 
@@ -234,6 +240,9 @@ def main() -> None:
     parser.add_argument("--fsdp-variants", nargs="*", default=list(FSDP_VARIANTS), help=f"of {list(FSDP_VARIANTS)}")
     parser.add_argument("--deadline", type=float, default=560, help="seconds for the whole call")
     parser.add_argument("--profile-steps", type=int, default=4, help="training batches each profile covers")
+    parser.add_argument(
+        "--profile-skip", type=int, default=None, help="warm-up batches before each profile (default: its own)"
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/glm_session_bench"), help="rows, runs and logs")
     args = parser.parse_args()
     check_variants(FSDP_VARIANTS, args.fsdp_variants)
@@ -245,7 +254,7 @@ def main() -> None:
     run("rows", [py, "-m", "glm_session.data", "export", "strategy=session", "data.packing=false", "template=chatglm2",
                  "data.max_seq_len=2048", f"out={out / 'rows.jsonl'}"], 120, gpus="")  # fmt: skip
     project, yardsticks = (
-        project_steps(out, args.parts, args.variants_1b, args.variants_small, args.profile_steps),
+        project_steps(out, args.parts, args.variants_1b, args.variants_small, args.profile_steps, args.profile_skip),
         yardstick_steps(out, args.baselines, args.parts),
     )
     if gpus >= 2:  # two lanes side by side
