@@ -81,8 +81,8 @@ VARIANTS_1B = {  # name: overrides on top of session+packing ("reference": none)
     # the whole decoder as one graph, liger's kernels left to inductor's fusion (it refuses them inside one graph):
     # the casts, norms, SwiGLU and residuals fused across layer boundaries too
     "fast+whole_graph": FAST + NO_LIGER + ["model.compile_scope=model"],
-    # ... and replayed as CUDA graphs (speed=graphs), the chunked loss kept: a 65,024-token vocabulary's whole logits
-    # cost more than the chunks' host work; the launch gaps of a GPU-bound step (run 6: 93% busy) are what it takes
+    # ... and replayed as CUDA graphs (speed=graphs), the chunked loss kept (it computes the 65,024-token output layer
+    # only at the trained positions, 36% of KdConv's tokens); what it takes is a GPU-bound step's gaps (run 6: 93% busy)
     "fast+whole_cudagraphs": ["speed=graphs", "model.loss_chunk_tokens=8192"],
 }
 # chatglm2-small's vocabulary of 6,144: its whole logits cost less than the chunked loss's host work; liger left out
