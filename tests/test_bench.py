@@ -126,3 +126,17 @@ def test_the_scale_runner_takes_the_micro_batch_only_as_its_own_argument(monkeyp
     assert "give the micro-batch as --batch-tokens N" in capsys.readouterr().err
     run_all = load_run_all()
     assert all(not o.startswith("data.batch_tokens=") for v in run_all.FSDP_VARIANTS.values() for o in v)
+
+
+def test_the_gpu_benchmark_refuses_a_work_folder_with_an_earlier_calls_runs(tmp_path, monkeypatch, capsys):
+    """On 2026-12-06 a warm H200 kept ``/tmp/glm_session_bench`` between calls, and ``summarise`` gathered the call
+    before's 6B run into the next call's ``scale.json``, its ratio taken against another call's ``fsdp_step.py``.
+    A call now starts in a new folder, and a ``--work`` folder that holds anything is refused."""
+    (tmp_path / "scale_fast_project.json").write_text("{}")
+    monkeypatch.setattr("sys.argv", ["run_all.py", "--out", str(tmp_path / "out"), "--baselines", "unused",
+                                     "--work", str(tmp_path)])  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        load_run_all().main()
+    assert exit_.value.code == 2
+    assert f"--work {tmp_path} is not empty" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

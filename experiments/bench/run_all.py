@@ -40,6 +40,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -245,9 +246,15 @@ def main() -> None:
     parser.add_argument(
         "--profile-skip", type=int, default=None, help="warm-up batches before each profile (default: its own)"
     )
-    parser.add_argument("--work", type=Path, default=Path("/tmp/glm_session_bench"), help="rows, runs and logs")
+    parser.add_argument("--work", type=Path, default=None, help="rows, runs and logs (empty; default: a new folder)")
     args = parser.parse_args()
     check_variants(FSDP_VARIANTS, args.fsdp_variants)
+    # summarise() gathers every run in the work folder: a folder kept from an earlier call (a warm machine keeps
+    # /tmp) would mix that call's runs, measured beside other yardsticks, into this call's results
+    if args.work is None:
+        args.work = Path(tempfile.mkdtemp(prefix="glm_session_bench_"))
+    elif args.work.exists() and any(args.work.iterdir()):
+        parser.error(f"--work {args.work} is not empty: its runs would be gathered into this call's results")
     out, log = args.work, args.work / "logs"  # results.json, scale.json, steps.json and logs.tgz go to --out
     log.mkdir(parents=True, exist_ok=True)
     run = Steps(log, time.monotonic() + args.deadline)
