@@ -79,6 +79,13 @@ def test_every_variant_of_the_gpu_benchmark_is_a_valid_config():
     assert half.trainer.strategy.checkpoint_every_n_layers == 2
     with pytest.raises(Exception, match="trainer.strategy.checkpoint_every_n_layer"):
         compose_config("train", ["trainer=fsdp", "trainer.strategy.checkpoint_every_n_layer=2"])
+    # the 6B's profile is of the very step the fsdp part measured (experiments/scale/run.py adds the micro-batch)
+    steps = run_all.project_steps(Path("out"), ["profile_6b_recompute_half"], [], [])
+    ((_, name, command, _),) = steps
+    profiled = compose_config("train", command[command.index("--") + 1 :])
+    assert name == "profile_6b_recompute_half" and "profile_6b_recompute_half" in run_all.PARTS
+    assert (profiled.data.batch_tokens, profiled.model.loss_chunk_tokens) == (16384, 8192)
+    assert profiled.trainer.strategy.checkpoint_every_n_layers == 2 and profiled.trainer.devices == 1
 
 
 def test_a_step_past_its_limit_is_killed_with_what_it_started(tmp_path):

@@ -16,7 +16,8 @@ Parts (each step a subprocess with its own time limit; results are written as th
   its whole decoder as CUDA graphs (``profile_1b_graphs``),
   and the small model's fast path (``profile_small_fast``) and its whole decoder as CUDA graphs
   (``profile_small_whole_cudagraphs``), and the 6B's ``trainer=fsdp speed=fast`` step on one GPU (``profile_6b_fast``,
-  an H200: its states are 93 GiB);
+  an H200: its states are 93 GiB) and that step as the fsdp part's ``scale_fast_recompute_half`` runs it
+  (``profile_6b_recompute_half``);
 - ``yardsticks``: ``reference_step.py`` (base and its best variant, flex_liger) and ``trl_peer.py`` on the project's
   own session rows;
 - ``fsdp``: ``fsdp_step.py`` (plain FSDP2, 6B shape) and ``experiments/scale/run.py`` (the project's
@@ -121,7 +122,8 @@ FSDP_VARIANTS = {  # name: overrides of experiments/scale/run.py's trainer=fsdp 
 FSDP_BATCH_TOKENS = {"scale_fast_no_recompute": 4096}  # the first micro-batch tried (halved if out of memory): 16,384
 PARTS = ["tests", "variants", "profile_reference", "profile_1b_reference", "profile_1b_fast", "profile_1b_graphs",
          "profile_small_fast",
-         "profile_small_whole_cudagraphs", "profile_6b_fast", "yardsticks", "fsdp"]  # fmt: skip
+         "profile_small_whole_cudagraphs", "profile_6b_fast", "profile_6b_recompute_half", "yardsticks",
+         "fsdp"]  # fmt: skip
 
 
 class Steps:
@@ -205,6 +207,9 @@ def project_steps(
         "profile_small_fast": (20, SMALL + VARIANTS_SMALL["fast"], 120),
         "profile_small_whole_cudagraphs": (20, SMALL + VARIANTS_SMALL["fast+whole_cudagraphs"], 150),
         "profile_6b_fast": (4, SIX_B + FAST, 240),
+        # the fsdp part's best run on one H200 (2026-12-06): its micro-batch, the chunked loss, half the layers recomputed
+        "profile_6b_recompute_half": (4, SIX_B + ["data.batch_tokens=16384", "model.loss_chunk_tokens=8192",
+                                                  *FSDP_VARIANTS["scale_fast_recompute_half"]], 240),  # fmt: skip
     }
     for name, (skip, overrides, seconds) in profiles.items():
         if name in parts:
