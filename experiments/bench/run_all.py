@@ -207,7 +207,8 @@ def project_steps(
         "profile_small_fast": (20, SMALL + VARIANTS_SMALL["fast"], 120),
         "profile_small_whole_cudagraphs": (20, SMALL + VARIANTS_SMALL["fast+whole_cudagraphs"], 150),
         "profile_6b_fast": (4, SIX_B + FAST, 240),
-        # the fsdp part's best run on one H200 (2026-12-06): its micro-batch, the chunked loss, half the layers recomputed
+        # the fsdp part's best run on one H200 (2026-12-06): its micro-batch (the later data.batch_tokens wins over
+        # SIX_B's), the chunked loss, half the layers recomputed
         "profile_6b_recompute_half": (4, SIX_B + ["data.batch_tokens=16384", "model.loss_chunk_tokens=8192",
                                                   *FSDP_VARIANTS["scale_fast_recompute_half"]], 240),  # fmt: skip
     }
